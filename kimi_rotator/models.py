@@ -1,0 +1,124 @@
+"""Typed records shared by the engine, the store, the addon and the CLI.
+
+Times are epoch seconds (float) everywhere; nothing here reads the clock.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+
+class Surface(StrEnum):
+    """Which Kimi platform a key belongs to. Keys never work across surfaces."""
+
+    MOONSHOT_CN = "moonshot-cn"
+    MOONSHOT_AI = "moonshot-ai"
+    KIMI_CODE = "kimi-code"
+
+
+class Strategy(StrEnum):
+    HEALTH_BASED = "health-based"
+    ROUND_ROBIN = "round-robin"
+    STICKY = "sticky"
+
+
+class KeyState(StrEnum):
+    ACTIVE = "active"
+    COOLING = "cooling"
+    DISABLED = "disabled"
+
+
+class Scope(StrEnum):
+    """Who a failure belongs to (see the error taxonomy in the README)."""
+
+    KEY = "key"
+    ACCOUNT = "account"
+    REQUEST = "request"
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class OutcomeKind(StrEnum):
+    SUCCESS = "success"
+    RATE_LIMITED = "rate_limited"
+    QUOTA_EXHAUSTED = "quota_exhausted"
+    BILLING_LIMITED = "billing_limited"
+    MEMBERSHIP = "membership"
+    INVALID_KEY = "invalid_key"
+    ACCESS_DENIED = "access_denied"
+    REQUEST_ERROR = "request_error"
+    CLIENT_REJECTED = "client_rejected"
+    SERVER_ERROR = "server_error"
+
+
+class Outcome(BaseModel):
+    """What one upstream attempt with one key came to.
+
+    `until` is the cooldown deadline for the cooling kinds; `scope` says whether the
+    cooldown or the disabling covers only this key or every key of its account.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: OutcomeKind
+    scope: Scope = Scope.KEY
+    until: float | None = None
+    reason: str = ""
+    latency_ms: float | None = None
+    account_hint: str | None = None
+
+
+class KeyRecord(BaseModel):
+    """One pooled key and everything the engine and `stats` need about it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    secret: SecretStr = Field(repr=False)
+    fingerprint: str
+    name: str
+    surface: Surface
+    account: str | None = None
+    added_at: float = 0.0
+    last_used: float | None = None
+    health: float = 100.0
+    health_at: float = 0.0
+    cooldown_until: float | None = None
+    cooldown_reason: str | None = None
+    disabled_reason: str | None = None
+    total_requests: int = 0
+    successful_requests: int = 0
+    rate_limited_requests: int = 0
+    failed_requests: int = 0
+    latency_count: int = 0
+    latency_sum_ms: float = 0.0
+    latency_min_ms: float | None = None
+    latency_max_ms: float | None = None
+
+    def state_at(self, now: float) -> KeyState:
+        if self.disabled_reason is not None:
+            return KeyState.DISABLED
+        if self.cooldown_until is not None and self.cooldown_until > now:
+            return KeyState.COOLING
+        return KeyState.ACTIVE
+
+    @property
+    def account_group(self) -> tuple[Surface, str] | None:
+        """Keys sharing this group share rate limits (accounts never span surfaces)."""
+        return (self.surface, self.account) if self.account else None
+
+
+class PoolSettings(BaseModel):
+    """Pool-wide settings. `serve_active_next` makes `use-key`/`rotate` serve that key next."""
+
+    model_config = ConfigDict(frozen=True)
+
+    strategy: Strategy = Strategy.HEALTH_BASED
+    active_key_id: int | None = None
+    serve_active_next: bool = False
+    # As in the reference tool: gates the manual `refresh-health`; here it also gates the
+    # time-based recovery.
+    auto_refresh_health: bool = True
+    health_refresh_cooldown_minutes: int = 30
