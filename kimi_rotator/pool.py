@@ -1,0 +1,168 @@
+"""The proxy's live view of the store.
+
+Requests never wait on the store: selection runs the engine over an in-memory roster, outcomes are
+applied in memory at once and written by a background thread in batches. The same thread notices
+commits from other processes (the CLI, other proxies) through SQLite's data_version and installs a
+fresh roster, replaying the outcomes it has not written yet so none is lost in the swap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+
+from . import engine
+from .models import KeyRecord, Outcome, PoolSettings, Surface
+from .store import Attempt, Snapshot, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.2  # how soon CLI edits and other proxies' outcomes are seen
+MAX_PENDING = 100_000  # outcomes kept while the store cannot be written (then the oldest are dropped)
+
+
+@dataclass
+class _Pending:
+    seq: int
+    attempt: Attempt
+
+
+@dataclass
+class LivePool:
+    store: Store
+    roster: engine.Roster = field(init=False)
+    settings: PoolSettings = field(init=False)
+    _rev: int = field(default=-1, init=False)
+    _unflushed: list[_Pending] = field(default_factory=list, init=False)
+    _seq: int = field(default=0, init=False)
+    _wake: threading.Event = field(default_factory=threading.Event, init=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False)
+    _thread: threading.Thread | None = field(default=None, init=False)
+    _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False)
+    _queue_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _queue: list[_Pending] = field(default_factory=list, init=False)
+    _active_to_save: int | None = field(default=None, init=False)
+    _seq_written: int = field(default=0, init=False)
+    on_error: Callable[[StoreError], None] | None = None
+
+    def __post_init__(self) -> None:
+        self._install(self.store.snapshot())
+
+    # -- used on the event loop ----------------------------------------------------------------
+
+    def select(
+        self, surface: Surface, now: float, exclude: Collection[int] = ()
+    ) -> engine.Selection | engine.NoEligibleKey:
+        result = engine.select(self.roster, self.settings, now, surface=surface, exclude=exclude)
+        if isinstance(result, engine.Selection):
+            settings = engine.after_selection(self.settings, result)
+            if settings is not self.settings:
+                self.settings = settings
+                with self._queue_lock:
+                    self._active_to_save = result.key.id
+        return result
+
+    def record(self, key_id: int, outcome: Outcome, now: float) -> list[KeyRecord]:
+        """Apply an attempt's outcome now; it reaches the store within POLL_SECONDS."""
+        updates = engine.apply_outcome(self.roster, key_id, outcome, now, self.settings.auto_refresh_health)
+        self.roster = self.roster.with_updates(updates)
+        self._seq += 1
+        pending = _Pending(self._seq, Attempt(key_id, outcome, now))
+        self._unflushed.append(pending)
+        with self._queue_lock:
+            self._queue.append(pending)
+            if len(self._queue) > MAX_PENDING:
+                del self._queue[0]
+        self._wake.set()
+        return updates
+
+    def count(self, surface: Surface) -> int:
+        return sum(1 for k in self.roster.keys if k.surface is surface)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="kimi-rotate-store", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Write everything still pending, then stop the thread."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        else:
+            self._flush()
+
+    # -- the background thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        last_version = self.store.data_version()
+        while True:
+            self._wake.wait(POLL_SECONDS)
+            self._wake.clear()
+            stopping = self._stop.is_set()
+            flushed = self._flush()
+            if stopping:
+                return
+            try:
+                version = self.store.data_version()
+                if version != last_version:
+                    last_version = version
+                    snapshot = self.store.snapshot()
+                    if self._loop is not None:
+                        self._loop.call_soon_threadsafe(self._install, snapshot, flushed)
+            except StoreError as e:
+                self._report(e)
+            except Exception:  # a broken loop or store must not kill the thread silently
+                log.exception("kimi-rotate: reading the store failed")
+
+    def _flush(self) -> int:
+        """Write queued outcomes; returns the last sequence number known to be in the store."""
+        with self._queue_lock:
+            batch, self._queue = self._queue, []
+            active, self._active_to_save = self._active_to_save, None
+        if not batch and active is None:
+            return self._seq_written
+        try:
+            self.store.record([p.attempt for p in batch], active)
+        except StoreError as e:
+            with self._queue_lock:  # keep them for the next try
+                self._queue[:0] = batch
+            self._report(e)
+            return self._seq_written
+        if batch:
+            self._seq_written = batch[-1].seq
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._forget, self._seq_written)
+        return self._seq_written
+
+    def _report(self, error: StoreError) -> None:
+        log.warning("kimi-rotate: %s", error)
+        if self.on_error is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.on_error, error)
+
+    # -- back on the event loop ----------------------------------------------------------------
+
+    def _forget(self, seq: int) -> None:
+        self._unflushed = [p for p in self._unflushed if p.seq > seq]
+
+    def _install(self, snapshot: Snapshot, flushed: int = 0) -> None:
+        roster = engine.Roster(snapshot.keys)
+        settings_changed = snapshot.rev != self._rev
+        recover = snapshot.settings.auto_refresh_health
+        for p in self._unflushed:
+            if p.seq > flushed:
+                a = p.attempt
+                roster = roster.with_updates(engine.apply_outcome(roster, a.key_id, a.outcome, a.at, recover))
+        self.roster = roster
+        if settings_changed:
+            self.settings = snapshot.settings
+            self._rev = snapshot.rev
+        elif self.settings.active_key_id is not None and roster.get(self.settings.active_key_id) is None:
+            self.settings = self.settings.model_copy(update={"active_key_id": None})

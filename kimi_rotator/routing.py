@@ -1,0 +1,138 @@
+"""Which flows are Kimi flows, and how their credential is swapped."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable
+
+from mitmproxy import http
+from mitmproxy.net.http.url import parse_authority
+
+from .models import Surface
+
+DEFAULT_HOSTS: dict[str, Surface] = {
+    "api.moonshot.cn": Surface.MOONSHOT_CN,
+    "api.moonshot.ai": Surface.MOONSHOT_AI,
+    "api.kimi.com": Surface.KIMI_CODE,
+}
+KIMI_PORT = 443
+PLACEHOLDER_PREFIX = "kimi-rotate:"
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "upgrade", "trailer",
+     "proxy-authorization", "proxy-authenticate"}
+)
+
+
+def normalize_host(host: str) -> str:
+    """DNS names are case-insensitive and may end in a root dot; both forms are one host."""
+    return host.lower().removesuffix(".")
+
+
+def parse_host_map(entries: Iterable[str]) -> dict[str, Surface]:
+    """`host=surface` pairs from the kimi_hosts option, added to the built-in table."""
+    table = dict(DEFAULT_HOSTS)
+    for entry in entries:
+        host, sep, surface = entry.partition("=")
+        if not sep or not host.strip():
+            raise ValueError(f"kimi_hosts entry {entry!r} is not host=surface")
+        try:
+            table[normalize_host(host.strip())] = Surface(surface.strip())
+        except ValueError:
+            choices = ", ".join(s.value for s in Surface)
+            raise ValueError(f"kimi_hosts entry {entry!r}: surface must be one of {choices}") from None
+    return table
+
+
+def parse_resolve(entries: Iterable[str]) -> dict[str, tuple[str, int]]:
+    """`host=address:port` pairs: connect there instead of resolving the host (like curl --resolve)."""
+    out: dict[str, tuple[str, int]] = {}
+    for entry in entries:
+        host, sep, target = entry.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            address, port = parse_authority(target.strip(), check=True)
+            if port is None:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"kimi_resolve entry {entry!r} is not host=address:port") from None
+        out[normalize_host(host.strip())] = (address, port)
+    return out
+
+
+def real_target(address: tuple[str, int], resolved_back: dict[tuple[str, int], str]) -> tuple[str, int]:
+    """The host and port the client asked for, seeing through a kimi_resolve redirection."""
+    host = resolved_back.get(address)
+    return (host, KIMI_PORT) if host is not None else (normalize_host(address[0]), address[1])
+
+
+def flow_surface(
+    flow: http.HTTPFlow, hosts: dict[str, Surface], resolved_back: dict[tuple[str, int], str]
+) -> Surface | None:
+    """The surface of a flow whose real target is a Kimi host over HTTPS on 443, else None.
+
+    The target is where mitmproxy connects (inside a CONNECT tunnel: the tunnel's authority, not
+    the Host header) and it must agree with the TLS server name the client asked for, so neither a
+    Host header nor a URL that merely mentions a Kimi host can attract a key.
+    """
+    req = flow.request
+    host, port = real_target((req.host, req.port), resolved_back)
+    if req.scheme != "https" or port != KIMI_PORT:
+        return None
+    surface = hosts.get(host)
+    if surface is None:
+        return None
+    sni = flow.client_conn.sni
+    if sni is None or normalize_host(sni) != host:
+        return None
+    return surface
+
+
+def client_credential(headers: http.Headers) -> str | None:
+    auth: str | None = headers.get("authorization")
+    if auth is not None:
+        scheme, _, value = auth.partition(" ")
+        return value.strip() if scheme.lower() == "bearer" else auth
+    api_key: str | None = headers.get("x-api-key")
+    return api_key
+
+
+def credential_matches(headers: http.Headers, token: str) -> bool:
+    """Constant-time comparison with the client token, over every credential the client sent."""
+    sent = [v for v in (client_credential(headers), headers.get("x-api-key")) if v is not None]
+    return any(hmac.compare_digest(v.encode(), token.encode()) for v in sent)
+
+
+def swap_credential(headers: http.Headers, secret: str, path: str) -> None:
+    """Put `secret` in every credential header the client used, in the same style.
+
+    A client that sent none gets the style its route expects: x-api-key on Anthropic Messages
+    routes, Bearer elsewhere.
+    """
+    bearer = "authorization" in headers
+    api_key = "x-api-key" in headers
+    if not bearer and not api_key:
+        api_key = path.split("?", 1)[0].endswith("/messages")
+        bearer = not api_key
+    if bearer:
+        headers["authorization"] = f"Bearer {secret}"
+    if api_key:
+        headers["x-api-key"] = secret
+
+
+def placeholder(fingerprint: str) -> str:
+    return f"{PLACEHOLDER_PREFIX}{fingerprint}"
+
+
+def is_placeholder(headers: http.Headers) -> bool:
+    value = client_credential(headers)
+    return value is not None and value.startswith(PLACEHOLDER_PREFIX)
+
+
+def hide_credential(headers: http.Headers, fingerprint: str) -> None:
+    """Replace the real key in a flow with a placeholder naming the key, for views and saved flows."""
+    value = placeholder(fingerprint)
+    if "authorization" in headers:
+        headers["authorization"] = f"Bearer {value}"
+    if "x-api-key" in headers:
+        headers["x-api-key"] = value
