@@ -1,0 +1,620 @@
+"""The `kimi-rotate` command line: a thin face over the store, the backups and the importer.
+
+Each command parses its arguments, calls the store (whose methods are transactions, so a failed
+command changes nothing) and prints. Problems the user can fix are raised as exceptions and turned
+into one `error: <what happened>; <what to do>` line and exit code 1 in a single place
+(`_Group.invoke`); usage errors keep typer's exit code 2. No command prints a key: only masked
+forms (`keys.mask`) and fingerprints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import getpass
+import json
+import math
+import re
+import sys
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from typer.core import TyperGroup
+
+from . import backup, cli_setup, engine, opencode
+from .keys import KeyFormatError, default_surface, mask, validate_key, validate_name
+from .models import KeyRecord, KeyState, PoolSettings, Strategy, Surface
+from .store import KeyNotFound, NewKey, Store, StoreError, utc_day
+
+
+class CliError(Exception):
+    """A mistake the user can fix; the message reads `<what happened>; <what to do>`."""
+
+
+# Everything foreseeable ends as one line on stderr and exit code 1 (see _Group.invoke).
+USER_ERRORS: tuple[type[Exception], ...] = (
+    CliError,
+    StoreError,
+    KeyFormatError,
+    backup.BackupError,
+    opencode.OpencodeError,
+    cli_setup.SetupError,
+)
+
+KIMI_CODE_WARNING = (
+    "warning: Kimi Code membership is for personal use only. Rotating several membership accounts "
+    "behind one proxy is the pattern Kimi's risk control looks for and can get every account involved "
+    "terminated (access_terminated_error). Pay-as-you-go Open Platform keys are the safe choice for pooling."
+)
+
+
+# Click's base exception (usage errors): typer >= 0.2x vendors click, older typer uses the package.
+_CLICK_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class _Group(TyperGroup):
+    """Turns the user errors of any command (including ones added later) into `error: ...`, exit 1."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _CLICK_ERROR as e:
+            # Usage errors quote what was typed; a key pasted into the wrong place must not be echoed.
+            message = getattr(e, "message", None)
+            if isinstance(message, str):
+                e.message = scrub(message)  # type: ignore[attr-defined]
+            raise
+        except USER_ERRORS as e:
+            _fail(str(e))
+        except OSError as e:
+            if e.errno == errno.EPIPE:  # typer quiets a closed pipe (`kimi-rotate list-keys | head`)
+                raise
+            where = f" {e.filename}" if e.filename else ""
+            _fail(f"cannot access{where}: {e.strerror or e}; check the path and its permissions")
+
+
+_KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_-]{6,}")
+
+
+def scrub(text: str) -> str:
+    """Masks anything in `text` that looks like a key."""
+    return _KEY_LIKE.sub(lambda m: mask(m.group()), text)
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {scrub(' '.join(message.split()))}", err=True)
+    raise typer.Exit(1)
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="kimi-rotate",
+    help="Pool Kimi / Moonshot API keys behind one local HTTPS proxy. Keys live in a local store "
+    "(folder: $KIMI_ROTATE_HOME, else your user data folder).",
+    no_args_is_help=True,
+    add_completion=False,
+    # A traceback with locals could print a key; genuine bugs still get a plain traceback.
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _now() -> float:
+    return time.time()
+
+
+@contextlib.contextmanager
+def _store() -> Iterator[Store]:
+    store = Store()
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _index(keys: list[KeyRecord], key_id: int) -> int:
+    for i, k in enumerate(keys):
+        if k.id == key_id:
+            return i
+    raise CliError("another kimi-rotate removed that key meanwhile; see `kimi-rotate list-keys`")
+
+
+def _resolve(store: Store, ref: str) -> tuple[int, KeyRecord]:
+    """A key by list index or name, with its index. Never echoes a key typed by mistake."""
+    try:
+        key = store.resolve(ref)
+    except KeyNotFound:
+        if _KEY_LIKE.search(ref):
+            raise CliError(
+                "refer to a key by its index or name, not by the key itself; see `kimi-rotate list-keys`"
+            ) from None
+        raise
+    return _index(store.keys(), key.id), key
+
+
+def _stdin_is_tty() -> bool:
+    stdin = sys.stdin
+    return stdin is not None and not stdin.closed and stdin.isatty()
+
+
+def _read_stdin_line(what: str) -> str:
+    line = sys.stdin.readline() if sys.stdin is not None and not sys.stdin.closed else ""
+    if not line:
+        raise CliError(f"no {what} on stdin; pipe it as one line, or run in a terminal to be prompted")
+    return line.rstrip("\r\n")
+
+
+def _read_passphrase(prompt: str) -> str:
+    """Hidden when typed; one line of stdin when piped (scripts, tests)."""
+    if _stdin_is_tty():
+        return getpass.getpass(prompt)
+    return _read_stdin_line("passphrase")
+
+
+def _new_passphrase() -> str:
+    first = _read_passphrase("Backup passphrase: ")
+    backup.check_passphrase(first)
+    if _read_passphrase("Repeat the passphrase: ") != first:
+        raise CliError("the passphrases do not match; run the command again")
+    return first
+
+
+def _clean_account(text: str | None) -> str | None:
+    if text is None:
+        return None
+    cleaned = text.strip()
+    if not cleaned or len(cleaned) > 64 or not cleaned.isprintable():
+        raise CliError("the account label must be 1-64 printable characters; choose another one")
+    return cleaned
+
+
+def _pct(value: float) -> int:
+    # Round half up, as the reference (JS Math.round) does: 85 → 9 blocks, 25 → 3.
+    return math.floor(value + 0.5)
+
+
+def health_bar(health: float) -> str:
+    filled = max(0, min(10, math.floor(health / 10 + 0.5)))
+    return "█" * filled + "░" * (10 - filled)
+
+
+def time_left(seconds: float) -> str:
+    minutes = max(1, math.ceil(seconds / 60))
+    if minutes < 60:
+        return f"~{minutes}m"
+    hours, rest = divmod(minutes, 60)
+    if hours < 48:
+        return f"~{hours}h{rest:02d}m" if rest else f"~{hours}h"
+    return f"~{math.ceil(seconds / 86400)}d"
+
+
+def _state(k: KeyRecord, now: float) -> tuple[KeyState, str | None]:
+    state = k.state_at(now)
+    if state is KeyState.DISABLED:
+        return state, k.disabled_reason
+    if state is KeyState.COOLING:
+        return state, k.cooldown_reason
+    return state, None
+
+
+def _warn_kimi_code(surfaces: list[Surface]) -> None:
+    if Surface.KIMI_CODE in surfaces:
+        typer.echo(KIMI_CODE_WARNING, err=True)
+
+
+# A key on the command line: its index in `list-keys` or its name.
+KeyRef = Annotated[str, typer.Argument(metavar="INDEX|NAME", help="Index or name (see list-keys).")]
+
+
+# -- keys ---------------------------------------------------------------------------------------
+
+
+@app.command("add-key")
+def add_key(
+    key: Annotated[
+        str | None,
+        typer.Argument(
+            help="The API key. Leave it out (or write -) to be prompted without echo, or pipe it on stdin, "
+            "so it stays out of your shell history.",
+            show_default=False,
+        ),
+    ] = None,
+    name: Annotated[str | None, typer.Argument(help="A name for the key (default: Account N).")] = None,
+    surface: Annotated[
+        Surface | None,
+        typer.Option(help="Where the key works. Default: kimi-code for sk-kimi- keys, else moonshot-cn."),
+    ] = None,
+    account: Annotated[
+        str | None, typer.Option(help="Account label: keys of one account share rate limits.")
+    ] = None,
+) -> None:
+    """Add an API key to the pool."""
+    from_argument = key not in (None, "-")
+    if key is None or key == "-":
+        if _stdin_is_tty():
+            key = getpass.getpass("API key (input hidden): ")
+        else:
+            key = sys.stdin.read() if sys.stdin is not None and not sys.stdin.closed else ""
+            if not key.strip():
+                raise CliError("no key on stdin; pipe the key, pass it as an argument, or run in a terminal")
+    chosen = surface or default_surface(key.strip())
+    try:
+        secret = validate_key(key, chosen)
+    except KeyFormatError as e:
+        hint = "check that you copied the whole key"
+        if from_argument and not key.strip().startswith("sk-") and name is None:
+            hint = "to pipe the key and name it, run `kimi-rotate add-key - NAME`"
+        raise CliError(f"invalid key: {e}; {hint}") from None
+    try:
+        clean_name = validate_name(name) if name is not None else None
+    except KeyFormatError as e:
+        raise CliError(f"invalid name: {e}; choose another name") from None
+    label = _clean_account(account)
+
+    with _store() as store:
+        for i, k in enumerate(store.keys()):
+            if k.secret.get_secret_value() == secret:
+                raise CliError(f"this key is already in the pool as [{i}] {k.name}; nothing was added")
+            if k.name == clean_name:
+                raise CliError(f"a key named {clean_name!r} already exists; choose another name")
+        record = store.add_key(NewKey(secret=secret, name=clean_name, surface=chosen, account=label), _now())
+        index = _index(store.keys(), record.id)
+    typer.echo(f"✓ Added key: {record.name} ({mask(secret)}, {chosen.value})")
+    typer.echo(f"  Index: {index}")
+    _warn_kimi_code([chosen])
+
+
+def key_json(index: int, k: KeyRecord, settings: PoolSettings, now: float) -> dict[str, Any]:
+    """One element of `list-keys --json`. Scripts rely on these names and types: only ever add fields.
+
+    index (int, as the other commands take it), name, masked_key (prefix + last 4), fingerprint
+    (10 hex chars), surface, account (str|null), current (bool), health (int 0-100, time recovery
+    included), state ("active"|"cooling"|"disabled"), reason (str|null: why cooling or disabled),
+    cooldown_until (epoch s|null, set while cooling), total_requests = successful_requests +
+    rate_limited_requests + failed_requests (ints), last_used and added_at (epoch s|null).
+    """
+    state, reason = _state(k, now)
+    cooling = k.cooldown_until is not None and k.cooldown_until > now
+    return {
+        "index": index,
+        "name": k.name,
+        "masked_key": mask(k.secret.get_secret_value()),
+        "fingerprint": k.fingerprint,
+        "surface": k.surface.value,
+        "account": k.account,
+        "current": k.id == settings.active_key_id,
+        "health": _pct(engine.health_at(k, now, settings.auto_refresh_health)),
+        "state": state.value,
+        "reason": reason,
+        "cooldown_until": k.cooldown_until if cooling else None,
+        "total_requests": k.total_requests,
+        "successful_requests": k.successful_requests,
+        "rate_limited_requests": k.rate_limited_requests,
+        "failed_requests": k.failed_requests,
+        "last_used": k.last_used,
+        "added_at": k.added_at,
+    }
+
+
+@app.command("list-keys")
+def list_keys(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array (stable field names).")] = False,
+) -> None:
+    """List the keys: index, name, masked key, health, requests and state."""
+    now = _now()
+    with _store() as store:
+        snap = store.snapshot()
+    if as_json:
+        rows = [key_json(i, k, snap.settings, now) for i, k in enumerate(snap.keys)]
+        typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    if not snap.keys:
+        typer.echo("No keys configured.\nAdd one with: kimi-rotate add-key")
+        return
+    typer.echo(f"\nKimi API Keys ({len(snap.keys)} total, strategy: {snap.settings.strategy.value}):\n")
+    for i, k in enumerate(snap.keys):
+        health = engine.health_at(k, now, snap.settings.auto_refresh_health)
+        state, reason = _state(k, now)
+        if state is KeyState.DISABLED:
+            status = f"✗ Disabled ({reason})"
+        elif state is KeyState.COOLING and k.cooldown_until is not None:
+            status = f"⏱ Cooling ({reason or 'cooldown'}, {time_left(k.cooldown_until - now)} left)"
+        else:
+            status = "✓ Active"
+        where = k.surface.value + (f", account: {k.account}" if k.account else "")
+        marker = "●" if k.id == snap.settings.active_key_id else "○"
+        typer.echo(f"{marker} [{i}] {k.name}")
+        typer.echo(f"   Key: {mask(k.secret.get_secret_value())}  (fingerprint {k.fingerprint})")
+        typer.echo(f"   Surface: {where}")
+        typer.echo(f"   Health: {health_bar(health)} {_pct(health)}%")
+        typer.echo(f"   Requests: {k.successful_requests}/{k.total_requests} successful")
+        typer.echo(f"   Status: {status}\n")
+
+
+@app.command("remove-key")
+def remove_key(ref: KeyRef) -> None:
+    """Remove a key from the pool."""
+    with _store() as store:
+        index, key = _resolve(store, ref)
+        store.remove_key(key.id)
+    typer.echo(f"✓ Removed key [{index}] {key.name} ({mask(key.secret.get_secret_value())})")
+
+
+@app.command("enable")
+def enable(ref: KeyRef) -> None:
+    """Enable a disabled key again (this also ends its cooldown)."""
+    with _store() as store:
+        index, key = _resolve(store, ref)
+        store.set_disabled(key.id, None)
+    note = "" if key.disabled_reason else " (it was not disabled)"
+    typer.echo(f"✓ Enabled key: {key.name} (index {index}){note}")
+
+
+@app.command("disable")
+def disable(
+    ref: KeyRef,
+    reason: Annotated[str, typer.Option(help="Why, shown by list-keys.")] = "disabled by hand",
+) -> None:
+    """Take a key out of rotation until `enable`."""
+    cleaned = reason.strip()
+    if not cleaned or len(cleaned) > 200 or not cleaned.isprintable():
+        raise CliError("the reason must be 1-200 printable characters; shorten or fix it")
+    with _store() as store:
+        index, key = _resolve(store, ref)
+        store.set_disabled(key.id, cleaned)
+    typer.echo(f"✓ Disabled key: {key.name} (index {index}): {cleaned}")
+
+
+# -- rotation -----------------------------------------------------------------------------------
+
+
+@app.command("rotate")
+def rotate() -> None:
+    """Switch to another eligible key now (under every strategy)."""
+    now = _now()
+    with _store() as store:
+        result = store.rotate(now)
+        keys = store.keys()
+    if isinstance(result, engine.NoEligibleKey):
+        if result.total == 0:
+            raise CliError("no keys configured; add one with `kimi-rotate add-key`")
+        detail = f"{result.total} key(s): {result.cooling} cooling, {result.disabled} disabled"
+        if result.next_free_at is not None:
+            detail += f"; the first frees up in {time_left(result.next_free_at - now)}"
+        raise CliError(f"no other key can serve now ({detail}); wait, or add or enable a key")
+    typer.echo("✓ Rotated to the next key")
+    typer.echo(f"  Now using: {result.key.name} (index {_index(keys, result.key.id)})")
+    typer.echo(f"  Reason: {result.reason}")
+
+
+@app.command("use-key")
+def use_key(ref: KeyRef) -> None:
+    """Make a key the current one: it serves the next request."""
+    now = _now()
+    with _store() as store:
+        index, key = _resolve(store, ref)
+        store.use_key(key.id)
+    typer.echo(f"✓ Now using: {key.name} (index {index})")
+    state, reason = _state(key, now)
+    if state is KeyState.DISABLED:
+        typer.echo(f"note: this key is disabled ({reason}); requests go to other keys until "
+                   f"`kimi-rotate enable {index}`", err=True)
+    elif state is KeyState.COOLING and key.cooldown_until is not None:
+        typer.echo(f"note: this key is cooling ({reason}); requests go to other keys for "
+                   f"{time_left(key.cooldown_until - now)}", err=True)
+
+
+@app.command("set-strategy")
+def set_strategy(strategy: Annotated[Strategy, typer.Argument(help="How the next key is chosen.")]) -> None:
+    """Choose the rotation strategy: health-based (default), round-robin or sticky."""
+    with _store() as store:
+        store.update_settings(strategy=strategy)
+    typer.echo(f"✓ Rotation strategy set to: {strategy.value}")
+
+
+class _OnOff(StrEnum):
+    TRUE = "true"
+    FALSE = "false"
+
+
+@app.command("set-auto-refresh")
+def set_auto_refresh(value: Annotated[_OnOff, typer.Argument(help="true or false.")]) -> None:
+    """Turn time-based health recovery (and refresh-health) on or off."""
+    with _store() as store:
+        store.update_settings(auto_refresh_health=value is _OnOff.TRUE)
+    typer.echo(f"✓ Auto-refresh health: {value.value}")
+
+
+@app.command("set-cooldown")
+def set_cooldown(
+    minutes: Annotated[int, typer.Argument(min=1, max=1440, help="1-1440 minutes.")],
+) -> None:
+    """Set how long after its cooldown a key must rest before refresh-health raises it."""
+    with _store() as store:
+        store.update_settings(health_refresh_cooldown_minutes=minutes)
+    typer.echo(f"✓ Health refresh cooldown: {minutes} minutes")
+
+
+@app.command("clear-limits")
+def clear_limits(
+    ref: Annotated[str, typer.Argument(metavar="INDEX|NAME|all", help="A key, or all keys.")],
+) -> None:
+    """End the cooldown of one key or all keys (health is left as it is)."""
+    with _store() as store:
+        if ref.strip().lower() == "all":
+            cleared = store.clear_limits(None)
+            typer.echo(f"✓ Cleared limits for all {len(cleared)} key(s)")
+            return
+        index, key = _resolve(store, ref)
+        store.clear_limits([key.id])
+    typer.echo(f"✓ Cleared limits for key: {key.name} (index {index})")
+    if key.disabled_reason:
+        typer.echo(f"note: the key stays disabled; `kimi-rotate enable {index}` turns it back on", err=True)
+
+
+@app.command("refresh-health")
+def refresh_health() -> None:
+    """Raise by 10 the health of keys that rested long enough after their last cooldown."""
+    now = _now()
+    with _store() as store:
+        settings = store.settings()
+        if not settings.auto_refresh_health:
+            typer.echo("Auto-refresh health is off, so nothing was refreshed. "
+                       "Turn it on with: kimi-rotate set-auto-refresh true")
+            return
+        pairs = store.refresh_health(now)
+    if not pairs:
+        typer.echo("No keys needed health refresh.")
+        typer.echo(f"Keys must be enabled, below 100% health and {settings.health_refresh_cooldown_minutes} "
+                   "minutes past their last cooldown.")
+        return
+    typer.echo(f"✓ Refreshed health for {len(pairs)} key(s):")
+    for before, after in pairs:
+        old = _pct(engine.health_at(before, now, True))
+        typer.echo(f"  {before.name}: {old}% → {_pct(after.health)}%")
+
+
+# -- stats --------------------------------------------------------------------------------------
+
+
+@app.command("stats")
+def stats() -> None:
+    """Usage per key and in total: requests, success rate, response times, today and last 7 days."""
+    now = _now()
+    today = utc_day(now)
+    week_start = utc_day(now - timedelta(days=6).total_seconds())  # today and the 6 days before
+    with _store() as store:
+        keys = store.keys()
+        daily = store.daily(week_start)
+    if not keys:
+        typer.echo("No keys configured.\nAdd one with: kimi-rotate add-key")
+        return
+    typer.echo("\n📊 Usage Statistics\n")
+    tot = ok = limited = failed = samples = today_n = week_n = 0
+    latency_sum = 0.0
+    lo: float | None = None
+    hi: float | None = None
+    for i, k in enumerate(keys):
+        days = daily.get(k.id, {})
+        k_today = days.get(today, (0, 0))[0]
+        k_week = sum(req for req, _ in days.values())
+        typer.echo(f"[{i}] {k.name}  ({mask(k.secret.get_secret_value())})")
+        _print_counts("   ", k.total_requests, k.successful_requests, k.rate_limited_requests, k.failed_requests)
+        if k.latency_count:
+            typer.echo(f"   Avg Response Time: {round(k.latency_sum_ms / k.latency_count)}ms")
+            typer.echo(f"   Response Time Range: {round(k.latency_min_ms or 0)}ms - {round(k.latency_max_ms or 0)}ms")
+        else:
+            typer.echo("   Avg Response Time: N/A")
+        typer.echo(f"   Requests Today: {k_today}")
+        typer.echo(f"   Requests Last 7 Days: {k_week}\n")
+        tot += k.total_requests
+        ok += k.successful_requests
+        limited += k.rate_limited_requests
+        failed += k.failed_requests
+        samples += k.latency_count
+        latency_sum += k.latency_sum_ms
+        today_n += k_today
+        week_n += k_week
+        if k.latency_min_ms is not None:
+            lo = k.latency_min_ms if lo is None else min(lo, k.latency_min_ms)
+        if k.latency_max_ms is not None:
+            hi = k.latency_max_ms if hi is None else max(hi, k.latency_max_ms)
+    typer.echo("─" * 50)
+    typer.echo("📈 Aggregate Statistics")
+    typer.echo(f"   Keys: {len(keys)}")
+    _print_counts("   ", tot, ok, limited, failed, prefix="Overall ")
+    if samples:
+        typer.echo(f"   Overall Avg Response Time: {round(latency_sum / samples)}ms")
+        typer.echo(f"   Overall Response Time Range: {round(lo or 0)}ms - {round(hi or 0)}ms")
+    typer.echo(f"   Requests Today: {today_n}")
+    typer.echo(f"   Requests Last 7 Days: {week_n}\n")
+
+
+def _print_counts(indent: str, total: int, ok: int, limited: int, failed: int, prefix: str = "") -> None:
+    typer.echo(f"{indent}Total Requests: {total}")
+    typer.echo(f"{indent}Successful: {ok}")
+    typer.echo(f"{indent}Rate Limited: {limited}")
+    typer.echo(f"{indent}Failed: {failed}")
+    if total:
+        typer.echo(f"{indent}{prefix}Success Rate: {ok / total * 100:.1f}%")
+
+
+# -- backups and imports ------------------------------------------------------------------------
+
+
+@app.command("export-keys")
+def export_keys(
+    file: Annotated[Path, typer.Argument(help="Where to write the encrypted backup.")] = Path(backup.DEFAULT_FILE),
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace FILE if it exists.")] = False,
+) -> None:
+    """Write every key to a passphrase-encrypted file (also readable by opencode-kimi-rotator)."""
+    now = _now()
+    with _store() as store:
+        snap = store.snapshot()
+    if not snap.keys:
+        raise CliError("there are no keys to export; add keys first")
+    if file.exists() and not force:
+        raise CliError(f"{file} already exists; choose another name, or pass --force to replace it")
+    passphrase = _new_passphrase()
+    backup.write_private(file, backup.export_text(snap.keys, snap.settings, passphrase, now), overwrite=force)
+    typer.echo(f"✓ Exported {len(snap.keys)} key(s) to: {file}")
+    typer.echo("  Keep this file and your passphrase safe: together they are your keys.")
+
+
+@app.command("import-keys")
+def import_keys(
+    file: Annotated[Path, typer.Argument(help="A backup from export-keys or opencode-kimi-rotator.")],
+) -> None:
+    """Add the keys of an encrypted backup (keys already present are skipped)."""
+    envelope = backup.read_envelope(file)  # a wrong file is reported before asking for a passphrase
+    passphrase = _read_passphrase("Backup passphrase: ")
+    imported = backup.parse_plaintext(backup.decrypt(envelope, passphrase), _now())
+    _add_imported(imported)
+
+
+@app.command("import-opencode")
+def import_opencode(
+    path: Annotated[
+        Path, typer.Argument(help="opencode-kimi-rotator's store file.")
+    ] = opencode.DEFAULT_PATH,
+) -> None:
+    """Import opencode-kimi-rotator's keys with names, health, counters and strategy (read only)."""
+    path = path.expanduser()
+    _add_imported(opencode.load(path, _now()))
+    typer.echo(f"\nThe plaintext file {path} still holds your keys. Once opencode-kimi-rotator no longer "
+               f"needs it, delete it: rm '{path}'")
+
+
+def _add_imported(imported: opencode.Imported) -> None:
+    for note in imported.notes:
+        typer.echo(f"note: {note}", err=True)
+    with _store() as store:
+        added, skipped = store.add_keys(imported.keys, _now())
+        # As the reference: the strategy comes along only when keys did.
+        if added:
+            store.update_settings(strategy=imported.strategy)
+    typer.echo("✓ Import complete:")
+    typer.echo(f"  Imported: {len(added)} key(s)")
+    typer.echo(f"  Skipped (already present): {len(skipped)} key(s)")
+    if added:
+        typer.echo(f"  Rotation strategy: {imported.strategy.value}")
+    _warn_kimi_code([k.surface for k in added])
+
+
+# The setup commands live in their own module; SetupError gets the same `error: ...` / exit 1 handling.
+app.command("proxy")(cli_setup.proxy)
+app.command("ca")(cli_setup.ca)
+app.command("doctor")(cli_setup.doctor)
+
+
+def main() -> None:
+    app()

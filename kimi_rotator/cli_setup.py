@@ -1,0 +1,74 @@
+"""The setup commands: `proxy`, `ca` and `doctor` (registered in cli.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import doctor as checks
+from .ca import default_confdir, ensure_ca, env_lines, trust_commands
+from .store import store_home
+
+ConfdirOption = Annotated[
+    Path | None, typer.Option("--confdir", help="mitmproxy's folder for the CA (default: ~/.mitmproxy).")
+]
+
+
+class SetupError(Exception):
+    """Raised for problems the user can fix; cli.py prints them as `error: ...` with exit code 1."""
+
+
+def proxy(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    web: Annotated[bool, typer.Option("--web", help="Open mitmweb's interface too (slower; for debugging).")] = False,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="A mitmproxy or kimi_* option as name=value (repeatable), as with mitmdump."),
+    ] = None,
+    allow_remote: Annotated[
+        bool, typer.Option("--allow-remote", help="Listen beyond this machine without a token or proxy auth.")
+    ] = False,
+) -> None:
+    """Start the rotating proxy and print the lines to paste into your agent's shell."""
+    from .proxy import ProxyConfig, ProxyError, run  # mitmproxy loads only for this command
+
+    try:
+        run(ProxyConfig(host=host, port=port, web=web, sets=set_ or [], allow_remote=allow_remote))
+    except ProxyError as e:
+        raise SetupError(str(e)) from None
+
+
+def ca(confdir: ConfdirOption = None) -> None:
+    """Create mitmproxy's CA if missing (no proxy needed) and show how to trust it."""
+    info = ensure_ca(confdir or default_confdir())
+    typer.echo(f"{'Created' if info.created else 'Found'} the CA certificate: {info.cert}")
+    typer.echo(f"Bundle for SSL_CERT_FILE (public CAs + this one): {info.bundle}")
+    typer.echo("Trust it system-wide (see certs-howto.md for other systems, runtimes and browsers):")
+    for line in trust_commands(info):
+        typer.echo(f"  {line}")
+    typer.echo("Or only for the agent's shell:")
+    for line in env_lines("http://127.0.0.1:8080", info):
+        typer.echo(f"  {line}")
+    typer.echo(f"Keep {info.confdir} private: its key can read any TLS traffic sent through the proxy.")
+
+
+def doctor(
+    host: Annotated[str, typer.Option(help="Where the proxy should listen.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The proxy's port.")] = 8080,
+    confdir: ConfdirOption = None,
+) -> None:
+    """Check the store, the keys, the CA, the running proxy and TLS through it."""
+    results = checks.run_checks(store_home(), confdir or default_confdir(), host, port)
+    for c in results:
+        mark = "✓" if c.ok else "✗"
+        typer.echo(f"{mark} {c.name}: {c.detail}")
+        if not c.ok and c.fix:
+            typer.echo(f"    fix: {c.fix}")
+    failed = [c.name for c in results if not c.ok]
+    if failed:
+        typer.echo(f"{len(failed)} check(s) failed: {', '.join(failed)}", err=True)
+        raise typer.Exit(1)
+    typer.echo("All checks passed.")
