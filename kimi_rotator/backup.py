@@ -133,6 +133,8 @@ def build_payload(keys: list[KeyRecord], settings: PoolSettings, now: float) -> 
                     "surface": k.surface.value,
                     "account": k.account,
                     "cooldownReason": k.cooldown_reason if cooling else None,
+                    "disabledReason": k.disabled_reason,
+                    "rateLimitedRequests": k.rate_limited_requests,
                 },
             }
         )

@@ -34,6 +34,8 @@ class RotateExtras(BaseModel):
     surface: Surface | None = None
     account: str | None = None
     cooldownReason: str | None = None
+    disabledReason: str | None = None
+    rateLimitedRequests: int = Field(default=0, ge=0)
 
 
 class RefAccount(BaseModel):
@@ -134,8 +136,10 @@ def to_new_key(acc: RefAccount, position: int, now: float, notes: list[str]) -> 
         # our counters must add up, so the total is at least the successes.
         total_requests=max(acc.totalRequests, acc.successfulRequests),
         successful_requests=acc.successfulRequests,
+        rate_limited_requests=extras.rateLimitedRequests,
         cooldown_until=cooldown_until,
         cooldown_reason=cooldown_reason,
+        disabled_reason=_label(extras.disabledReason),
         added_at=acc.addedAt / 1000.0 or None,
         last_used=acc.lastUsed / 1000.0 or None,
     )

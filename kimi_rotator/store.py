@@ -90,8 +90,10 @@ class NewKey(BaseModel):
     health: float = engine.START_HEALTH
     total_requests: int = 0
     successful_requests: int = 0
+    rate_limited_requests: int = 0
     cooldown_until: float | None = None
     cooldown_reason: str | None = None
+    disabled_reason: str | None = None
     added_at: float | None = None
     last_used: float | None = None
 
@@ -292,14 +294,13 @@ class Store:
                 name = _unique_name(nk.name, names)
                 cur = db.execute(
                     "INSERT INTO keys (secret, fingerprint, name, surface, account, added_at, last_used, "
-                    "health, health_at, total_requests, successful_requests, failed_requests, "
-                    "cooldown_until, cooldown_reason) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "health, health_at, total_requests, successful_requests, rate_limited_requests, "
+                    "failed_requests, cooldown_until, cooldown_reason, disabled_reason) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         nk.secret, fingerprint(nk.secret), name, nk.surface.value, nk.account,
                         nk.added_at or now, nk.last_used, max(0.0, min(100.0, nk.health)), now,
-                        nk.total_requests, nk.successful_requests,
-                        max(0, nk.total_requests - nk.successful_requests),
-                        nk.cooldown_until, nk.cooldown_reason,
+                        *_counters(nk), nk.cooldown_until, nk.cooldown_reason, nk.disabled_reason,
                     ),
                 )
                 present.add(nk.secret)
@@ -464,6 +465,14 @@ def _save_settings(db: sqlite3.Connection, settings: PoolSettings, bump: bool) -
             "INSERT INTO meta (name, value) VALUES ('rev', '1') "
             "ON CONFLICT (name) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
         )
+
+
+def _counters(nk: NewKey) -> tuple[int, int, int, int]:
+    """Imported counters made consistent: total = successful + rate limited + failed."""
+    ok = max(0, nk.successful_requests)
+    limited = max(0, nk.rate_limited_requests)
+    total = max(nk.total_requests, ok + limited)
+    return total, ok, limited, total - ok - limited
 
 
 def _unique_name(wanted: str | None, taken: set[str]) -> str:

@@ -100,8 +100,10 @@ def test_the_reference_tool_can_read_our_export(store: Store) -> None:
     ]
     assert first["key"] == KEY_A and first["healthScore"] == 70
     assert first["rateLimitResetTime"] == (NOW + 600) * 1000
-    assert first["kimiRotate"] == {"surface": "kimi-code", "account": None, "cooldownReason": "5-hour quota"}
-    assert second["kimiRotate"] == {"surface": "moonshot-cn", "account": "acme", "cooldownReason": None}
+    assert first["kimiRotate"] == {"surface": "kimi-code", "account": None, "cooldownReason": "5-hour quota",
+                                   "disabledReason": None, "rateLimitedRequests": 0}
+    assert second["kimiRotate"] == {"surface": "moonshot-cn", "account": "acme", "cooldownReason": None,
+                                    "disabledReason": None, "rateLimitedRequests": 0}
     assert isinstance(second["addedAt"], int) and second["lastUsed"] == second["addedAt"]
 
 
@@ -232,3 +234,27 @@ def test_payload_health_includes_time_recovery() -> None:
     )
     doc = backup.build_payload([key], PoolSettings(), NOW)
     assert doc["accounts"][0]["healthScore"] == 60  # +10 per idle hour
+
+
+def test_round_trip_keeps_disabled_state_and_rate_limited_counts(tmp_path, monkeypatch):
+    """An export re-imported into an empty store restores who was disabled and the 429 counts."""
+    import time
+
+    from kimi_rotator import backup as bk
+    from kimi_rotator.models import Outcome, OutcomeKind, Surface
+    from kimi_rotator.store import Attempt, NewKey, Store
+
+    src = Store(tmp_path / "src")
+    now = time.time()
+    k = src.add_key(NewKey(secret="sk-kimi-test" + "q" * 40, surface=Surface.KIMI_CODE), now)
+    src.record([Attempt(k.id, Outcome(kind=OutcomeKind.RATE_LIMITED, until=now + 1), now),
+                Attempt(k.id, Outcome(kind=OutcomeKind.SUCCESS), now)])
+    src.set_disabled(k.id, "disabled by hand")
+    text = bk.export_text(src.keys(), src.settings(), "correct horse", now)
+    imported = bk.parse_plaintext(bk.decrypt(bk.unpack(text.encode()), "correct horse"), now)
+    dst = Store(tmp_path / "dst")
+    dst.add_keys(imported.keys, now)
+    back = dst.keys()[0]
+    assert back.disabled_reason == "disabled by hand"
+    assert (back.total_requests, back.successful_requests, back.rate_limited_requests, back.failed_requests) == (
+        2, 1, 1, 0)
