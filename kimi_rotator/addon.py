@@ -40,6 +40,7 @@ from .routing import (
     parse_host_map,
     parse_resolve,
     real_target,
+    reverse_resolve,
     swap_credential,
 )
 from .store import Store, StoreError, store_home
@@ -65,7 +66,7 @@ class KimiRotate:
     def __init__(self) -> None:
         self.hosts: dict[str, Surface] = {}
         self.resolve: dict[str, tuple[str, int]] = {}
-        self.resolved_back: dict[tuple[str, int], str] = {}
+        self.resolved_back: dict[tuple[str, int], tuple[str, ...]] = {}
         self.store: Store | None = None
         self.store_error: str | None = None
         self.pool: LivePool | None = None
@@ -94,7 +95,7 @@ class KimiRotate:
                 self.hosts = parse_host_map(opts.kimi_hosts)
             if "kimi_resolve" in updated:
                 self.resolve = parse_resolve(opts.kimi_resolve)
-                self.resolved_back = {addr: host for host, addr in self.resolve.items()}
+                self.resolved_back = reverse_resolve(self.resolve)
         except ValueError as e:
             raise exceptions.OptionsError(str(e)) from None
         if opts.kimi_max_attempts < 1:
@@ -176,9 +177,23 @@ class KimiRotate:
         if address is None or sni is None:
             data.ignore_connection = True
             return
-        host, port = real_target(address, self.resolved_back)
+        host, port = real_target(address, self.resolved_back, sni)
         if port != KIMI_PORT or host not in self.hosts or normalize_host(sni) != host:
             data.ignore_connection = True
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        """Accept a tunnel to a Kimi host at once instead of connecting first (eager strategy).
+
+        If Kimi is unreachable, a failed CONNECT gives the client a bare proxy error; accepted
+        here, the request comes in and gets a 502 in its own envelope from the failover path.
+        """
+        req = flow.request
+        host, port = real_target((req.host, req.port), self.resolved_back)
+        if flow.response is None and port == KIMI_PORT and host in self.hosts:
+            now = time.time()
+            flow.response = http.Response(
+                req.data.http_version, 200, b"Connection established", http.Headers(), b"", None, now, now
+            )
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         address = data.server.address
@@ -207,7 +222,7 @@ class KimiRotate:
         if self.pool.count(surface) == 0:
             self._warn_no_keys(surface)
             return
-        host, _ = real_target((flow.request.host, flow.request.port), self.resolved_back)
+        host, _ = real_target((flow.request.host, flow.request.port), self.resolved_back, flow.client_conn.sni)
         job = Job(surface=surface, host=host, method=flow.request.method,
                   path=flow.request.path, headers=headers.copy(), body=flow.request.raw_content or b"")
         if is_placeholder(headers):  # a replayed flow: the client's credential is gone, ask for the usual style
@@ -216,6 +231,11 @@ class KimiRotate:
                     del job.headers[name]
         if self.relay is not None and self.relay.port and _STREAM_FLAG.search(job.body):
             self._via_relay(flow, job)
+            return
+        if not flow.server_conn.connected:
+            # No live connection to Kimi (lazy strategy, or connecting failed): send it ourselves,
+            # so that a failure to connect still reaches the client in the envelope it parses.
+            await self._send_ourselves(flow, job)
             return
         key = await self.failover.next_key(job)
         if isinstance(key, engine.NoEligibleKey):
@@ -226,6 +246,15 @@ class KimiRotate:
         job.tried.add(key.id)
         swap_credential(headers, key.secret.get_secret_value(), job.path)
         self.inflight[flow.id] = InFlight(flow=flow, job=job, key=key)
+
+    async def _send_ourselves(self, flow: http.HTTPFlow, job: Job) -> None:
+        assert self.failover is not None
+        final = await self.failover.run(job)
+        try:
+            flow.response = await _to_mitmproxy(final, job.path)
+        finally:
+            await final.aclose()
+        self._annotate(flow, job)
 
     def _via_relay(self, flow: http.HTTPFlow, job: Job) -> None:
         assert self.relay is not None
@@ -276,7 +305,7 @@ class KimiRotate:
             return
         final = await self.failover.run(state.job)
         try:
-            flow.response = await _to_mitmproxy(final, state.job.path) or resp
+            flow.response = await _to_mitmproxy(final, state.job.path)
         finally:
             await final.aclose()
 
@@ -350,7 +379,7 @@ def _latency_ms(flow: http.HTTPFlow) -> float | None:
     return max(0.0, (flow.response.timestamp_start - flow.request.timestamp_end) * 1000)
 
 
-async def _to_mitmproxy(final: Final, path: str) -> http.Response | None:
+async def _to_mitmproxy(final: Final, path: str) -> http.Response:
     """The failover's result as the flow's response (bodies here are whole, not streamed)."""
     if final.response is None:
         return error_response(final.status, final.message, path, final.retry_after)
