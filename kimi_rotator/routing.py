@@ -60,14 +60,30 @@ def parse_resolve(entries: Iterable[str]) -> dict[str, tuple[str, int]]:
     return out
 
 
-def real_target(address: tuple[str, int], resolved_back: dict[tuple[str, int], str]) -> tuple[str, int]:
-    """The host and port the client asked for, seeing through a kimi_resolve redirection."""
-    host = resolved_back.get(address)
-    return (host, KIMI_PORT) if host is not None else (normalize_host(address[0]), address[1])
+def reverse_resolve(resolve: dict[str, tuple[str, int]]) -> dict[tuple[str, int], tuple[str, ...]]:
+    """address -> every host kimi_resolve sends there (several hosts may share one address)."""
+    out: dict[tuple[str, int], tuple[str, ...]] = {}
+    for host, address in resolve.items():
+        out[address] = (*out.get(address, ()), host)
+    return out
+
+
+def real_target(
+    address: tuple[str, int], resolved_back: dict[tuple[str, int], tuple[str, ...]], sni: str | None = None
+) -> tuple[str, int]:
+    """The host and port the client asked for, seeing through a kimi_resolve redirection.
+
+    When several hosts resolve to one address, the TLS server name tells which one the client meant.
+    """
+    hosts = resolved_back.get(address)
+    if not hosts:
+        return normalize_host(address[0]), address[1]
+    wanted = normalize_host(sni) if sni else None
+    return (wanted if wanted in hosts else hosts[0]), KIMI_PORT
 
 
 def flow_surface(
-    flow: http.HTTPFlow, hosts: dict[str, Surface], resolved_back: dict[tuple[str, int], str]
+    flow: http.HTTPFlow, hosts: dict[str, Surface], resolved_back: dict[tuple[str, int], tuple[str, ...]]
 ) -> Surface | None:
     """The surface of a flow whose real target is a Kimi host over HTTPS on 443, else None.
 
@@ -76,7 +92,7 @@ def flow_surface(
     Host header nor a URL that merely mentions a Kimi host can attract a key.
     """
     req = flow.request
-    host, port = real_target((req.host, req.port), resolved_back)
+    host, port = real_target((req.host, req.port), resolved_back, flow.client_conn.sni)
     if req.scheme != "https" or port != KIMI_PORT:
         return None
     surface = hosts.get(host)
