@@ -64,7 +64,8 @@ class InFlight:
 
 class KimiRotate:
     def __init__(self) -> None:
-        self.hosts: dict[str, Surface] = {}
+        # Option defaults, for masters that configure only the options set on the command line.
+        self.hosts: dict[str, Surface] = parse_host_map([])
         self.resolve: dict[str, tuple[str, int]] = {}
         self.resolved_back: dict[tuple[str, int], tuple[str, ...]] = {}
         self.store: Store | None = None

@@ -26,7 +26,6 @@ from mitmproxy.addons import (
     next_layer,
     proxyauth,
     proxyserver,
-    termlog,
     tlsconfig,
     upstream_auth,
 )
@@ -118,9 +117,8 @@ def build_master(config: ProxyConfig, loop: asyncio.AbstractEventLoop) -> master
         m.addons.add(rotate)
         m.options.update(web_open_browser=False)
     else:
-        m = master.Master(opts, event_loop=loop)
+        m = master.Master(opts, event_loop=loop, with_termlog=True)
         m.addons.add(
-            termlog.TermLog(),
             core.Core(),
             block.Block(),
             proxyauth.ProxyAuth(),

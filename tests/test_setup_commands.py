@@ -1,0 +1,199 @@
+"""`kimi-rotate proxy`, `ca` and `doctor` as a new user runs them, and a Node client through the proxy."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import KIMI_ROTATE, KeySpec, _clean_env, cli_keys, curl, kimi_key, reset_store, upstream_options
+
+from kimi_rotator.store import HOME_ENV
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parent.parent
+KEY = kimi_key("s3tup")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class CliProxy:
+    """`kimi-rotate proxy` as a subprocess, reading its banner."""
+
+    def __init__(self, home: Path, confdir: Path, sets: dict[str, object]) -> None:
+        self.port = _free_port()
+        args = [str(KIMI_ROTATE), "proxy", "--port", str(self.port), "--set", f"confdir={confdir}"]
+        for name, value in sets.items():
+            for v in value if isinstance(value, list) else [value]:
+                args += ["--set", f"{name}={v}"]
+        self.proc = subprocess.Popen(
+            args, env=_clean_env({HOME_ENV: str(home)}), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        self.banner = self._read_banner()
+
+    def _read_banner(self) -> str:
+        assert self.proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline().decode()
+            if not line:
+                break
+            lines.append(line)
+            if "REQUESTS_CA_BUNDLE" in line:
+                return "".join(lines)
+        self.proc.kill()
+        raise AssertionError("the proxy did not print its banner:\n" + "".join(lines))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return int(self.proc.returncode)
+
+
+@pytest.fixture
+def cli_proxy(tmp_path: Path, pki, fake_kimi_server) -> Iterator[tuple[CliProxy, Path, Path]]:
+    home, confdir = tmp_path / "home", tmp_path / "conf"
+    reset_store(home, [KeySpec(KEY, "one")])
+    fake_kimi_server.reset()
+    fake_kimi_server.add_key(KEY, account="s", name="one")
+    proxy = CliProxy(home, confdir, upstream_options(fake_kimi_server.port, pki.ca_cert))
+    yield proxy, home, confdir
+    proxy.stop()
+
+
+def test_proxy_serves_end_to_end_and_stops_cleanly_with_outcomes_stored(cli_proxy, fake_kimi_server):
+    proxy, home, confdir = cli_proxy
+    assert f"listening on {proxy.url}" in proxy.banner
+    assert "kimi-code 1" in proxy.banner
+    assert f"export HTTPS_PROXY={proxy.url}" in proxy.banner
+    assert str(confdir / "mitmproxy-ca-cert.pem") in proxy.banner
+
+    r = curl(proxy.url, "https://api.kimi.com/coding/v1/messages", ca=confdir / "mitmproxy-ca-cert.pem",
+             headers={"x-api-key": "placeholder"}, body={"model": "kimi-for-coding", "max_tokens": 8, "messages": []})
+    assert r.status == 200, r
+    assert r.json()["content"][0]["text"] == "ok one"
+    assert fake_kimi_server.requests[-1].credential == KEY
+
+    assert proxy.stop() == 0
+    key = cli_keys(home)["one"]
+    assert (key["total_requests"], key["successful_requests"]) == (1, 1)
+
+
+def test_proxy_with_no_keys_starts_and_says_how_to_add_one(tmp_path: Path):
+    proxy = CliProxy(tmp_path / "home", tmp_path / "conf", {})
+    try:
+        assert "No keys yet: add one with `kimi-rotate add-key`" in proxy.banner
+    finally:
+        assert proxy.stop() == 0
+
+
+def test_proxy_refuses_a_non_loopback_address_without_protection(tmp_path: Path):
+    env = _clean_env({HOME_ENV: str(tmp_path / "home")})
+    r = subprocess.run([str(KIMI_ROTATE), "proxy", "--host", "0.0.0.0", "--port", str(_free_port()),
+                        "--set", f"confdir={tmp_path / 'conf'}"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "refusing to listen on 0.0.0.0" in r.stderr and "kimi_client_token" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_proxy_reports_a_bad_set_option_without_a_traceback(tmp_path: Path):
+    env = _clean_env({HOME_ENV: str(tmp_path / "home")})
+    r = subprocess.run([str(KIMI_ROTATE), "proxy", "--port", str(_free_port()), "--set", "no_such_option=1"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "no_such_option" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ca_creates_the_ca_and_the_bundle_in_a_fresh_folder(tmp_path: Path):
+    confdir = tmp_path / "conf"
+    r = subprocess.run([str(KIMI_ROTATE), "ca", "--confdir", str(confdir)], env=_clean_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    cert = confdir / "mitmproxy-ca-cert.pem"
+    assert "Created the CA certificate" in r.stdout and str(cert) in r.stdout
+    assert cert.read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
+    bundle = (confdir / "kimi-rotate-ca-bundle.pem").read_bytes()
+    assert bundle.endswith(cert.read_bytes()) and bundle.count(b"BEGIN CERTIFICATE") > 10
+    again = subprocess.run([str(KIMI_ROTATE), "ca", "--confdir", str(confdir)], env=_clean_env(),
+                           capture_output=True, text=True, timeout=60)
+    assert "Found the CA certificate" in again.stdout
+
+
+def _doctor(home: Path, confdir: Path, port: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(KIMI_ROTATE), "doctor", "--port", str(port), "--confdir", str(confdir)],
+                          env=_clean_env({HOME_ENV: str(home)}), capture_output=True, text=True, timeout=60)
+
+
+def test_doctor_passes_on_a_good_setup(cli_proxy):
+    proxy, home, confdir = cli_proxy
+    r = _doctor(home, confdir, proxy.port)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("✓") == 5 and "All checks passed." in r.stdout
+
+
+def test_doctor_names_each_broken_part(cli_proxy, tmp_path: Path):
+    proxy, home, confdir = cli_proxy
+    # Safe permissions are part of the store check.
+    (home / "store.db").chmod(0o644)
+    r = _doctor(home, confdir, proxy.port)
+    assert r.returncode == 1 and "✗ store: permissions too open" in r.stdout and "chmod 600" in r.stdout
+    (home / "store.db").chmod(0o600)
+
+    empty = tmp_path / "empty-home"
+    r = _doctor(empty, confdir, proxy.port)
+    assert r.returncode == 1 and "✗ keys: no keys in the store" in r.stdout and "kimi-rotate add-key" in r.stdout
+
+    other_conf = tmp_path / "other-conf"
+    other_conf.mkdir()
+    r = _doctor(home, other_conf, proxy.port)
+    assert r.returncode == 1 and "✗ CA: no CA certificate" in r.stdout and "kimi-rotate ca" in r.stdout
+
+    # A CA that is not the one the proxy signs with: the handshake must not validate.
+    subprocess.run([str(KIMI_ROTATE), "ca", "--confdir", str(other_conf)], env=_clean_env(), check=True,
+                   capture_output=True, timeout=60)
+    r = _doctor(home, other_conf, proxy.port)
+    assert r.returncode == 1 and "✗ TLS:" in r.stdout and "not signed by" in r.stdout
+
+    r = _doctor(home, confdir, _free_port())
+    assert r.returncode == 1 and "✗ proxy: nothing usable" in r.stdout and "kimi-rotate proxy" in r.stdout
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed (scripts/test.sh installs the rest)")
+def test_node_openai_client_through_the_proxy(cli_proxy, fake_kimi_server):
+    """The openai npm package, as a VS Code extension calls Kimi, trusting the CA via NODE_EXTRA_CA_CERTS."""
+    node_dir = REPO / "tests" / "node"
+    if not (node_dir / "node_modules" / "openai").is_dir():
+        pytest.skip("tests/node has no node_modules: run scripts/test.sh (it runs npm install there)")
+    proxy, _home, confdir = cli_proxy
+    env = _clean_env({"NODE_EXTRA_CA_CERTS": str(confdir / "mitmproxy-ca-cert.pem")})
+    env.pop("SSL_CERT_FILE", None)
+    for mode, events in (("plain", 0), ("stream", 5)):
+        r = subprocess.run(["node", "chat.mjs", "https://api.kimi.com/coding/v1", proxy.url, mode], cwd=node_dir,
+                           env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        assert out["text"].startswith("ok one")
+        if events:
+            assert out["events"] >= events
+    assert all(seen.credential == KEY for seen in fake_kimi_server.requests)
