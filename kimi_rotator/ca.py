@@ -50,6 +50,7 @@ def env_lines(proxy_url: str, ca: CAInfo, platform: str = sys.platform) -> list[
         "NODE_EXTRA_CA_CERTS": str(ca.cert),
         "SSL_CERT_FILE": str(ca.bundle),
         "REQUESTS_CA_BUNDLE": str(ca.bundle),
+        "CURL_CA_BUNDLE": str(ca.bundle),
     }
     if platform.startswith("win"):
         return [f'$env:{k} = "{v}"' for k, v in values.items()]

@@ -31,12 +31,15 @@ def proxy(
     allow_remote: Annotated[
         bool, typer.Option("--allow-remote", help="Listen beyond this machine without a token or proxy auth.")
     ] = False,
+    confdir: ConfdirOption = None,
 ) -> None:
     """Start the rotating proxy and print the lines to paste into your agent's shell."""
     from .proxy import ProxyConfig, ProxyError, run  # mitmproxy loads only for this command
 
+    sets = [f"confdir={confdir}"] if confdir else []
+    sets += set_ or []
     try:
-        run(ProxyConfig(host=host, port=port, web=web, sets=set_ or [], allow_remote=allow_remote))
+        run(ProxyConfig(host=host, port=port, web=web, sets=sets, allow_remote=allow_remote))
     except ProxyError as e:
         raise SetupError(str(e)) from None
 

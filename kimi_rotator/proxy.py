@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mitmproxy import exceptions, master, options
+from mitmproxy import exceptions, hooks, master, options
 from mitmproxy.addons import (
     block,
     core,
@@ -134,6 +134,8 @@ def build_master(config: ProxyConfig, loop: asyncio.AbstractEventLoop) -> master
         m.options.set(*config.sets)
     except exceptions.OptionsError as e:
         raise ProxyError(f"bad --set option: {e}; see `mitmdump --options` for names") from None
+    # As mitmdump does after parsing its options: every addon sees every option once.
+    m.addons.trigger(hooks.ConfigureHook(set(m.options.keys())))
     check_exposure(config, m.options)
     ca = ensure_ca(_confdir(m.options))
     m.addons.add(Banner(rotate, ca))
