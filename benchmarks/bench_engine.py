@@ -1,6 +1,6 @@
 """Benchmarks for the two cores: engine.select among 1,000 keys, and the store's write rate.
 
-Run: python benchmarks/bench_engine.py   (about 30 s; prints two small tables)
+Run: python benchmarks/bench_engine.py   (about 25 s on a quiet machine; prints two small tables)
 
 Selection is timed with timeit on a ready Roster (what the addon holds in memory), for each strategy:
   common          the current key is healthy and eligible (the usual request)
@@ -86,7 +86,8 @@ from pathlib import Path
 from kimi_rotator.models import Outcome, OutcomeKind
 from kimi_rotator.store import Attempt, Store
 
-home, wid, count, batch, ids = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
+home, wid, count, batch = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+ids = json.loads(sys.argv[5])
 KINDS = [OutcomeKind.SUCCESS, OutcomeKind.SUCCESS, OutcomeKind.SUCCESS, OutcomeKind.RATE_LIMITED]
 store = Store(home)
 print("ready", flush=True)
@@ -134,7 +135,8 @@ def bench_store(writers: int, per_writer: int, batch: int, pool_size: int) -> tu
         results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
         wall = time.perf_counter() - started
         with contextlib.closing(Store(home)) as check:
-            assert sum(k.total_requests for k in check.keys()) == writers * per_writer, "lost updates"
+            stored = check.keys()
+            assert sum(k.total_requests for k in stored) == writers * per_writer, "lost updates"
     waits = sorted(w for r in results for w in r["waits"])
     p99 = statistics.quantiles(waits, n=100, method="inclusive")[98]
     return writers * per_writer / wall, statistics.median(waits) * 1e3, p99 * 1e3, waits[-1] * 1e3
@@ -145,13 +147,21 @@ def main() -> None:
     bench_select()
     print()
     print("Store.record write rate (separate writer processes, one SQLite file in WAL mode)")
-    print(f"{'writers':>7} {'batch':>5} {'keys':>5} {'outcomes':>9} {'outcomes/s':>11} {'txn p50 ms':>11} "
-          f"{'txn p99 ms':>11} {'txn max ms':>11}")
-    for writers, per_writer, batch, keys in [(1, 10_000, 25, 10), (4, 2_500, 25, 10), (4, 2_500, 25, 1000),
-                                              (4, 500, 1, 10)]:
+    print(
+        f"{'writers':>7} {'batch':>5} {'keys':>5} {'outcomes':>9} {'outcomes/s':>11} {'txn p50 ms':>11} "
+        f"{'txn p99 ms':>11} {'txn max ms':>11}"
+    )
+    for writers, per_writer, batch, keys in [
+        (1, 10_000, 25, 10),
+        (4, 2_500, 25, 10),
+        (4, 1_000, 25, 1000),
+        (4, 500, 1, 10),
+    ]:
         rate, p50, p99, worst = bench_store(writers, per_writer, batch, keys)
-        print(f"{writers:>7} {batch:>5} {keys:>5} {writers * per_writer:>9,} {rate:>11,.0f} {p50:>11.2f} "
-              f"{p99:>11.2f} {worst:>11.2f}")
+        print(
+            f"{writers:>7} {batch:>5} {keys:>5} {writers * per_writer:>9,} {rate:>11,.0f} {p50:>11.2f} "
+            f"{p99:>11.2f} {worst:>11.2f}"
+        )
     print(f"\n(total {time.perf_counter() - t0:.1f} s)")
 
 

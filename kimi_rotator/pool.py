@@ -36,6 +36,7 @@ class LivePool:
     roster: engine.Roster = field(init=False)
     settings: PoolSettings = field(init=False)
     _rev: int = field(default=-1, init=False)
+    _version: int = field(default=-1, init=False)  # data_version when the installed snapshot was read
     _unflushed: list[_Pending] = field(default_factory=list, init=False)
     _seq: int = field(default=0, init=False)
     _wake: threading.Event = field(default_factory=threading.Event, init=False)
@@ -44,11 +45,13 @@ class LivePool:
     _loop: asyncio.AbstractEventLoop | None = field(default=None, init=False)
     _queue_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _queue: list[_Pending] = field(default_factory=list, init=False)
-    _active_to_save: int | None = field(default=None, init=False)
+    _active_to_save: tuple[int, int] | None = field(default=None, init=False)  # (key id, rev it was chosen under)
     _seq_written: int = field(default=0, init=False)
     on_error: Callable[[StoreError], None] | None = None
 
     def __post_init__(self) -> None:
+        # Read the version first: a commit between the two reads is then seen again, never missed.
+        self._version = self.store.data_version()
         self._install(self.store.snapshot())
 
     # -- used on the event loop ----------------------------------------------------------------
@@ -62,7 +65,7 @@ class LivePool:
             if settings is not self.settings:
                 self.settings = settings
                 with self._queue_lock:
-                    self._active_to_save = result.key.id
+                    self._active_to_save = (result.key.id, self._rev)
         return result
 
     def record(self, key_id: int, outcome: Outcome, now: float) -> list[KeyRecord]:
@@ -102,7 +105,7 @@ class LivePool:
     # -- the background thread -----------------------------------------------------------------
 
     def _run(self) -> None:
-        last_version = self.store.data_version()
+        last_version = self._version  # not now: a commit since the snapshot would never be installed
         while True:
             self._wake.wait(POLL_SECONDS)
             self._wake.clear()
@@ -130,7 +133,8 @@ class LivePool:
         if not batch and active is None:
             return self._seq_written
         try:
-            self.store.record([p.attempt for p in batch], active)
+            key_id, rev = active if active is not None else (None, None)
+            self.store.record([p.attempt for p in batch], key_id, rev)
         except StoreError as e:
             with self._queue_lock:  # keep them for the next try
                 self._queue[:0] = batch
@@ -164,5 +168,7 @@ class LivePool:
         if settings_changed:
             self.settings = snapshot.settings
             self._rev = snapshot.rev
+            with self._queue_lock:  # a command moved the current key: our older choice must not undo it
+                self._active_to_save = None
         elif self.settings.active_key_id is not None and roster.get(self.settings.active_key_id) is None:
             self.settings = self.settings.model_copy(update={"active_key_id": None})

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +29,7 @@ from .models import KeyRecord, Outcome, OutcomeKind, PoolSettings, Surface
 HOME_ENV = "KIMI_ROTATE_HOME"
 STORE_FILE = "store.db"
 SCHEMA_VERSION = 1
+BUSY_TIMEOUT = 10.0  # seconds a transaction waits for other writers before giving up
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 # MIGRATIONS[i] takes a store from schema version i to i + 1.
@@ -136,7 +139,7 @@ class Store:
         if not fresh:
             self._check_header()
         try:
-            db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as e:
             raise self._unreadable(e) from None
         try:
@@ -218,20 +221,43 @@ class Store:
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as e:
-                raise StoreError(f"the store {self.path} is busy or read-only ({e}); try again") from None
+            self._begin_immediate()
             try:
                 yield self._db
+            except sqlite3.Error as e:  # e.g. a full disk while writing pages: callers handle StoreError only
+                self._rollback()
+                raise StoreError(f"could not save to {self.path} ({e}); nothing was changed") from None
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
             try:
                 self._db.execute("COMMIT")
             except sqlite3.Error as e:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise StoreError(f"could not save to {self.path} ({e}); nothing was changed") from None
+
+    def _rollback(self) -> None:
+        """Roll back, unless SQLite already has: it does so by itself on a full disk or an I/O error, and a
+        second ROLLBACK would raise instead of reporting the real problem."""
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
+    def _begin_immediate(self) -> None:
+        """Take the write lock, retrying about every millisecond. SQLite's own busy handler sleeps up to
+        100 ms between tries, so a waiting writer (often the CLI) could starve for seconds behind busy proxies."""
+        deadline = time.monotonic() + BUSY_TIMEOUT
+        self._db.execute("PRAGMA busy_timeout = 0")
+        try:
+            while True:
+                try:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as e:
+                    if e.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                        raise StoreError(f"the store {self.path} is busy or read-only ({e}); try again") from None
+                time.sleep(random.uniform(0.0002, 0.001))
+        finally:
+            self._db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -386,13 +412,18 @@ class Store:
 
     # -- what the proxy reports ----------------------------------------------------------------
 
-    def record(self, attempts: Sequence[Attempt], active_key_id: int | None = None) -> None:
-        """Apply attempts' outcomes (and the proxy's current key) in one transaction."""
+    def record(self, attempts: Sequence[Attempt], active_key_id: int | None = None, rev: int | None = None) -> None:
+        """Apply attempts' outcomes (and the proxy's current key) in one transaction.
+
+        `rev` is the Snapshot.rev the caller chose its current key under: if a command (use-key, rotate,
+        set-strategy) has moved the current key since, the caller's choice is stale and is not saved."""
         if not attempts and active_key_id is None:
             return
         with self._write() as db:
             settings = _load_settings(db)
-            roster = engine.Roster(_load_keys(db))
+            ids = {a.key_id for a in attempts} | ({active_key_id} if active_key_id is not None else set())
+            hints = {a.outcome.account_hint for a in attempts if a.outcome.account_hint}
+            roster = engine.Roster(_load_involved(db, ids, hints))
             changed: dict[int, KeyRecord] = {}
             for a in attempts:
                 updates = engine.apply_outcome(roster, a.key_id, a.outcome, a.at, settings.auto_refresh_health)
@@ -407,7 +438,9 @@ class Store:
                         (a.key_id, utc_day(a.at), ok),
                     )
             _save_keys(db, changed.values())
-            if active_key_id is not None and active_key_id != settings.active_key_id and roster.get(active_key_id):
+            stale = rev is not None and rev != _load_rev(db)
+            changes = active_key_id != settings.active_key_id or settings.serve_active_next
+            if active_key_id is not None and changes and not stale and roster.get(active_key_id):
                 update = {"active_key_id": active_key_id, "serve_active_next": False}
                 _save_settings(db, settings.model_copy(update=update), bump=False)
 
@@ -423,6 +456,19 @@ def _row_to_key(row: Sequence[object]) -> KeyRecord:
 
 def _load_keys(db: sqlite3.Connection) -> list[KeyRecord]:
     return [_row_to_key(r) for r in db.execute(_SELECT_KEYS + " ORDER BY id")]
+
+
+def _load_involved(db: sqlite3.Connection, ids: set[int], accounts: set[str]) -> list[KeyRecord]:
+    """The keys an outcome batch can change: the keys themselves and every key of their accounts.
+    Loading only these keeps a proxy's write short however large the pool."""
+    marks = ",".join("?" * len(ids)) or "NULL"
+    account_marks = ",".join("?" * len(accounts)) or "NULL"
+    rows = db.execute(
+        f"{_SELECT_KEYS} WHERE id IN ({marks}) OR account IN ({account_marks}) OR account IN "
+        f"(SELECT account FROM keys WHERE id IN ({marks}) AND account IS NOT NULL) ORDER BY id",
+        (*ids, *accounts, *ids),
+    )
+    return [_row_to_key(r) for r in rows]
 
 
 def _one_key(db: sqlite3.Connection, key_id: int) -> KeyRecord:

@@ -183,7 +183,9 @@ def test_v10_health_based_freshness_bonus() -> None:
         (0, 90.0, 90.0, 1),  # tie -> lowest index
     ],
 )
-def test_reference_health_based_scoring_examples(k1_idle_h: float, k1_health: float, k2_health: float, expected: int) -> None:
+def test_reference_health_based_scoring_examples(
+    k1_idle_h: float, k1_health: float, k2_health: float, expected: int
+) -> None:
     # §4.4's worked examples (k0 limited).
     roster = pool(
         k0={"cooldown_until": NOW + 60},
@@ -273,9 +275,7 @@ def test_v2_round_robin_use_key_serves_that_key_next() -> None:
 
 
 def test_v4_all_limited_reports_the_first_free_time_and_changes_nothing() -> None:
-    roster = pool(
-        k0={"cooldown_until": NOW + 90}, k1={"cooldown_until": NOW + 30}, k2={"cooldown_until": NOW + 60}
-    )
+    roster = pool(k0={"cooldown_until": NOW + 90}, k1={"cooldown_until": NOW + 30}, k2={"cooldown_until": NOW + 60})
     before = list(roster.keys)
     for _ in range(2):
         result = engine.select(roster, conf(RR), NOW)
@@ -407,7 +407,12 @@ def test_account_scope_covers_exactly_the_surface_and_account_group() -> None:
     assert sorted(k.id for k in changed) == [kid(0), kid(1), kid(5)]
     after = roster.with_updates(changed)
     assert [k.state_at(NOW) for k in after.keys] == [
-        KeyState.COOLING, KeyState.COOLING, KeyState.ACTIVE, KeyState.ACTIVE, KeyState.ACTIVE, KeyState.COOLING,
+        KeyState.COOLING,
+        KeyState.COOLING,
+        KeyState.ACTIVE,
+        KeyState.ACTIVE,
+        KeyState.ACTIVE,
+        KeyState.COOLING,
     ]
     assert after.keys[5].cooldown_until == NOW + 9999  # never shortened
     # Only the key that served the attempt is counted and penalised.
@@ -434,7 +439,10 @@ def test_account_scope_ban_disables_every_key_of_the_account() -> None:
     outcome = Outcome(kind=OutcomeKind.ACCESS_DENIED, scope=Scope.ACCOUNT, reason="access terminated")
     after = roster.with_updates(engine.apply_outcome(roster, kid(0), outcome, NOW))
     assert [k.disabled_reason for k in after.keys] == [
-        "access terminated", "access terminated", None, "disabled by hand",  # the first reason stays
+        "access terminated",
+        "access terminated",
+        None,
+        "disabled by hand",  # the first reason stays
     ]
 
 
@@ -730,7 +738,9 @@ def test_property_health_stays_within_bounds(
 
 @SEQUENCES
 @given(keys=key_lists(min_size=1), steps=steps)
-def test_property_cooldown_never_decreases(keys: list[KeyRecord], steps: list[tuple[int, Outcome, float, bool]]) -> None:
+def test_property_cooldown_never_decreases(
+    keys: list[KeyRecord], steps: list[tuple[int, Outcome, float, bool]]
+) -> None:
     roster, now = Roster(keys), NOW
     for which, outcome, dt, refresh in steps:
         now += dt
