@@ -75,6 +75,7 @@ class KimiRotate:
         self.relay: Relay | None = None
         self.inflight: dict[str, InFlight] = {}
         self._warned: set[Surface] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # set once running: pools opened later start at once
 
     # -- options -------------------------------------------------------------------------------
 
@@ -108,23 +109,31 @@ class KimiRotate:
         upstream_opts = {"ssl_insecure", "ssl_verify_upstream_trusted_ca", "ssl_verify_upstream_trusted_confdir",
                          "mode", "kimi_resolve", "kimi_upstream_timeout"}
         if self.pool is not None and (self.failover is None or updated & upstream_opts or
-                                      updated & {"kimi_max_attempts", "kimi_max_wait"}):
+                                      updated & {"kimi_max_attempts", "kimi_max_wait", "kimi_home"}):
             self._build_failover()
 
     def _open_store(self, home: Path) -> None:
         self._close_pool()
         try:
             self.store = Store(home)
-            self.pool = LivePool(self.store, on_error=self._store_failed)
+            self.pool = LivePool(self.store, on_error=self._store_failed, on_recover=self._store_recovered)
+            if self._loop is not None:  # kimi_home changed while running: `running` will not come again
+                self.pool.start(self._loop)
             self.store_error = None
             log.info("kimi-rotate: %d key(s) in %s", len(self.pool.roster), self.store.path)
         except StoreError as e:
             self.store, self.pool = None, None
             self.store_error = str(e)
-            log.error("kimi-rotate: %s", e)
+            # A warning, not an error: mitmproxy's errorcheck exits on any error logged at startup, and the proxy
+            # must keep running, answering Kimi requests with a 503 that says this and passing other traffic.
+            log.warning("kimi-rotate: %s", e)
 
     def _store_failed(self, error: StoreError) -> None:
         self.store_error = str(error)
+
+    def _store_recovered(self) -> None:
+        if self.pool is not None:  # writes work again (space was freed): serve again
+            self.store_error = None
 
     def _build_failover(self) -> None:
         assert self.pool is not None
@@ -143,7 +152,7 @@ class KimiRotate:
             _spawn(old.upstream.aclose())
 
     def running(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         if self.pool is not None:
             self.pool.start(loop)
         if self.failover is not None and self.relay is None:
@@ -233,9 +242,10 @@ class KimiRotate:
         if self.relay is not None and self.relay.port and _STREAM_FLAG.search(job.body):
             self._via_relay(flow, job)
             return
-        if not flow.server_conn.connected:
+        if not flow.server_conn.connected or getattr(ctx.options, "proxy_debug", False):
             # No live connection to Kimi (lazy strategy, or connecting failed): send it ourselves,
             # so that a failure to connect still reaches the client in the envelope it parses.
+            # With proxy_debug mitmproxy logs every byte it sends, so it must never send the key itself.
             await self._send_ourselves(flow, job)
             return
         key = await self.failover.next_key(job)
@@ -368,7 +378,16 @@ class KimiRotate:
         """Move to another eligible key; it serves the next request."""
         if self.store is None:
             return f"kimi-rotate: no store ({self.store_error})"
-        result = self.store.rotate(time.time())
+        # Through a connection of its own, as the CLI does: SQLite reports to the pool only commits made by other
+        # connections, so a rotation written through the pool's connection would never reach this proxy.
+        try:
+            store = Store(self.store.home)
+            try:
+                result = store.rotate(time.time())
+            finally:
+                store.close()
+        except StoreError as e:
+            return f"kimi-rotate: {e}"
         if isinstance(result, engine.NoEligibleKey):
             return "kimi-rotate: no other key is eligible"
         return f"kimi-rotate: now using {describe(result.key)}"
@@ -386,8 +405,9 @@ async def _to_mitmproxy(final: Final, path: str) -> http.Response:
         return error_response(final.status, final.message, path, final.retry_after)
     resp = final.response
     raw = final.body if final.body is not None else b"".join([c async for c in resp.aiter_raw()])
-    headers = http.Headers([(k.encode(), v.encode()) for k, v in resp.headers.multi_items()
-                            if k.lower() not in HOP_BY_HOP and k.lower() != "content-length"])
+    # Raw bytes: httpx decodes odd header values as latin-1, and re-encoding them as UTF-8 garbled them.
+    headers = http.Headers([(k, v) for k, v in resp.headers.raw
+                            if k.decode("latin-1").lower() not in HOP_BY_HOP and k.lower() != b"content-length"])
     headers["content-length"] = str(len(raw))
     if final.retry_after is not None:
         headers["retry-after"] = str(max(1, round(final.retry_after)))

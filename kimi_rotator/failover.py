@@ -90,12 +90,16 @@ class Upstream:
 
     def __init__(self, settings: UpstreamSettings) -> None:
         self.settings = settings
-        self._client: httpx.AsyncClient | None = None
+        # httpx pools connections by address, not by server name. With kimi_resolve several hosts may share one
+        # address, so each resolved host gets its own client: a connection opened (and its certificate verified)
+        # for one server name never carries another host's requests. "" is the client for unresolved hosts.
+        self._clients: dict[str, httpx.AsyncClient] = {}
 
-    def _get(self) -> httpx.AsyncClient:
-        if self._client is None:  # created lazily, inside the running loop
+    def _get(self, host: str = "") -> httpx.AsyncClient:
+        client = self._clients.get(host)
+        if client is None:  # created lazily, inside the running loop
             t = self.settings.timeout
-            self._client = httpx.AsyncClient(
+            client = self._clients[host] = httpx.AsyncClient(
                 verify=self.settings.verify,
                 proxy=self.settings.proxy,
                 # An HTTPS_PROXY inherited by the proxy may point at the proxy itself.
@@ -104,14 +108,16 @@ class Upstream:
                 limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
                 follow_redirects=False,
             )
-        return self._client
+        return client
 
     async def send(self, job: Job, key: KeyRecord) -> httpx.Response:
         headers = job.headers.copy()
         swap_credential(headers, key.secret.get_secret_value(), job.path)
-        pairs = [(k, v) for k, v in headers.items(multi=True) if k.lower() not in HOP_BY_HOP]
-        pairs = [(k, v) for k, v in pairs if k.lower() not in ("host", "content-length")]
-        pairs.append(("host", job.host))
+        # Bytes as the client sent them: a header value may be non-ASCII (a User-Agent, an X-Title), and httpx
+        # refuses such values as str, which broke the request.
+        drop = HOP_BY_HOP | {"host", "content-length"}
+        pairs = [(k, v) for k, v in headers.fields if k.decode("latin-1").lower() not in drop]
+        pairs.append((b"host", job.host.encode()))
         address = self.settings.resolve.get(job.host)
         extensions: dict[str, object] = {}
         if address is not None and self.settings.proxy is None:
@@ -119,15 +125,14 @@ class Upstream:
             extensions["sni_hostname"] = job.host
         else:
             url = f"https://{job.host}{job.path}"
-        request = self._get().build_request(
-            job.method, url, headers=pairs, content=job.body, extensions=extensions
-        )
-        return await self._get().send(request, stream=True)
+        client = self._get(job.host if extensions else "")
+        request = client.build_request(job.method, url, headers=pairs, content=job.body, extensions=extensions)
+        return await client.send(request, stream=True)
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()
 
 
 class Failover:
@@ -199,7 +204,7 @@ class Failover:
             message = "Kimi did not answer in time; kimi-rotate gave up waiting (kimi_upstream_timeout)"
             return Final(status=504, message=message), classify_connection_error("timeout"), "timeout"
         except (httpx.HTTPError, OSError, ssl.SSLError) as e:
-            message = f"kimi-rotate could not reach Kimi ({type(e).__name__}); check the network or try again"
+            message = f"kimi-rotate could not reach Kimi ({_why(e)}); check the network or try again"
             return Final(status=502, message=message), classify_connection_error(type(e).__name__), "no response"
         now = self.clock()
         latency = (now - started) * 1000
@@ -234,6 +239,21 @@ class Failover:
         if isinstance(result, engine.Selection):  # keys remain, but this request used its attempts
             return Final(status=429, message="kimi-rotate: every attempt for this request was refused", retry_after=1)
         return no_key_answer(surface, result, now)
+
+
+def _why(error: BaseException) -> str:
+    """What went wrong, for the client: a refused connection and an untrusted certificate need different fixes.
+    Only the OS or TLS error at the bottom of httpx's chain is quoted; other errors could quote request data."""
+    root = error
+    for _ in range(8):
+        cause = root.__cause__ or root.__context__
+        if cause is None:
+            break
+        root = cause
+    text = " ".join(str(root).split())[:200]
+    if isinstance(root, OSError) and text:  # ssl.SSLError is an OSError
+        return f"{type(root).__name__}: {text}"
+    return type(error).__name__
 
 
 def no_key_answer(surface: Surface, result: engine.NoEligibleKey, now: float) -> Final:

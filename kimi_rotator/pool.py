@@ -48,6 +48,9 @@ class LivePool:
     _active_to_save: tuple[int, int] | None = field(default=None, init=False)  # (key id, rev it was chosen under)
     _seq_written: int = field(default=0, init=False)
     on_error: Callable[[StoreError], None] | None = None
+    on_recover: Callable[[], None] | None = None  # the store works again after on_error
+    _failing: bool = field(default=False, init=False)  # the last pass of the thread met a StoreError
+    _pass_failed: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         # Read the version first: a commit between the two reads is then seen again, never missed.
@@ -110,6 +113,7 @@ class LivePool:
             self._wake.wait(POLL_SECONDS)
             self._wake.clear()
             stopping = self._stop.is_set()
+            self._pass_failed = False
             flushed = self._flush()
             if stopping:
                 return
@@ -124,6 +128,11 @@ class LivePool:
                 self._report(e)
             except Exception:  # a broken loop or store must not kill the thread silently
                 log.exception("kimi-rotate: reading the store failed")
+            if self._failing and not self._pass_failed:  # a full disk was freed, a lock released...
+                self._failing = False
+                log.warning("kimi-rotate: the store %s works again", self.store.path)
+                if self.on_recover is not None and self._loop is not None:
+                    self._loop.call_soon_threadsafe(self.on_recover)
 
     def _flush(self) -> int:
         """Write queued outcomes; returns the last sequence number known to be in the store."""
@@ -147,7 +156,9 @@ class LivePool:
         return self._seq_written
 
     def _report(self, error: StoreError) -> None:
-        log.warning("kimi-rotate: %s", error)
+        if not self._failing:  # once per episode, not on every retry
+            log.warning("kimi-rotate: %s", error)
+        self._failing = self._pass_failed = True
         if self.on_error is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(self.on_error, error)
 

@@ -15,6 +15,7 @@ import logging
 import secrets
 
 import h11
+import httpx
 
 from .envelopes import error_body, local_headers
 from .failover import Failover, Final, Job
@@ -67,6 +68,9 @@ class Relay:
                 conn.start_next_cycle()
         except (ConnectionError, h11.ProtocolError, asyncio.IncompleteReadError):
             pass  # mitmproxy went away (the client hung up); nothing to answer
+        except httpx.HTTPError as e:
+            # Kimi cut the stream after it began: closing our side passes the cut on, so the client's stream ends.
+            log.info("kimi-rotate: the upstream stream broke off (%s)", type(e).__name__)
         finally:
             writer.close()
             with contextlib.suppress(Exception):
@@ -79,13 +83,14 @@ class Relay:
                 await _send_local(conn, writer, final.status, final.message, job.path, final.retry_after)
                 return
             resp = final.response
-            headers = [(k, v) for k, v in resp.headers.multi_items() if k.lower() not in HOP_BY_HOP]
+            # Raw bytes: h11 refuses non-ASCII header values given as str (httpx decodes them as latin-1).
+            headers = [(k, v) for k, v in resp.headers.raw if k.decode("latin-1").lower() not in HOP_BY_HOP]
             if final.retry_after is not None:
-                headers = [(k, v) for k, v in headers if k.lower() != "retry-after"]
-                headers.append(("retry-after", str(max(1, round(final.retry_after)))))
+                headers = [(k, v) for k, v in headers if k.lower() != b"retry-after"]
+                headers.append((b"retry-after", str(max(1, round(final.retry_after))).encode()))
             if final.body is not None:
-                headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
-                headers.append(("content-length", str(len(final.body))))
+                headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+                headers.append((b"content-length", str(len(final.body)).encode()))
             _write(conn, writer, h11.Response(status_code=resp.status_code, headers=headers))
             if final.body is not None:
                 _write(conn, writer, h11.Data(data=final.body))

@@ -116,7 +116,8 @@ def client_credential(headers: http.Headers) -> str | None:
 def credential_matches(headers: http.Headers, token: str) -> bool:
     """Constant-time comparison with the client token, over every credential the client sent."""
     sent = [v for v in (client_credential(headers), headers.get("x-api-key")) if v is not None]
-    return any(hmac.compare_digest(v.encode(), token.encode()) for v in sent)
+    # mitmproxy hands bytes that are not UTF-8 over as surrogates: encode them back rather than raise.
+    return any(hmac.compare_digest(v.encode("utf-8", "surrogateescape"), token.encode()) for v in sent)
 
 
 def swap_credential(headers: http.Headers, secret: str, path: str) -> None:
