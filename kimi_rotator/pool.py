@@ -21,6 +21,7 @@ from .store import Attempt, Snapshot, Store, StoreError
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2  # how soon CLI edits and other proxies' outcomes are seen
+FLUSH_BATCH = 256  # outcomes that make the writer go before its next poll
 MAX_PENDING = 100_000  # outcomes kept while the store cannot be written (then the oldest are dropped)
 
 
@@ -80,9 +81,13 @@ class LivePool:
         self._unflushed.append(pending)
         with self._queue_lock:
             self._queue.append(pending)
-            if len(self._queue) > MAX_PENDING:
+            backlog = len(self._queue)
+            if backlog > MAX_PENDING:
                 del self._queue[0]
-        self._wake.set()
+        # Writes go out in batches every POLL_SECONDS: one transaction per request would cost the
+        # proxy a core's worth of GIL time under load. A large backlog is written at once.
+        if backlog >= FLUSH_BATCH:
+            self._wake.set()
         return updates
 
     def count(self, surface: Surface) -> int:
