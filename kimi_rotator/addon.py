@@ -366,7 +366,7 @@ class KimiRotate:
         now = time.time()
         lines = [f"strategy: {self.pool.settings.strategy.value}"]
         for i, k in enumerate(self.pool.roster.keys):
-            current = "●" if k.id == self.pool.settings.active_key_id else "○"
+            current = "●" if self.pool.settings.is_current(k) else "○"
             state = k.state_at(now).value
             why = k.disabled_reason or (k.cooldown_reason if state == "cooling" else "") or ""
             lines.append(f"{current} [{i}] {describe(k)} {k.surface.value} health "

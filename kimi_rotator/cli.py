@@ -291,7 +291,7 @@ def key_json(index: int, k: KeyRecord, settings: PoolSettings, now: float) -> di
         "fingerprint": k.fingerprint,
         "surface": k.surface.value,
         "account": k.account,
-        "current": k.id == settings.active_key_id,
+        "current": settings.is_current(k),
         "health": _pct(engine.health_at(k, now, settings.auto_refresh_health)),
         "state": state.value,
         "reason": reason,
@@ -331,7 +331,7 @@ def list_keys(
         else:
             status = "✓ Active"
         where = k.surface.value + (f", account: {k.account}" if k.account else "")
-        marker = "●" if k.id == snap.settings.active_key_id else "○"
+        marker = "●" if snap.settings.is_current(k) else "○"
         typer.echo(f"{marker} [{i}] {k.name}")
         typer.echo(f"   Key: {mask(k.secret.get_secret_value())}  (fingerprint {k.fingerprint})")
         typer.echo(f"   Surface: {where}")

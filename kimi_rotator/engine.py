@@ -131,7 +131,9 @@ def select(
     `exclude` holds keys this request already tried (a request never goes twice to one key);
     `forced` is `rotate`: the current key is left out under every strategy.
     """
-    current = roster.get(settings.active_key_id)
+    current = roster.get(settings.current_id(surface))
+    if current is not None and surface is not None and current.surface is not surface:
+        current = None
     skip: Collection[int] = exclude
     if forced and current is not None:
         skip = {*exclude, current.id}
@@ -151,7 +153,7 @@ def select(
         return Selection(fallback, "sticky-rotation") if fallback else _nothing(roster, now, surface, exclude)
 
     if settings.strategy is Strategy.ROUND_ROBIN:
-        if current_ok and current is not None and settings.serve_active_next:
+        if current_ok and current is not None and settings.serve_active_next and current.id == settings.active_key_id:
             return Selection(current, "round-robin")
         n = len(roster)
         start = 0 if current is None else (roster.index_of(current.id) or 0) + 1
@@ -230,10 +232,18 @@ def _nothing(roster: Roster, now: float, surface: Surface | None, exclude: Colle
 
 
 def after_selection(settings: PoolSettings, selection: Selection) -> PoolSettings:
-    """The settings once `selection` has been served: it becomes the current key."""
-    if settings.active_key_id == selection.key.id and not settings.serve_active_next:
+    """The settings once `selection` has been served: it becomes the current key of its surface."""
+    key = selection.key
+    waiting_on = [s for s, i in settings.current_by_surface.items() if i == settings.active_key_id]
+    if settings.serve_active_next and settings.active_key_id != key.id and key.surface not in waiting_on and waiting_on:
+        # The key use-key/rotate picked waits for the next request of its own surface.
+        if settings.current_by_surface.get(key.surface) == key.id:
+            return settings
+        by_surface = {**settings.current_by_surface, key.surface: key.id}
+        return settings.model_copy(update={"current_by_surface": by_surface})
+    if settings.active_key_id == key.id and not settings.serve_active_next and settings.is_current(key):
         return settings
-    return settings.model_copy(update={"active_key_id": selection.key.id, "serve_active_next": False})
+    return settings.with_current(key)
 
 
 def apply_outcome(

@@ -111,14 +111,35 @@ class KeyRecord(BaseModel):
 
 
 class PoolSettings(BaseModel):
-    """Pool-wide settings. `serve_active_next` makes `use-key`/`rotate` serve that key next."""
+    """Pool-wide settings.
+
+    Each surface has its own current key (`current_by_surface`): a request for one platform must
+    not move another platform's key. `active_key_id` is the key chosen last, or the one `use-key` /
+    `rotate` picked; `serve_active_next` makes that key serve the next request of its surface.
+    """
 
     model_config = ConfigDict(frozen=True)
 
     strategy: Strategy = Strategy.HEALTH_BASED
     active_key_id: int | None = None
     serve_active_next: bool = False
+    current_by_surface: dict[Surface, int] = Field(default_factory=dict)
     # As in the reference tool: gates the manual `refresh-health`; here it also gates the
     # time-based recovery.
     auto_refresh_health: bool = True
     health_refresh_cooldown_minutes: int = 30
+
+    def current_id(self, surface: Surface | None) -> int | None:
+        if surface is None:
+            return self.active_key_id
+        return self.current_by_surface.get(surface, self.active_key_id)
+
+    def is_current(self, key: KeyRecord) -> bool:
+        return self.current_id(key.surface) == key.id
+
+    def with_current(self, key: KeyRecord, serve_next: bool = False) -> PoolSettings:
+        """These settings with `key` current for its surface (and, with serve_next, served next)."""
+        by_surface = {**self.current_by_surface, key.surface: key.id}
+        return self.model_copy(
+            update={"active_key_id": key.id, "serve_active_next": serve_next, "current_by_surface": by_surface}
+        )

@@ -345,8 +345,11 @@ class Store:
             key = _one_key(db, key_id)
             db.execute("DELETE FROM keys WHERE id = ?", (key_id,))
             settings = _load_settings(db)
-            if settings.active_key_id == key_id:
-                _save_settings(db, settings.model_copy(update={"active_key_id": None}), bump=True)
+            by_surface = {s: k for s, k in settings.current_by_surface.items() if k != key_id}
+            if settings.active_key_id == key_id or by_surface != settings.current_by_surface:
+                active = None if settings.active_key_id == key_id else settings.active_key_id
+                update = {"active_key_id": active, "current_by_surface": by_surface}
+                _save_settings(db, settings.model_copy(update=update), bump=True)
         return key
 
     def set_disabled(self, key_id: int, reason: str | None) -> KeyRecord:
@@ -385,8 +388,7 @@ class Store:
         """Make this key the current one; it serves the next request under every strategy."""
         with self._write() as db:
             key = _one_key(db, key_id)
-            update = {"active_key_id": key_id, "serve_active_next": True}
-            _save_settings(db, _load_settings(db).model_copy(update=update), bump=True)
+            _save_settings(db, _load_settings(db).with_current(key, serve_next=True), bump=True)
         return key
 
     def update_settings(self, **changes: object) -> PoolSettings:
@@ -404,10 +406,13 @@ class Store:
         """Move to another eligible key under any strategy; it serves the next request."""
         with self._write() as db:
             settings = _load_settings(db)
-            result = engine.select(engine.Roster(_load_keys(db)), settings, now, forced=True)
+            roster = engine.Roster(_load_keys(db))
+            # Rotation stays on the platform of the key in use: keys never serve another surface.
+            active = roster.get(settings.active_key_id)
+            surface = active.surface if active is not None else None
+            result = engine.select(roster, settings, now, surface=surface, forced=True)
             if isinstance(result, engine.Selection):
-                update = {"active_key_id": result.key.id, "serve_active_next": True}
-                _save_settings(db, settings.model_copy(update=update), bump=True)
+                _save_settings(db, settings.with_current(result.key, serve_next=True), bump=True)
         return result
 
     # -- what the proxy reports ----------------------------------------------------------------
@@ -439,10 +444,11 @@ class Store:
                     )
             _save_keys(db, changed.values())
             stale = rev is not None and rev != _load_rev(db)
-            changes = active_key_id != settings.active_key_id or settings.serve_active_next
-            if active_key_id is not None and changes and not stale and roster.get(active_key_id):
-                update = {"active_key_id": active_key_id, "serve_active_next": False}
-                _save_settings(db, settings.model_copy(update=update), bump=False)
+            chosen = roster.get(active_key_id)
+            if chosen is not None and not stale:
+                updated = engine.after_selection(settings, engine.Selection(chosen, "proxy"))
+                if updated != settings:
+                    _save_settings(db, updated, bump=False)
 
 
 # -- row helpers (run inside a transaction) ----------------------------------------------------

@@ -778,3 +778,38 @@ def test_property_round_robin_is_fair(data: st.DataObject, keys: list[KeyRecord]
         counts[result.key.id] += 1
         settings_ = engine.after_selection(settings_, result)
     assert set(counts.values()) == {k}
+
+
+# -- each surface keeps its own current key -------------------------------------------------------------------------
+
+
+def _serve(roster: Roster, settings_: PoolSettings, surface: Surface) -> tuple[int, PoolSettings]:
+    result = engine.select(roster, settings_, NOW, surface=surface)
+    assert isinstance(result, Selection)
+    return index(roster, result), engine.after_selection(settings_, result)
+
+
+@pytest.mark.parametrize("strategy", [HB, Strategy.STICKY])
+def test_a_request_for_one_surface_does_not_move_another_surfaces_key(strategy: Strategy) -> None:
+    """Alternating Kimi Code and Open Platform requests keep each platform on its own key."""
+    roster = Roster([make_key(0), make_key(1), make_key(2, surface=Surface.MOONSHOT_CN),
+                     make_key(3, surface=Surface.MOONSHOT_CN)])
+    settings_ = PoolSettings(strategy=strategy)
+    served = []
+    for surface in [Surface.KIMI_CODE, Surface.MOONSHOT_CN] * 3:
+        i, settings_ = _serve(roster, settings_, surface)
+        served.append(i)
+    assert served == [0, 2, 0, 2, 0, 2]
+    assert settings_.current_by_surface == {Surface.KIMI_CODE: kid(0), Surface.MOONSHOT_CN: kid(2)}
+
+
+def test_use_key_on_one_surface_waits_for_a_request_of_that_surface() -> None:
+    """use-key 1 (Kimi Code) under round-robin: an Open Platform request in between does not use up the turn."""
+    roster = Roster([make_key(0), make_key(1), make_key(2, surface=Surface.MOONSHOT_CN)])
+    settings_ = PoolSettings(strategy=Strategy.ROUND_ROBIN).with_current(roster.keys[1], serve_next=True)
+    i, settings_ = _serve(roster, settings_, Surface.MOONSHOT_CN)
+    assert i == 2 and settings_.serve_active_next
+    i, settings_ = _serve(roster, settings_, Surface.KIMI_CODE)
+    assert i == 1 and not settings_.serve_active_next
+    i, settings_ = _serve(roster, settings_, Surface.KIMI_CODE)
+    assert i == 0
