@@ -80,6 +80,9 @@ class KimiRotate:
     # -- options -------------------------------------------------------------------------------
 
     def load(self, loader: object) -> None:
+        # mitmdump logs at debug level; the failover client's per-request lines would cost more than the request.
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         add = loader.add_option  # type: ignore[attr-defined]
         add("kimi_home", str, "", "Folder of the key store (default: $KIMI_ROTATE_HOME or the user data folder).")
         add("kimi_hosts", Sequence[str], [], "Extra host=surface pairs to serve (repeat the option).")

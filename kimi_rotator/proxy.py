@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import logging
 import signal
 import sys
 from collections.abc import Sequence
@@ -159,7 +158,6 @@ def run(config: ProxyConfig) -> int:
                 signal.signal(sig, lambda *_: loop.call_soon_threadsafe(m.shutdown))
         await m.run()
 
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         asyncio.run(main())
     except ProxyError:

@@ -68,6 +68,8 @@ class Relay:
                 conn.start_next_cycle()
         except (ConnectionError, h11.ProtocolError, asyncio.IncompleteReadError):
             pass  # mitmproxy went away (the client hung up); nothing to answer
+        except asyncio.CancelledError:
+            pass  # the proxy is shutting down with this connection open
         except httpx.HTTPError as e:
             # Kimi cut the stream after it began: closing our side passes the cut on, so the client's stream ends.
             log.info("kimi-rotate: the upstream stream broke off (%s)", type(e).__name__)
