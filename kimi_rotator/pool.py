@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 
 from . import engine
 from .models import KeyRecord, Outcome, PoolSettings, Surface
-from .store import Attempt, Snapshot, Store, StoreError
+from .store import BUSY_TIMEOUT, Attempt, Snapshot, Store, StoreBusy, StoreError
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2  # how soon CLI edits and other proxies' outcomes are seen
+FLUSH_WAIT = 0.05  # seconds the writer waits for the store's write lock before trying again next pass
 FLUSH_BATCH = 256  # outcomes that make the writer go before its next poll
 MAX_PENDING = 100_000  # outcomes kept while the store cannot be written (then the oldest are dropped)
 
@@ -119,13 +120,13 @@ class LivePool:
             self._wake.clear()
             stopping = self._stop.is_set()
             self._pass_failed = False
-            flushed = self._flush()
-            if stopping:
-                return
+            # Read first: SQLite readers never wait for writers, so other processes' changes (a key
+            # disabled with the CLI) are seen on time even while the write lock is hard to get.
             try:
                 version = self.store.data_version()
                 if version != last_version:
                     last_version = version
+                    flushed = self._seq_written
                     snapshot = self.store.snapshot()
                     if self._loop is not None:
                         self._loop.call_soon_threadsafe(self._install, snapshot, flushed)
@@ -133,13 +134,17 @@ class LivePool:
                 self._report(e)
             except Exception:  # a broken loop or store must not kill the thread silently
                 log.exception("kimi-rotate: reading the store failed")
+            # A busy store is no failure: the batch waits for the next pass (but not at shutdown).
+            self._flush(wait=BUSY_TIMEOUT if stopping else FLUSH_WAIT)
+            if stopping:
+                return
             if self._failing and not self._pass_failed:  # a full disk was freed, a lock released...
                 self._failing = False
                 log.warning("kimi-rotate: the store %s works again", self.store.path)
                 if self.on_recover is not None and self._loop is not None:
                     self._loop.call_soon_threadsafe(self.on_recover)
 
-    def _flush(self) -> int:
+    def _flush(self, wait: float = BUSY_TIMEOUT) -> int:
         """Write queued outcomes; returns the last sequence number known to be in the store."""
         with self._queue_lock:
             batch, self._queue = self._queue, []
@@ -148,7 +153,13 @@ class LivePool:
             return self._seq_written
         try:
             key_id, rev = active if active is not None else (None, None)
-            self.store.record([p.attempt for p in batch], key_id, rev)
+            self.store.record([p.attempt for p in batch], key_id, rev, wait=wait)
+        except StoreBusy:
+            with self._queue_lock:
+                self._queue[:0] = batch
+                if self._active_to_save is None:
+                    self._active_to_save = active
+            return self._seq_written
         except StoreError as e:
             with self._queue_lock:  # keep them for the next try
                 self._queue[:0] = batch

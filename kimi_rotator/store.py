@@ -75,6 +75,10 @@ class StoreError(Exception):
     """A problem with the store that the user can act on; the message says what to do."""
 
 
+class StoreBusy(StoreError):
+    """Other writers held the store longer than the caller was willing to wait; nothing was changed."""
+
+
 class KeyNotFound(StoreError):
     pass
 
@@ -219,9 +223,9 @@ class Store:
                 self._db.execute("COMMIT")
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, wait: float = BUSY_TIMEOUT) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._begin_immediate()
+            self._begin_immediate(wait)
             try:
                 yield self._db
             except sqlite3.Error as e:  # e.g. a full disk while writing pages: callers handle StoreError only
@@ -242,10 +246,11 @@ class Store:
         if self._db.in_transaction:
             self._db.execute("ROLLBACK")
 
-    def _begin_immediate(self) -> None:
-        """Take the write lock, retrying about every millisecond. SQLite's own busy handler sleeps up to
-        100 ms between tries, so a waiting writer (often the CLI) could starve for seconds behind busy proxies."""
-        deadline = time.monotonic() + BUSY_TIMEOUT
+    def _begin_immediate(self, wait: float) -> None:
+        """Take the write lock, retrying about every millisecond for up to `wait` seconds. SQLite's own busy
+        handler sleeps up to 100 ms between tries, so a waiting writer (often the CLI) could starve for seconds
+        behind busy proxies."""
+        deadline = time.monotonic() + wait
         self._db.execute("PRAGMA busy_timeout = 0")
         try:
             while True:
@@ -253,8 +258,11 @@ class Store:
                     self._db.execute("BEGIN IMMEDIATE")
                     return
                 except sqlite3.OperationalError as e:
-                    if e.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
-                        raise StoreError(f"the store {self.path} is busy or read-only ({e}); try again") from None
+                    if e.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                        raise StoreError(f"cannot write the store {self.path} ({e}); is it read-only?") from None
+                    if time.monotonic() >= deadline:
+                        raise StoreBusy(f"the store {self.path} is busy (other kimi-rotate processes are writing); "
+                                        "try again") from None
                 time.sleep(random.uniform(0.0002, 0.001))
         finally:
             self._db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
@@ -417,14 +425,20 @@ class Store:
 
     # -- what the proxy reports ----------------------------------------------------------------
 
-    def record(self, attempts: Sequence[Attempt], active_key_id: int | None = None, rev: int | None = None) -> None:
+    def record(
+        self,
+        attempts: Sequence[Attempt],
+        active_key_id: int | None = None,
+        rev: int | None = None,
+        wait: float = BUSY_TIMEOUT,
+    ) -> None:
         """Apply attempts' outcomes (and the proxy's current key) in one transaction.
 
         `rev` is the Snapshot.rev the caller chose its current key under: if a command (use-key, rotate,
         set-strategy) has moved the current key since, the caller's choice is stale and is not saved."""
         if not attempts and active_key_id is None:
             return
-        with self._write() as db:
+        with self._write(wait) as db:
             settings = _load_settings(db)
             ids = {a.key_id for a in attempts} | ({active_key_id} if active_key_id is not None else set())
             hints = {a.outcome.account_hint for a in attempts if a.outcome.account_hint}

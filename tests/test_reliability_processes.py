@@ -115,13 +115,17 @@ def traffic(proxy: ProxyProcess, stop: threading.Event, n: int, errors: list[str
 
 
 def cli_loop(home: Path, stop: threading.Event, log: list[tuple[str, str, float]], errors: list[str]) -> None:
-    """Edit keys with the real CLI while traffic runs; log (command, key name, monotonic time it returned)."""
+    """Edit keys with the real CLI while traffic runs; log (command, key name, monotonic time).
+
+    The time is when the command returned (its change is committed by then), except for `enable`: its change
+    may be committed, and the key rightly used again, before the process has even exited, so it logs the start."""
 
     def cli(*args: str, name: str, input: str | None = None) -> None:
+        started = time.monotonic()
         r = run_cli(home, *args, input=input)
         if r.returncode != 0:
             errors.append(f"kimi-rotate {args[0]} {name}: {r.stdout} {r.stderr}")
-        log.append((args[0], name, time.monotonic()))
+        log.append((args[0], name, started if args[0] == "enable" else time.monotonic()))
 
     time.sleep(1.0)
     cli("disable", VICTIM_DISABLE.name, name=VICTIM_DISABLE.name)
