@@ -133,8 +133,9 @@ def build_master(config: ProxyConfig, loop: asyncio.AbstractEventLoop) -> master
         m.options.set(*config.sets)
     except exceptions.OptionsError as e:
         raise ProxyError(f"bad --set option: {e}; see `mitmdump --options` for names") from None
-    # As mitmdump does after parsing its options: every addon sees every option once.
-    m.addons.trigger(hooks.ConfigureHook(set(m.options.keys())))
+    # As mitmdump's script loader does for a `-s` addon: ours sees every option once, not only those set here.
+    # (Only ours: on mitmproxy 12 with pyOpenSSL 26, tlsconfig fails when told every option changed.)
+    m.addons.invoke_addon_sync(rotate, hooks.ConfigureHook(set(m.options.keys())))
     check_exposure(config, m.options)
     ca = ensure_ca(_confdir(m.options))
     m.addons.add(Banner(rotate, ca))
