@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
@@ -49,6 +50,7 @@ class LivePool:
     _queue: list[_Pending] = field(default_factory=list, init=False)
     _active_to_save: tuple[int, int] | None = field(default=None, init=False)  # (key id, rev it was chosen under)
     _seq_written: int = field(default=0, init=False)
+    _counts: Counter[Surface] = field(default_factory=Counter, init=False)
     on_error: Callable[[StoreError], None] | None = None
     on_recover: Callable[[], None] | None = None  # the store works again after on_error
     _failing: bool = field(default=False, init=False)  # the last pass of the thread met a StoreError
@@ -92,7 +94,7 @@ class LivePool:
         return updates
 
     def count(self, surface: Surface) -> int:
-        return sum(1 for k in self.roster.keys if k.surface is surface)
+        return self._counts.get(surface, 0)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -192,6 +194,8 @@ class LivePool:
                 a = p.attempt
                 roster = roster.with_updates(engine.apply_outcome(roster, a.key_id, a.outcome, a.at, recover))
         self.roster = roster
+        # Keys change surface only through a new snapshot, so the per-request count is kept here.
+        self._counts = Counter(k.surface for k in roster.keys)
         if settings_changed:
             self.settings = snapshot.settings
             self._rev = snapshot.rev
