@@ -30,7 +30,6 @@ from .models import KeyRecord, Surface
 from .pool import LivePool
 from .relay import TOKEN_HEADER, Relay
 from .routing import (
-    HOP_BY_HOP,
     KIMI_PORT,
     credential_matches,
     flow_surface,
@@ -408,12 +407,7 @@ async def _to_mitmproxy(final: Final, path: str) -> http.Response:
         return error_response(final.status, final.message, path, final.retry_after)
     resp = final.response
     raw = final.body if final.body is not None else b"".join([c async for c in resp.aiter_raw()])
-    # Raw bytes: httpx decodes odd header values as latin-1, and re-encoding them as UTF-8 garbled them.
-    headers = http.Headers([(k, v) for k, v in resp.headers.raw
-                            if k.decode("latin-1").lower() not in HOP_BY_HOP and k.lower() != b"content-length"])
-    headers["content-length"] = str(len(raw))
-    if final.retry_after is not None:
-        headers["retry-after"] = str(max(1, round(final.retry_after)))
+    headers = http.Headers(final.headers_to_pass_on(len(raw)))
     now = time.time()
     return http.Response(b"HTTP/1.1", resp.status_code, resp.reason_phrase.encode(), headers, raw, None, now, now)
 

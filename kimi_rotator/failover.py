@@ -60,6 +60,25 @@ class Final:
         if self.response is not None and self.body is None:
             await self.response.aclose()
 
+    def headers_to_pass_on(self, body_length: int | None) -> list[tuple[bytes, bytes]]:
+        """The upstream answer's headers as the client gets them: no hop-by-hop headers, the pool's
+        Retry-After when it has one, and the length of a body that was read whole.
+
+        Raw bytes: httpx decodes odd header values as latin-1; re-encoding them would garble them.
+        """
+        assert self.response is not None
+        drop = set(HOP_BY_HOP)
+        if self.retry_after is not None:
+            drop.add("retry-after")
+        if body_length is not None:
+            drop.add("content-length")
+        headers = [(k, v) for k, v in self.response.headers.raw if k.decode("latin-1").lower() not in drop]
+        if self.retry_after is not None:
+            headers.append((b"retry-after", str(max(1, round(self.retry_after))).encode()))
+        if body_length is not None:
+            headers.append((b"content-length", str(body_length).encode()))
+        return headers
+
 
 @dataclass(frozen=True)
 class UpstreamSettings:

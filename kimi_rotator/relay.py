@@ -19,7 +19,6 @@ import httpx
 
 from .envelopes import error_body, local_headers
 from .failover import Failover, Final, Job
-from .routing import HOP_BY_HOP
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +84,7 @@ class Relay:
                 await _send_local(conn, writer, final.status, final.message, job.path, final.retry_after)
                 return
             resp = final.response
-            # Raw bytes: h11 refuses non-ASCII header values given as str (httpx decodes them as latin-1).
-            headers = [(k, v) for k, v in resp.headers.raw if k.decode("latin-1").lower() not in HOP_BY_HOP]
-            if final.retry_after is not None:
-                headers = [(k, v) for k, v in headers if k.lower() != b"retry-after"]
-                headers.append((b"retry-after", str(max(1, round(final.retry_after))).encode()))
-            if final.body is not None:
-                headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
-                headers.append((b"content-length", str(len(final.body)).encode()))
+            headers = final.headers_to_pass_on(None if final.body is None else len(final.body))
             _write(conn, writer, h11.Response(status_code=resp.status_code, headers=headers))
             if final.body is not None:
                 _write(conn, writer, h11.Data(data=final.body))
