@@ -1,10 +1,12 @@
 """The mitmproxy addon: thin glue between flows and the pool.
 
-Path of a request to a Kimi host:
-- not streaming: the key goes straight into the flow and mitmproxy sends it (the fast path);
-  a failure answer is classified in `response` and the request re-sent on other keys there;
-- streaming: the flow is pointed at the loopback relay, which picks keys, fails over and streams.
-TLS to every other host is left undecrypted unless kimi_intercept_all is set.
+Path of a request to a Kimi host (mitmproxy itself never connects to Kimi for it):
+- not streaming: the `request` hook runs the failover loop with the addon's own client and sets
+  the answer as the flow's response, so every failure, even a dropped connection, can still be
+  retried on another key or answered in the client's envelope;
+- streaming: the flow is pointed at the loopback relay, which runs the same loop and streams.
+The real key never enters the flow. TLS to every other host is left undecrypted unless
+kimi_intercept_all is set.
 """
 
 from __future__ import annotations
@@ -19,14 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import certifi
-from mitmproxy import command, ctx, exceptions, http, tls
+from mitmproxy import command, connection, ctx, exceptions, http, tls
 from mitmproxy.proxy import server_hooks
 
 from . import engine
-from .classify import classify, classify_connection_error, decode_body
 from .envelopes import error_response
-from .failover import Failover, Final, Job, Upstream, UpstreamSettings, describe, no_key_answer
-from .models import KeyRecord, Surface
+from .failover import Failover, Final, Job, describe
+from .models import Surface
 from .pool import LivePool
 from .relay import TOKEN_HEADER, Relay
 from .routing import (
@@ -40,9 +41,9 @@ from .routing import (
     parse_resolve,
     real_target,
     reverse_resolve,
-    swap_credential,
 )
 from .store import Store, StoreError, store_home
+from .upstream import UpstreamClient, UpstreamError, UpstreamSettings, UpstreamTimeout
 
 log = logging.getLogger("kimi_rotate")
 
@@ -51,14 +52,12 @@ MARK_FAILOVER = ":arrows_counterclockwise:"
 
 
 @dataclass
-class InFlight:
-    """What the addon remembers about a Kimi flow between its hooks (never stored in the flow)."""
+class RelayedFlow:
+    """What the addon remembers about a flow sent through the relay (never stored in the flow)."""
 
-    flow: http.HTTPFlow
     job: Job
-    key: KeyRecord | None  # the key of the direct attempt; None when the relay handles the flow
-    relay_token: str | None = None
-    original: tuple[str, str, int, str] | None = None  # scheme, host, port, Host header before the relay
+    token: str
+    original: tuple[str, str, int, str] | None  # scheme, host, port, Host header before the relay
 
 
 class KimiRotate:
@@ -72,16 +71,13 @@ class KimiRotate:
         self.pool: LivePool | None = None
         self.failover: Failover | None = None
         self.relay: Relay | None = None
-        self.inflight: dict[str, InFlight] = {}
+        self.relayed: dict[str, RelayedFlow] = {}
         self._warned: set[Surface] = set()
         self._loop: asyncio.AbstractEventLoop | None = None  # set once running: pools opened later start at once
 
     # -- options -------------------------------------------------------------------------------
 
     def load(self, loader: object) -> None:
-        # mitmdump logs at debug level; the failover client's per-request lines would cost more than the request.
-        for name in ("httpx", "httpcore"):
-            logging.getLogger(name).setLevel(logging.WARNING)
         add = loader.add_option  # type: ignore[attr-defined]
         add("kimi_home", str, "", "Folder of the key store (default: $KIMI_ROTATE_HOME or the user data folder).")
         add("kimi_hosts", Sequence[str], [], "Extra host=surface pairs to serve (repeat the option).")
@@ -89,7 +85,7 @@ class KimiRotate:
         add("kimi_client_token", str, "", "If set, only requests whose credential equals this token get a key.")
         add("kimi_max_attempts", int, 5, "Most keys one request is tried on (never more than the eligible keys).")
         add("kimi_max_wait", int, 3, "Seconds a request may wait for a cooling key before a local 429.")
-        add("kimi_upstream_timeout", int, 600, "Seconds to wait for Kimi on re-sent requests.")
+        add("kimi_upstream_timeout", int, 600, "Seconds to wait for Kimi to connect (at most 15) or send more.")
         add("kimi_intercept_all", bool, False, "Decrypt every TLS connection, not only the Kimi hosts.")
 
     def configure(self, updated: set[str]) -> None:
@@ -109,7 +105,7 @@ class KimiRotate:
         if "kimi_home" in updated or (self.store is None and self.store_error is None):
             self._open_store(Path(opts.kimi_home).expanduser() if opts.kimi_home else store_home())
         upstream_opts = {"ssl_insecure", "ssl_verify_upstream_trusted_ca", "ssl_verify_upstream_trusted_confdir",
-                         "mode", "kimi_resolve", "kimi_upstream_timeout"}
+                         "mode", "upstream_auth", "kimi_resolve", "kimi_upstream_timeout"}
         if self.pool is not None and (self.failover is None or updated & upstream_opts or
                                       updated & {"kimi_max_attempts", "kimi_max_wait", "kimi_home"}):
             self._build_failover()
@@ -143,11 +139,12 @@ class KimiRotate:
         settings = UpstreamSettings(
             verify=_upstream_tls(opts),
             proxy=_upstream_proxy(opts.mode),
+            proxy_auth=getattr(opts, "upstream_auth", None) or None,
             resolve=self.resolve,
             timeout=float(opts.kimi_upstream_timeout),
         )
         old = self.failover
-        self.failover = Failover(self.pool, Upstream(settings), opts.kimi_max_attempts, opts.kimi_max_wait)
+        self.failover = Failover(self.pool, UpstreamClient(settings), opts.kimi_max_attempts, opts.kimi_max_wait)
         if self.relay is not None:
             self.relay.failover = self.failover
         if old is not None:
@@ -162,10 +159,6 @@ class KimiRotate:
             _spawn(self.relay.start())
 
     def done(self) -> None:
-        # Flows still waiting for Kimi hold a real key; `save` writes them out after us.
-        for state in self.inflight.values():
-            if state.key is not None:
-                hide_credential(state.flow.request.headers, state.key.fingerprint)
         self._close_pool()
         if self.relay is not None:
             _spawn(self.relay.stop())
@@ -182,15 +175,16 @@ class KimiRotate:
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         """Decrypt only connections whose target and server name are a Kimi host on 443."""
-        if ctx.options.kimi_intercept_all:
-            return
         address = data.context.server.address
         sni = data.client_hello.sni
-        if address is None or sni is None:
-            data.ignore_connection = True
-            return
-        host, port = real_target(address, self.resolved_back, sni)
-        if port != KIMI_PORT or host not in self.hosts or normalize_host(sni) != host:
+        if address is not None and sni is not None:
+            host, port = real_target(address, self.resolved_back, sni)
+            if port == KIMI_PORT and host in self.hosts and normalize_host(sni) == host:
+                # The addon's own client carries these requests: no connection of mitmproxy's is needed
+                # (eager strategy would open one now, idle beside ours); the certificate follows the SNI.
+                data.establish_server_tls_first = False
+                return
+        if not ctx.options.kimi_intercept_all:
             data.ignore_connection = True
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
@@ -235,33 +229,11 @@ class KimiRotate:
             self._warn_no_keys(surface)
             return
         host, _ = real_target((flow.request.host, flow.request.port), self.resolved_back, flow.client_conn.sni)
-        job = Job(surface=surface, host=host, method=flow.request.method,
-                  path=flow.request.path, headers=headers.copy(), body=flow.request.raw_content or b"")
-        if is_placeholder(headers):  # a replayed flow: the client's credential is gone, ask for the usual style
-            for name in ("authorization", "x-api-key"):
-                if name in job.headers:
-                    del job.headers[name]
+        job = Job(surface=surface, host=host, method=flow.request.method, path=flow.request.path,
+                  headers=tuple(headers.fields), body=flow.request.raw_content or b"")
         if self.relay is not None and self.relay.port and _STREAM_FLAG.search(job.body):
             self._via_relay(flow, job)
             return
-        if not flow.server_conn.connected or getattr(ctx.options, "proxy_debug", False):
-            # No live connection to Kimi (lazy strategy, or connecting failed): send it ourselves,
-            # so that a failure to connect still reaches the client in the envelope it parses.
-            # With proxy_debug mitmproxy logs every byte it sends, so it must never send the key itself.
-            await self._send_ourselves(flow, job)
-            return
-        key = await self.failover.next_key(job)
-        if isinstance(key, engine.NoEligibleKey):
-            answer = no_key_answer(surface, key, time.time())
-            flow.response = error_response(answer.status, answer.message, job.path, answer.retry_after)
-            flow.comment = answer.message
-            return
-        job.tried.add(key.id)
-        swap_credential(headers, key.secret.get_secret_value(), job.path)
-        self.inflight[flow.id] = InFlight(flow=flow, job=job, key=key)
-
-    async def _send_ourselves(self, flow: http.HTTPFlow, job: Job) -> None:
-        assert self.failover is not None
         final = await self.failover.run(job)
         try:
             flow.response = await _to_mitmproxy(final, job.path)
@@ -273,72 +245,43 @@ class KimiRotate:
         assert self.relay is not None
         req = flow.request
         original = (req.scheme, req.host, req.port, req.host_header or "")
-        state = InFlight(flow=flow, job=job, key=None, original=original)
-        state.relay_token = self.relay.register(job)
-        self.inflight[flow.id] = state
-        hide_credential(req.headers, "relay")
+        state = RelayedFlow(job=job, token=self.relay.register(job), original=original)
+        self.relayed[flow.id] = state
+        hide_credential(req.headers, "relay")  # the relay takes the credential from the job
         req.scheme, req.host, req.port = "http", "127.0.0.1", self.relay.port
         req.host_header = original[3]
-        req.headers[TOKEN_HEADER] = state.relay_token
+        req.headers[TOKEN_HEADER] = state.token
+        if flow.server_conn.via is not None:
+            # Upstream proxy mode: mitmproxy would send even this loopback request through the upstream proxy.
+            # A connection spec of the flow's own, with no `via`, makes it connect to the relay directly.
+            flow.server_conn = connection.Server(address=None)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        state = self.inflight.get(flow.id)
+        state = self.relayed.get(flow.id)
         if state is None or flow.response is None:
             return
-        if state.original is not None:  # relay flow: show the real target again, stream what arrives
-            self._restore_target(flow, state)
-            flow.response.stream = True
-            return
-        assert state.key is not None and self.failover is not None
-        hide_credential(flow.request.headers, state.key.fingerprint)
-        if 200 <= flow.response.status_code < 300:
-            latency = _latency_ms(flow)
-            verdict = classify(flow.response.status_code, flow.response.headers.items(multi=True), b"",
-                               time.time(), latency)
-            self.failover.settle(state.job, state.key, flow.response.status_code, verdict)
-            state.key = None  # settled: `response` only writes the comment
-            if "text/event-stream" in flow.response.headers.get("content-type", ""):
-                flow.response.stream = True
+        self._restore_target(flow, state)  # show the real target again, and stream what arrives
+        flow.response.stream = True
 
-    async def response(self, flow: http.HTTPFlow) -> None:
-        state = self.inflight.pop(flow.id, None)
-        if state is None or flow.response is None:
-            return
-        if state.key is not None and self.failover is not None:
-            await self._judge_direct(flow, state)
-        self._annotate(flow, state.job)
-
-    async def _judge_direct(self, flow: http.HTTPFlow, state: InFlight) -> None:
-        assert state.key is not None and self.failover is not None and flow.response is not None
-        resp = flow.response
-        body = decode_body(resp.raw_content or b"", resp.headers.get("content-encoding"))
-        verdict = classify(resp.status_code, resp.headers.items(multi=True), body, time.time(), _latency_ms(flow))
-        self.failover.settle(state.job, state.key, resp.status_code, verdict)
-        if not self.failover.may_retry(state.job, verdict):
-            return
-        final = await self.failover.run(state.job)
-        try:
-            flow.response = await _to_mitmproxy(final, state.job.path)
-        finally:
-            await final.aclose()
+    def response(self, flow: http.HTTPFlow) -> None:
+        state = self.relayed.pop(flow.id, None)
+        if state is not None:
+            self._annotate(flow, state.job)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        state = self.inflight.pop(flow.id, None)
+        state = self.relayed.pop(flow.id, None)
         if state is None:
             return
-        if state.original is not None:
-            self._restore_target(flow, state)
-            if self.relay is not None and state.relay_token:
-                self.relay.forget(state.relay_token)
-        elif state.key is not None and self.failover is not None:
-            hide_credential(flow.request.headers, state.key.fingerprint)
-            self.failover.settle(state.job, state.key, "no response", classify_connection_error("connection"))
+        self._restore_target(flow, state)
+        if self.relay is not None:
+            self.relay.forget(state.token)
         self._annotate(flow, state.job)
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _restore_target(self, flow: http.HTTPFlow, state: InFlight) -> None:
-        assert state.original is not None
+    def _restore_target(self, flow: http.HTTPFlow, state: RelayedFlow) -> None:
+        if state.original is None:
+            return
         req = flow.request
         scheme, host, port, host_header = state.original
         req.scheme, req.host, req.port = scheme, host, port
@@ -347,6 +290,10 @@ class KimiRotate:
         state.original = None
 
     def _annotate(self, flow: http.HTTPFlow, job: Job) -> None:
+        """Name the attempts in the flow's comment, and put the placeholder of the key that served where the
+        client's credential was: views and saved flows then show which key answered, and never a credential."""
+        if job.key is not None:
+            hide_credential(flow.request.headers, job.key.fingerprint)
         if job.trail:
             flow.comment = " → ".join(job.trail)
         if job.failed_over:
@@ -395,21 +342,21 @@ class KimiRotate:
         return f"kimi-rotate: now using {describe(result.key)}"
 
 
-def _latency_ms(flow: http.HTTPFlow) -> float | None:
-    if flow.response is None or flow.request.timestamp_end is None or flow.response.timestamp_start is None:
-        return None
-    return max(0.0, (flow.response.timestamp_start - flow.request.timestamp_end) * 1000)
-
-
 async def _to_mitmproxy(final: Final, path: str) -> http.Response:
-    """The failover's result as the flow's response (bodies here are whole, not streamed)."""
+    """The failover's result as the flow's response, its body read whole."""
     if final.response is None:
         return error_response(final.status, final.message, path, final.retry_after)
     resp = final.response
-    raw = final.body if final.body is not None else b"".join([c async for c in resp.aiter_raw()])
+    try:
+        raw = b"".join([chunk async for chunk in final.aiter_body()])
+    except UpstreamTimeout:
+        return error_response(504, "Kimi stopped sending its answer; kimi-rotate gave up waiting "
+                                   "(kimi_upstream_timeout). Try again", path)
+    except UpstreamError as e:
+        return error_response(502, f"kimi-rotate: Kimi's answer broke off ({e}). Try again", path)
     headers = http.Headers(final.headers_to_pass_on(len(raw)))
     now = time.time()
-    return http.Response(b"HTTP/1.1", resp.status_code, resp.reason_phrase.encode(), headers, raw, None, now, now)
+    return http.Response(b"HTTP/1.1", resp.status, resp.reason, headers, raw, None, now, now)
 
 
 def _upstream_tls(opts: object) -> ssl.SSLContext | bool:

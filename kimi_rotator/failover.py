@@ -8,23 +8,21 @@ written into the flow's trail.
 from __future__ import annotations
 
 import asyncio
-import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-
-import httpx
-from mitmproxy import http
 
 from . import engine
 from .classify import Verdict, classify, classify_connection_error, decode_body
 from .keys import mask
 from .models import KeyRecord, OutcomeKind, Scope, Surface
 from .pool import LivePool
-from .routing import HOP_BY_HOP, swap_credential
+from .routing import HOP_BY_HOP, with_credential
+from .upstream import Response, UpstreamClient, UpstreamError, UpstreamTimeout
 
 ERROR_BODY_LIMIT = 1 << 20  # error bodies are small; never buffer more than this to classify one
 SERVER_RETRIES = 1  # server-scope failures (5xx, no connection) are retried once, on another key
+_HOP_BY_HOP = frozenset(name.encode() for name in HOP_BY_HOP)
 
 
 @dataclass
@@ -35,9 +33,10 @@ class Job:
     host: str
     method: str
     path: str
-    headers: http.Headers  # as the client sent them (its own credential included)
+    headers: tuple[tuple[bytes, bytes], ...]  # as the client sent them, raw (its own credential included)
     body: bytes
     tried: set[int] = field(default_factory=set)
+    key: KeyRecord | None = None  # the key of the latest attempt
     trail: list[str] = field(default_factory=list)
     server_failures: int = 0
 
@@ -50,42 +49,46 @@ class Job:
 class Final:
     """How a job ended: an upstream response still open for reading, or a local error."""
 
-    response: httpx.Response | None = None
-    body: bytes | None = None  # set when the response was already read (and closed) to classify it
+    response: Response | None = None
+    body_start: bytes = b""  # read to classify a failure answer; the rest of a long one is still unread
     status: int = 502
     message: str = ""
     retry_after: float | None = None
 
     async def aclose(self) -> None:
-        if self.response is not None and self.body is None:
+        if self.response is not None:
             await self.response.aclose()
+
+    def body_length(self) -> int | None:
+        """The body's length when it has been read whole."""
+        return len(self.body_start) if self.response is not None and self.response.complete else None
+
+    async def aiter_body(self) -> AsyncIterator[bytes]:
+        """The whole body as it arrives (raw: content encoding kept), starting with what was read already."""
+        assert self.response is not None
+        if self.body_start:
+            yield self.body_start
+        async for chunk in self.response.aiter_raw():
+            yield chunk
 
     def headers_to_pass_on(self, body_length: int | None) -> list[tuple[bytes, bytes]]:
         """The upstream answer's headers as the client gets them: no hop-by-hop headers, the pool's
         Retry-After when it has one, and the length of a body that was read whole.
 
-        Raw bytes: httpx decodes odd header values as latin-1; re-encoding them would garble them.
+        Raw bytes, as they came: a header value may be any bytes, and decoding it would garble it.
         """
         assert self.response is not None
-        drop = set(HOP_BY_HOP)
+        drop = set(_HOP_BY_HOP)
         if self.retry_after is not None:
-            drop.add("retry-after")
+            drop.add(b"retry-after")
         if body_length is not None:
-            drop.add("content-length")
-        headers = [(k, v) for k, v in self.response.headers.raw if k.decode("latin-1").lower() not in drop]
+            drop.add(b"content-length")
+        headers = [(k, v) for k, v in self.response.headers if k.lower() not in drop]
         if self.retry_after is not None:
             headers.append((b"retry-after", str(max(1, round(self.retry_after))).encode()))
         if body_length is not None:
             headers.append((b"content-length", str(body_length).encode()))
         return headers
-
-
-@dataclass(frozen=True)
-class UpstreamSettings:
-    verify: ssl.SSLContext | bool
-    proxy: str | None
-    resolve: dict[str, tuple[str, int]]
-    timeout: float
 
 
 def describe(key: KeyRecord) -> str:
@@ -104,61 +107,11 @@ def trail_entry(key: KeyRecord, status: int | str, verdict: Verdict, now: float)
     return text
 
 
-class Upstream:
-    """The addon's own HTTP client, configured like mitmproxy's upstream side."""
-
-    def __init__(self, settings: UpstreamSettings) -> None:
-        self.settings = settings
-        # httpx pools connections by address, not by server name. With kimi_resolve several hosts may share one
-        # address, so each resolved host gets its own client: a connection opened (and its certificate verified)
-        # for one server name never carries another host's requests. "" is the client for unresolved hosts.
-        self._clients: dict[str, httpx.AsyncClient] = {}
-
-    def _get(self, host: str = "") -> httpx.AsyncClient:
-        client = self._clients.get(host)
-        if client is None:  # created lazily, inside the running loop
-            t = self.settings.timeout
-            client = self._clients[host] = httpx.AsyncClient(
-                verify=self.settings.verify,
-                proxy=self.settings.proxy,
-                # An HTTPS_PROXY inherited by the proxy may point at the proxy itself.
-                trust_env=False,
-                timeout=httpx.Timeout(t, connect=min(15.0, t)),
-                limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
-                follow_redirects=False,
-            )
-        return client
-
-    async def send(self, job: Job, key: KeyRecord) -> httpx.Response:
-        headers = job.headers.copy()
-        swap_credential(headers, key.secret.get_secret_value(), job.path)
-        # Bytes as the client sent them: a header value may be non-ASCII (a User-Agent, an X-Title), and httpx
-        # refuses such values as str, which broke the request.
-        drop = HOP_BY_HOP | {"host", "content-length"}
-        pairs = [(k, v) for k, v in headers.fields if k.decode("latin-1").lower() not in drop]
-        pairs.append((b"host", job.host.encode()))
-        address = self.settings.resolve.get(job.host)
-        extensions: dict[str, object] = {}
-        if address is not None and self.settings.proxy is None:
-            url = f"https://{address[0]}:{address[1]}{job.path}"
-            extensions["sni_hostname"] = job.host
-        else:
-            url = f"https://{job.host}{job.path}"
-        client = self._get(job.host if extensions else "")
-        request = client.build_request(job.method, url, headers=pairs, content=job.body, extensions=extensions)
-        return await client.send(request, stream=True)
-
-    async def aclose(self) -> None:
-        clients, self._clients = list(self._clients.values()), {}
-        for client in clients:
-            await client.aclose()
-
-
 class Failover:
     def __init__(
         self,
         pool: LivePool,
-        upstream: Upstream,
+        upstream: UpstreamClient,
         max_attempts: int,
         max_wait: float,
         clock: Callable[[], float] = time.time,
@@ -203,6 +156,7 @@ class Failover:
             if isinstance(key, engine.NoEligibleKey):
                 break
             job.tried.add(key.id)
+            job.key = key
             if final is not None:
                 await final.aclose()
             final, verdict, status = await self._attempt(job, key)
@@ -217,32 +171,27 @@ class Failover:
 
     async def _attempt(self, job: Job, key: KeyRecord) -> tuple[Final, Verdict, int | str]:
         started = self.clock()
+        headers = with_credential(job.headers, key.secret.get_secret_value(), job.path)
         try:
-            response = await self.upstream.send(job, key)
-        except httpx.TimeoutException:
+            response = await self.upstream.send(job.method, job.host, job.path, headers, job.body)
+        except UpstreamTimeout:
             message = "Kimi did not answer in time; kimi-rotate gave up waiting (kimi_upstream_timeout)"
             return Final(status=504, message=message), classify_connection_error("timeout"), "timeout"
-        except (httpx.HTTPError, OSError, ssl.SSLError) as e:
-            message = f"kimi-rotate could not reach Kimi ({_why(e)}); check the network or try again"
+        except UpstreamError as e:
+            message = f"kimi-rotate could not reach Kimi: {e}. Check the network or try again"
             return Final(status=502, message=message), classify_connection_error(type(e).__name__), "no response"
         now = self.clock()
         latency = (now - started) * 1000
-        headers = list(response.headers.multi_items())
-        if 200 <= response.status_code < 300:
-            return Final(response=response), classify(response.status_code, headers, b"", now, latency), 200
-        raw = bytearray()
+        if 200 <= response.status < 300:
+            return Final(response=response), classify(response.status, _text(response.headers), b"", now, latency), 200
         try:
-            async for chunk in response.aiter_raw():
-                raw += chunk
-                if len(raw) > ERROR_BODY_LIMIT:
-                    break
-        except httpx.HTTPError:
-            pass  # a cut-off error body is still classified on what arrived
-        finally:
+            raw = await response.read(limit=ERROR_BODY_LIMIT)
+        except UpstreamError:
+            raw = b""  # a cut-off error body is still classified on its status and headers
             await response.aclose()
-        body = decode_body(bytes(raw), response.headers.get("content-encoding"))
-        verdict = classify(response.status_code, headers, body, now, latency)
-        return Final(response=response, body=bytes(raw)), verdict, response.status_code
+        body = decode_body(raw, response.header("content-encoding"))
+        verdict = classify(response.status, _text(response.headers), body, now, latency)
+        return Final(response=response, body_start=raw), verdict, response.status
 
     def retry_after(self, surface: Surface) -> float | None:
         now = self.clock()
@@ -260,19 +209,8 @@ class Failover:
         return no_key_answer(surface, result, now)
 
 
-def _why(error: BaseException) -> str:
-    """What went wrong, for the client: a refused connection and an untrusted certificate need different fixes.
-    Only the OS or TLS error at the bottom of httpx's chain is quoted; other errors could quote request data."""
-    root = error
-    for _ in range(8):
-        cause = root.__cause__ or root.__context__
-        if cause is None:
-            break
-        root = cause
-    text = " ".join(str(root).split())[:200]
-    if isinstance(root, OSError) and text:  # ssl.SSLError is an OSError
-        return f"{type(root).__name__}: {text}"
-    return type(error).__name__
+def _text(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
 
 
 def no_key_answer(surface: Surface, result: engine.NoEligibleKey, now: float) -> Final:

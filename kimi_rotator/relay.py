@@ -15,10 +15,10 @@ import logging
 import secrets
 
 import h11
-import httpx
 
 from .envelopes import error_body, local_headers
 from .failover import Failover, Final, Job
+from .upstream import UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,9 @@ class Relay:
             pass  # mitmproxy went away (the client hung up); nothing to answer
         except asyncio.CancelledError:
             pass  # the proxy is shutting down with this connection open
-        except httpx.HTTPError as e:
+        except UpstreamError as e:
             # Kimi cut the stream after it began: closing our side passes the cut on, so the client's stream ends.
-            log.info("kimi-rotate: the upstream stream broke off (%s)", type(e).__name__)
+            log.info("kimi-rotate: the upstream stream broke off (%s)", e)
         finally:
             writer.close()
             with contextlib.suppress(Exception):
@@ -84,14 +84,11 @@ class Relay:
                 await _send_local(conn, writer, final.status, final.message, job.path, final.retry_after)
                 return
             resp = final.response
-            headers = final.headers_to_pass_on(None if final.body is None else len(final.body))
-            _write(conn, writer, h11.Response(status_code=resp.status_code, headers=headers))
-            if final.body is not None:
-                _write(conn, writer, h11.Data(data=final.body))
-            else:
-                async for chunk in resp.aiter_raw():
-                    _write(conn, writer, h11.Data(data=chunk))
-                    await writer.drain()
+            headers = final.headers_to_pass_on(final.body_length())
+            _write(conn, writer, h11.Response(status_code=resp.status, reason=resp.reason, headers=headers))
+            async for chunk in final.aiter_body():
+                _write(conn, writer, h11.Data(data=chunk))
+                await writer.drain()
             _write(conn, writer, h11.EndOfMessage())
             await writer.drain()
         finally:

@@ -120,21 +120,33 @@ def credential_matches(headers: http.Headers, token: str) -> bool:
     return any(hmac.compare_digest(v.encode("utf-8", "surrogateescape"), token.encode()) for v in sent)
 
 
-def swap_credential(headers: http.Headers, secret: str, path: str) -> None:
-    """Put `secret` in every credential header the client used, in the same style.
+_CREDENTIAL_HEADERS = (b"authorization", b"x-api-key")
 
-    A client that sent none gets the style its route expects: x-api-key on Anthropic Messages
-    routes, Bearer elsewhere.
+
+def with_credential(fields: Iterable[tuple[bytes, bytes]], secret: str, path: str) -> list[tuple[bytes, bytes]]:
+    """The request's headers with `secret` as the credential, in the style the client used (both if it sent both).
+
+    Every other header keeps its bytes and place. A repeated credential header goes out once, so no
+    second value the client sent reaches Kimi. A client that sent none gets the style its route
+    expects: x-api-key on Anthropic Messages routes, Bearer elsewhere.
     """
-    bearer = "authorization" in headers
-    api_key = "x-api-key" in headers
-    if not bearer and not api_key:
-        api_key = path.split("?", 1)[0].endswith("/messages")
-        bearer = not api_key
-    if bearer:
-        headers["authorization"] = f"Bearer {secret}"
-    if api_key:
-        headers["x-api-key"] = secret
+    key = secret.encode()
+    out: list[tuple[bytes, bytes]] = []
+    seen: set[bytes] = set()
+    for name, value in fields:
+        lower = name.lower()
+        if lower in _CREDENTIAL_HEADERS:
+            if lower in seen:
+                continue
+            seen.add(lower)
+            value = b"Bearer " + key if lower == b"authorization" else key
+        out.append((name, value))
+    if not seen:
+        if path.split("?", 1)[0].endswith("/messages"):
+            out.append((b"x-api-key", key))
+        else:
+            out.append((b"authorization", b"Bearer " + key))
+    return out
 
 
 def placeholder(fingerprint: str) -> str:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from kimi_rotator.store import HOME_ENV, Store
+
+# CI explores a fixed set of examples, so a run cannot fail on a case no earlier run met; local runs keep drawing new
+# ones (that is where the property tests find bugs), and a failure prints the blob to reproduce it.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture

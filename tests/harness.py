@@ -194,6 +194,7 @@ def key_rows(home: Path) -> dict[str, dict[str, Any]]:
 # Loaded after kimi_rotate.py: whatever the addon did not send to loopback goes to a local sink instead of the
 # internet. With connection_strategy=lazy this runs after the addon's decisions, so it never changes what they see.
 GUARD_SCRIPT = '''
+import asyncio
 import os
 from mitmproxy import ctx
 
@@ -205,18 +206,35 @@ for entry in filter(None, os.environ.get("KIMI_TEST_SINKS", "").split(",")):
 SEEN = os.environ.get("KIMI_TEST_GUARD_LOG")
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def sink_for(host, port):
+    target = SINKS.get(str(port)) or SINKS.get("*") or ("127.0.0.1", 9)
+    if SEEN:
+        with open(SEEN, "a") as f:
+            f.write(f"{host}:{port} -> {target[0]}:{target[1]}\\n")
+    return target
+
+
 class Guard:
-    def server_connect(self, data):
+    def server_connect(self, data):  # mitmproxy's own connections
         address = data.server.address
-        if address is None or address[0] in ("127.0.0.1", "::1", "localhost"):
-            return
-        target = SINKS.get(str(address[1])) or SINKS.get("*") or ("127.0.0.1", 9)
-        if SEEN:
-            with open(SEEN, "a") as f:
-                f.write(f"{address[0]}:{address[1]} -> {target[0]}:{target[1]}\\n")
-        data.server.address = target
+        if address is not None and address[0] not in LOOPBACK:
+            data.server.address = sink_for(*address)
 
 
+# The addon's own client (kimi_rotator/upstream.py) opens its connections with asyncio.open_connection.
+_open_connection = asyncio.open_connection
+
+
+async def guarded_open_connection(host=None, port=None, **kw):
+    if host not in LOOPBACK:
+        host, port = sink_for(host, port)
+    return await _open_connection(host, port, **kw)
+
+
+asyncio.open_connection = guarded_open_connection
 addons = [Guard()]
 '''
 

@@ -115,10 +115,6 @@ def test_silent_kimi_gives_a_504_when_streaming(proxies: dict[str, ProxyProcess]
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "A buffered request goes out on mitmproxy's own upstream connection (live since the TLS handshake under the "
-    "default settings), which kimi_upstream_timeout does not bound: a silent Kimi keeps the client waiting until "
-    "the connection drops, then it gets mitmproxy's HTML 502 instead of a 504 in its envelope (issue 3 §5)."))
 def test_silent_kimi_gives_a_504_when_buffered(proxies: dict[str, ProxyProcess], fresh: FakeKimi) -> None:
     fresh.fault(None, "hang")
     try:

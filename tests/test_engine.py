@@ -690,8 +690,11 @@ def test_property_select_picks_only_eligible_keys(data: st.DataObject, keys: lis
         if current is not None and settings_.serve_active_next:
             assert result.key is current
         else:
-            # The first eligible key after the current one, wrapping.
-            pos = ids.index(active) if active in ids else -1
+            # The first eligible key after the current one, wrapping; a current key on another surface is no
+            # place in this surface's order, so the walk starts at the top.
+            pos = -1
+            if active in ids and (surface is None or keys[ids.index(active)].surface is surface):
+                pos = ids.index(active)
             order = keys[pos + 1 :] + keys[: pos + 1]
             assert result.key is next(k for k in order if k in eligible)
 

@@ -165,17 +165,10 @@ def test_tls_failure(proxy: ProxyProcess, fake: FakeKimi, untrusted: FakeKimi, u
 # own HTML 502 from a hook where no response can be set. Streams go through the relay and are not affected. The
 # addon's owner tracks the same limit in tests/test_e2e_failover.py
 # (test_connection_failure_is_retried_on_another_key_when_buffered).
-FAST_PATH = pytest.mark.xfail(strict=True, reason=(
-    "buffered requests on mitmproxy's own upstream connection (eager + upstream_cert defaults): mitmproxy has no "
-    "upstream read timeout and answers a connection failure with its own HTML 502 (error hook, no response can be "
-    "set), so neither a 504/502 in the client's envelope nor a bounded wait"))
-BUFFERED_FAST_PATH = pytest.param(False, id="buffered", marks=FAST_PATH)
-
-
 @pytest.mark.parametrize(("url", "stream"), [
     pytest.param(KC_CHAT, True, id="openai-stream"),
     pytest.param(KC_MESSAGES, True, id="anthropic-stream"),
-    pytest.param(KC_MESSAGES, False, id="anthropic-buffered", marks=FAST_PATH),
+    pytest.param(KC_MESSAGES, False, id="anthropic-buffered"),
 ])
 def test_timeout(proxy: ProxyProcess, fake: FakeKimi, url: str, stream: bool) -> None:
     fake.fault(None, "hang")
@@ -186,7 +179,7 @@ def test_timeout(proxy: ProxyProcess, fake: FakeKimi, url: str, stream: bool) ->
     assert TIMEOUT - 0.5 < took < TIMEOUT + 2, took
 
 
-@pytest.mark.parametrize("stream", [BUFFERED_FAST_PATH, pytest.param(True, id="stream")])
+@pytest.mark.parametrize("stream", [pytest.param(False, id="buffered"), pytest.param(True, id="stream")])
 def test_closed_before_headers(proxy: ProxyProcess, fake: FakeKimi, stream: bool) -> None:
     fake.fault(None, "close_before_headers")
     r, took = post(proxy, KC_MESSAGES, stream=stream)
@@ -215,7 +208,6 @@ def test_reset_midstream_ends_the_stream(proxy: ProxyProcess, fake: FakeKimi) ->
     assert "data: [DONE]" not in events
 
 
-@FAST_PATH
 def test_reset_midbody_of_a_buffered_answer(proxy: ProxyProcess, fake: FakeKimi) -> None:
     fake.fault(KC.secret, "reset_midstream", times=1)
     r, took = post(proxy, KC_CHAT, stream=False)

@@ -1,0 +1,426 @@
+"""The addon's own HTTP/1.1 client for Kimi.
+
+Every Kimi request goes out through this client, not on mitmproxy's own server connection: a failure
+there reaches an addon only in the `error` hook, where no answer can be set, so the client would get
+mitmproxy's HTML 502 with no retry on another key, and a silent Kimi would hold it with no time limit.
+It is small on purpose: it speaks only what Kimi's API needs (HTTP/1.1 over TLS, keep-alive, chunked
+or sized bodies), which costs less per request than mitmproxy's own upstream path and far less than
+httpx, so sending every request ourselves makes the proxy faster, not slower.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ssl
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from .routing import HOP_BY_HOP
+
+MAX_HEAD = 64 * 1024  # a response head larger than this is refused
+READ_SIZE = 64 * 1024
+IDLE_SECONDS = 50.0  # pooled connections older than this are closed, not reused (servers drop them at ~60 s)
+MAX_IDLE_PER_HOST = 64
+CONNECT_TIMEOUT_CAP = 15.0
+KIMI_PORT = 443
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
+# The client adds its own Host and Content-Length; hop-by-hop headers describe the client's own connection.
+_DROP = frozenset({name.encode() for name in HOP_BY_HOP} | {b"host", b"content-length"})
+
+
+class UpstreamError(Exception):
+    """Kimi could not be reached, or broke the exchange off. The message never holds request data."""
+
+
+class ConnectFailed(UpstreamError):
+    """No connection: DNS, refused, TLS handshake or certificate, or the upstream proxy refused the tunnel."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """Connecting, or waiting for the next bytes of the answer, took longer than the timeout."""
+
+
+class BrokenResponse(UpstreamError):
+    """The connection closed or reset mid-answer, or the answer is not valid HTTP/1.1."""
+
+
+class _Stale(Exception):
+    """A pooled connection the server had already closed: the request is sent again on a new one."""
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    """How to reach Kimi, mirroring mitmproxy's upstream options."""
+
+    verify: ssl.SSLContext | bool = True  # False: ssl_insecure
+    proxy: str | None = None  # mitmproxy's upstream mode: "http://host:port" or "https://host:port"
+    proxy_auth: str | None = None  # mitmproxy's upstream_auth: "user:password"
+    resolve: Mapping[str, tuple[str, int]] = field(default_factory=dict)  # kimi_resolve
+    timeout: float = 600.0  # for connecting (capped at 15 s) and for each wait for more of the answer
+
+
+def _tls_context(verify: ssl.SSLContext | bool) -> ssl.SSLContext:
+    if isinstance(verify, ssl.SSLContext):
+        context = verify
+    else:
+        context = ssl.create_default_context()
+        if not verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def _why(error: BaseException) -> str:
+    """An OS or TLS error in one line: it names a cause (refused, unknown host, untrusted certificate) and no data."""
+    text = " ".join(str(error).split())[:200]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class _Connection:
+    __slots__ = ("idle_since", "reader", "reused", "writer")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.reused = False
+        self.idle_since = 0.0
+
+    def usable(self, now: float) -> bool:
+        return (
+            not self.reader.at_eof()
+            and not self.writer.transport.is_closing()
+            and now - self.idle_since < IDLE_SECONDS
+        )
+
+    def abort(self) -> None:
+        self.writer.transport.abort()
+
+
+class Response:
+    """An answer whose head has arrived; the body is read with `aiter_raw` or `read`, then `aclose`."""
+
+    def __init__(
+        self,
+        client: UpstreamClient,
+        pool_key: str,
+        connection: _Connection,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        framing: str,
+        length: int,
+        keep_alive: bool,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers  # as received: raw bytes, order and repeats kept
+        self._client = client
+        self._pool_key = pool_key
+        self._connection: _Connection | None = connection
+        self._framing = framing  # "none", "length", "chunked" or "close"
+        self._remaining = length
+        self._keep_alive = keep_alive
+        self._consumed = False
+
+    @property
+    def complete(self) -> bool:
+        """The whole body has been read."""
+        return self._consumed
+
+    def header(self, name: str) -> str | None:
+        """The first value of a header (case-insensitive), decoded as latin-1."""
+        wanted = name.lower().encode()
+        for k, v in self.headers:
+            if k.lower() == wanted:
+                return v.decode("latin-1")
+        return None
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        """The body as it arrives: transfer framing removed, content encoding (gzip, …) kept."""
+        connection = self._connection
+        if connection is None or self._consumed:
+            return
+        reader, timeout = connection.reader, self._client.settings.timeout
+        try:
+            if self._framing == "length":
+                while self._remaining > 0:
+                    async with asyncio.timeout(timeout):
+                        data = await reader.read(min(self._remaining, READ_SIZE))
+                    if not data:
+                        raise BrokenResponse("Kimi closed the connection before the whole answer arrived")
+                    self._remaining -= len(data)
+                    yield data
+            elif self._framing == "chunked":
+                async for chunk in _chunks(reader, timeout):
+                    yield chunk
+            elif self._framing == "close":
+                while True:
+                    async with asyncio.timeout(timeout):
+                        data = await reader.read(READ_SIZE)
+                    if not data:
+                        break
+                    yield data
+        except TimeoutError:
+            self._drop()
+            raise UpstreamTimeout(f"Kimi sent nothing for {timeout:g} s in the middle of an answer") from None
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
+            self._drop()
+            raise BrokenResponse(f"the connection to Kimi broke off mid-answer ({_why(e)})") from None
+        except BrokenResponse:
+            self._drop()
+            raise
+        self._consumed = True
+        self._release()
+
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body; with `limit`, stop after at least that many bytes (the connection is then not reused)."""
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self.aiter_raw():
+            parts.append(chunk)
+            size += len(chunk)
+            if limit is not None and size > limit:
+                break
+        return b"".join(parts)
+
+    async def aclose(self) -> None:
+        """Give the connection back when the body was read whole; otherwise close it."""
+        if self._consumed:
+            self._release()
+        else:
+            self._drop()
+
+    def _release(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            if self._keep_alive:
+                self._client._put_back(self._pool_key, connection)
+            else:
+                connection.abort()
+
+    def _drop(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.abort()
+
+
+async def _chunks(reader: asyncio.StreamReader, timeout: float) -> AsyncIterator[bytes]:
+    while True:
+        async with asyncio.timeout(timeout):
+            line = await reader.readuntil(b"\r\n")
+        try:
+            size = int(line.split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            raise BrokenResponse("Kimi sent a malformed chunked body") from None
+        if size < 0:
+            raise BrokenResponse("Kimi sent a malformed chunked body")
+        if size == 0:
+            async with asyncio.timeout(timeout):  # trailers, up to the blank line
+                while await reader.readuntil(b"\r\n") != b"\r\n":
+                    pass
+            return
+        async with asyncio.timeout(timeout):
+            data = await reader.readexactly(size + 2)
+        if data[-2:] != b"\r\n":
+            raise BrokenResponse("Kimi sent a malformed chunked body")
+        yield data[:-2]
+
+
+def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes]:
+    lines = head[:-4].split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3 or not parts[1].isdigit():
+        raise BrokenResponse("Kimi's answer is not HTTP/1.1")
+    headers: list[tuple[bytes, bytes]] = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip():
+            raise BrokenResponse("Kimi's answer has a malformed header line")
+        headers.append((name, value.strip(b" \t")))
+    return int(parts[1]), parts[2] if len(parts) == 3 else b"", headers, parts[0]
+
+
+def _framing(method: str, status: int, headers: list[tuple[bytes, bytes]]) -> tuple[str, int]:
+    if method == "HEAD" or status in (204, 304) or status < 200:
+        return "none", 0
+    lengths: set[bytes] = set()
+    chunked = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"transfer-encoding":
+            chunked = value.lower().rstrip().endswith(b"chunked")
+        elif lower == b"content-length":
+            lengths.update(v.strip() for v in value.split(b","))
+    if chunked:
+        return "chunked", 0
+    if lengths:
+        if len(lengths) != 1 or not next(iter(lengths)).isdigit():
+            raise BrokenResponse("Kimi's answer has an invalid Content-Length")
+        return "length", int(next(iter(lengths)))
+    return "close", 0
+
+
+def _keeps_alive(version: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name.lower() == b"connection" and b"close" in value.lower():
+            return False
+    return version == b"HTTP/1.1"
+
+
+class UpstreamClient:
+    """Sends requests to Kimi hosts on pooled keep-alive connections, one pool per host."""
+
+    def __init__(self, settings: UpstreamSettings) -> None:
+        self.settings = settings
+        self._tls = _tls_context(settings.verify)
+        self._proxy = urlsplit(settings.proxy) if settings.proxy else None
+        self._idle: dict[str, list[_Connection]] = {}
+        self._closed = False
+
+    async def send(
+        self, method: str, host: str, path: str, headers: Iterable[tuple[bytes, bytes]], body: bytes
+    ) -> Response:
+        """Send one request to https://host/path and return once the answer's head has arrived.
+
+        `headers` go out as given except Host, Content-Length and hop-by-hop headers, which the client sets.
+        Raises ConnectFailed, UpstreamTimeout or BrokenResponse.
+        """
+        request = _serialize(method, host, path, headers, body)
+        connection = self._checkout(host)
+        if connection is not None:
+            try:
+                return await self._exchange(connection, host, method, request)
+            except _Stale:
+                pass  # the server closed it while idle: the request never reached it
+        return await self._exchange(await self._connect(host), host, method, request)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for connection in connections:
+                connection.abort()
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def _checkout(self, host: str) -> _Connection | None:
+        connections = self._idle.get(host)
+        now = time.monotonic()
+        while connections:
+            connection = connections.pop()
+            if connection.usable(now):
+                return connection
+            connection.abort()
+        return None
+
+    def _put_back(self, host: str, connection: _Connection) -> None:
+        connections = self._idle.setdefault(host, [])
+        if self._closed or len(connections) >= MAX_IDLE_PER_HOST or connection.reader.at_eof():
+            connection.abort()
+            return
+        connection.reused = True
+        connection.idle_since = time.monotonic()
+        connections.append(connection)
+
+    async def _connect(self, host: str) -> _Connection:
+        timeout = min(CONNECT_TIMEOUT_CAP, self.settings.timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                if self._proxy is not None:
+                    reader, writer = await self._tunnel(host)
+                else:
+                    address = self.settings.resolve.get(host, (host, KIMI_PORT))
+                    reader, writer = await asyncio.open_connection(
+                        address[0], address[1], ssl=self._tls, server_hostname=host, limit=MAX_HEAD
+                    )
+        except TimeoutError:
+            raise UpstreamTimeout(f"connecting to {host} took longer than {timeout:g} s") from None
+        except ssl.SSLCertVerificationError as e:
+            raise ConnectFailed(f"the certificate of {host} is not trusted ({_why(e)})") from None
+        except (OSError, ssl.SSLError) as e:  # refused, unreachable, unknown host, TLS handshake
+            raise ConnectFailed(f"cannot connect to {host} ({_why(e)})") from None
+        return _Connection(reader, writer)
+
+    async def _tunnel(self, host: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A TLS connection to `host` through the upstream proxy's CONNECT tunnel."""
+        proxy = self._proxy
+        assert proxy is not None and proxy.hostname is not None
+        secure = proxy.scheme == "https"
+        reader, writer = await asyncio.open_connection(
+            proxy.hostname, proxy.port or (443 if secure else 80), ssl=self._tls if secure else None,
+            server_hostname=proxy.hostname if secure else None, limit=MAX_HEAD,
+        )
+        try:
+            authority = f"{host}:{KIMI_PORT}".encode()
+            head = b"CONNECT " + authority + b" HTTP/1.1\r\nhost: " + authority + b"\r\n"
+            if self.settings.proxy_auth:
+                head += b"proxy-authorization: Basic " + base64.b64encode(self.settings.proxy_auth.encode()) + b"\r\n"
+            writer.write(head + b"\r\n")
+            try:
+                status, reason, _, _ = _parse_head(await reader.readuntil(b"\r\n\r\n"))
+            except (BrokenResponse, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                raise ConnectFailed(f"the upstream proxy did not answer the tunnel request to {host}") from None
+            if not 200 <= status < 300:
+                text = reason.decode("latin-1")
+                raise ConnectFailed(f"the upstream proxy refused the tunnel to {host}: {status} {text}".rstrip())
+            await writer.start_tls(self._tls, server_hostname=host)
+        except BaseException:
+            writer.transport.abort()
+            raise
+        return reader, writer
+
+    # -- one exchange --------------------------------------------------------------------------
+
+    async def _exchange(self, connection: _Connection, host: str, method: str, request: bytes) -> Response:
+        reader, writer = connection.reader, connection.writer
+        timeout = self.settings.timeout
+        try:
+            writer.write(request)
+            async with asyncio.timeout(timeout):
+                await writer.drain()
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    status, reason, headers, version = _parse_head(head)
+                    if status >= 200 or status == 101:
+                        break
+                    connection.reused = False  # an interim answer (100 Continue) arrived: the server has it
+            if status == 101:
+                raise BrokenResponse("Kimi switched protocols, which kimi-rotate does not relay")
+            framing, length = _framing(method, status, headers)
+        except TimeoutError:
+            connection.abort()
+            raise UpstreamTimeout(f"Kimi did not answer within {timeout:g} s") from None
+        except asyncio.LimitOverrunError:
+            connection.abort()
+            raise BrokenResponse(f"Kimi's answer head is larger than {MAX_HEAD // 1024} KiB") from None
+        except (OSError, asyncio.IncompleteReadError) as e:
+            connection.abort()
+            if getattr(e, "partial", b""):
+                raise BrokenResponse(f"the connection to Kimi broke off mid-answer ({_why(e)})") from None
+            if connection.reused:
+                raise _Stale from None
+            raise BrokenResponse(f"Kimi closed the connection without answering ({_why(e)})") from None
+        except (BrokenResponse, asyncio.CancelledError):
+            connection.abort()
+            raise
+        keep_alive = framing != "close" and _keeps_alive(version, headers)
+        response = Response(self, host, connection, status, reason, headers, framing, length, keep_alive)
+        if framing == "none":
+            response._consumed = True
+        return response
+
+
+def _serialize(method: str, host: str, path: str, headers: Iterable[tuple[bytes, bytes]], body: bytes) -> bytes:
+    parts = [method.encode(), b" ", path.encode(), b" HTTP/1.1\r\nhost: ", host.encode(), b"\r\n"]
+    for name, value in headers:
+        if name.lower() not in _DROP:
+            parts += (name, b": ", value, b"\r\n")
+    if body or method not in _NO_BODY_METHODS:
+        parts += (b"content-length: ", str(len(body)).encode(), b"\r\n")
+    parts += (b"\r\n", body)
+    return b"".join(parts)
+
