@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -48,14 +49,18 @@ class BrokenResponse(UpstreamError):
 
 
 class _Stale(Exception):
-    """A pooled connection the server had already closed: the request is sent again on a new one."""
+    """A pooled connection closed before a byte of the answer came: the request is sent again on a new one.
+
+    Nearly always the server closed the idle connection as the request went out, and never read it. A server that
+    read the request and then closed without a word would get it twice; browsers make the same trade.
+    """
 
 
 @dataclass(frozen=True)
 class UpstreamSettings:
     """How to reach Kimi, mirroring mitmproxy's upstream options."""
 
-    verify: ssl.SSLContext | bool = True  # False: ssl_insecure
+    verify: ssl.SSLContext | bool = True  # False: ssl_insecure. A context given here gets ALPN http/1.1 set on it.
     proxy: str | None = None  # mitmproxy's upstream mode: "http://host:port" or "https://host:port"
     proxy_auth: str | None = None  # mitmproxy's upstream_auth: "user:password"
     resolve: Mapping[str, tuple[str, int]] = field(default_factory=dict)  # kimi_resolve
@@ -92,6 +97,9 @@ class _Connection:
     def usable(self, now: float) -> bool:
         return (
             not self.reader.at_eof()
+            # Bytes that arrived while idle (a 408 sent before closing) would be read as the next answer.
+            # StreamReader has no public way to ask; _buffer has been its buffer since asyncio began.
+            and not getattr(self.reader, "_buffer", b"")
             and not self.writer.transport.is_closing()
             and now - self.idle_since < IDLE_SECONDS
         )
@@ -142,7 +150,10 @@ class Response:
     async def aiter_raw(self) -> AsyncIterator[bytes]:
         """The body as it arrives: transfer framing removed, content encoding (gzip, …) kept."""
         connection = self._connection
-        if connection is None or self._consumed:
+        if connection is None:
+            return
+        if self._consumed:  # an answer without a body
+            self._release()
             return
         reader, timeout = connection.reader, self._client.settings.timeout
         try:
@@ -177,7 +188,7 @@ class Response:
         self._release()
 
     async def read(self, limit: int | None = None) -> bytes:
-        """The whole body; with `limit`, stop after at least that many bytes (the connection is then not reused)."""
+        """The whole body; with `limit`, stop once more than `limit` bytes arrived (the connection is then closed)."""
         parts: list[bytes] = []
         size = 0
         async for chunk in self.aiter_raw():
@@ -208,26 +219,33 @@ class Response:
             connection.abort()
 
 
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
+
+
 async def _chunks(reader: asyncio.StreamReader, timeout: float) -> AsyncIterator[bytes]:
+    """A chunked body's data as it arrives; a large chunk comes in pieces, never buffered whole."""
     while True:
         async with asyncio.timeout(timeout):
             line = await reader.readuntil(b"\r\n")
-        try:
-            size = int(line.split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            raise BrokenResponse("Kimi sent a malformed chunked body") from None
-        if size < 0:
+        size_text = line.split(b";", 1)[0].strip()
+        if not _CHUNK_SIZE.fullmatch(size_text):
             raise BrokenResponse("Kimi sent a malformed chunked body")
-        if size == 0:
+        remaining = int(size_text, 16)
+        if remaining == 0:
             async with asyncio.timeout(timeout):  # trailers, up to the blank line
                 while await reader.readuntil(b"\r\n") != b"\r\n":
                     pass
             return
+        while remaining:
+            async with asyncio.timeout(timeout):
+                data = await reader.read(min(remaining, READ_SIZE))
+            if not data:
+                raise BrokenResponse("Kimi closed the connection in the middle of a chunk")
+            remaining -= len(data)
+            yield data
         async with asyncio.timeout(timeout):
-            data = await reader.readexactly(size + 2)
-        if data[-2:] != b"\r\n":
-            raise BrokenResponse("Kimi sent a malformed chunked body")
-        yield data[:-2]
+            if await reader.readexactly(2) != b"\r\n":
+                raise BrokenResponse("Kimi sent a malformed chunked body")
 
 
 def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes]:
@@ -248,15 +266,15 @@ def _framing(method: str, status: int, headers: list[tuple[bytes, bytes]]) -> tu
     if method == "HEAD" or status in (204, 304) or status < 200:
         return "none", 0
     lengths: set[bytes] = set()
-    chunked = False
+    encoding: bytes | None = None
     for name, value in headers:
         lower = name.lower()
         if lower == b"transfer-encoding":
-            chunked = value.lower().rstrip().endswith(b"chunked")
+            encoding = value.lower().rstrip()
         elif lower == b"content-length":
             lengths.update(v.strip() for v in value.split(b","))
-    if chunked:
-        return "chunked", 0
+    if encoding is not None:  # it overrides any Content-Length; not ending in chunked, the body runs to the close
+        return ("chunked", 0) if encoding.endswith(b"chunked") else ("close", 0)
     if lengths:
         if len(lengths) != 1 or not next(iter(lengths)).isdigit():
             raise BrokenResponse("Kimi's answer has an invalid Content-Length")
@@ -350,10 +368,14 @@ class UpstreamClient:
         proxy = self._proxy
         assert proxy is not None and proxy.hostname is not None
         secure = proxy.scheme == "https"
-        reader, writer = await asyncio.open_connection(
-            proxy.hostname, proxy.port or (443 if secure else 80), ssl=self._tls if secure else None,
-            server_hostname=proxy.hostname if secure else None, limit=MAX_HEAD,
-        )
+        port = proxy.port or (443 if secure else 80)
+        try:
+            reader, writer = await asyncio.open_connection(
+                proxy.hostname, port, ssl=self._tls if secure else None,
+                server_hostname=proxy.hostname if secure else None, limit=MAX_HEAD,
+            )
+        except (OSError, ssl.SSLError) as e:
+            raise ConnectFailed(f"cannot connect to the upstream proxy {proxy.hostname}:{port} ({_why(e)})") from None
         try:
             authority = f"{host}:{KIMI_PORT}".encode()
             head = b"CONNECT " + authority + b" HTTP/1.1\r\nhost: " + authority + b"\r\n"
