@@ -9,14 +9,16 @@ runs mitmweb's full master instead, for debugging.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ipaddress
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from mitmproxy import exceptions, hooks, master, options
+from mitmproxy import addonmanager, exceptions, hooks, master, options
 from mitmproxy.addons import (
     block,
     core,
@@ -25,6 +27,7 @@ from mitmproxy.addons import (
     next_layer,
     proxyauth,
     proxyserver,
+    termlog,
     tlsconfig,
     upstream_auth,
 )
@@ -98,6 +101,50 @@ class Banner:
         print("\n".join(lines), flush=True)
 
 
+class CachedAddonManager(addonmanager.AddonManager):
+    """mitmproxy's addon manager, looking up each event's handlers once instead of on every event.
+
+    The stock manager walks the whole chain for every event, and again for the `update` event that
+    follows each flow event, through a generator and a context manager per addon: on a request that
+    walk cost more than all of kimi-rotate's own work. Here the handlers of an event name are found
+    once and kept until an addon is added or removed. An error in a handler is logged and the event
+    goes on (as `safecall` does); AddonHalt stops the event.
+    """
+
+    def __init__(self, m: master.Master) -> None:
+        super().__init__(m)
+        self._handlers: dict[str, list[Callable[..., Any]]] = {}
+
+    def add(self, *addons: Any) -> None:
+        super().add(*addons)
+        self._handlers.clear()
+
+    def remove(self, addon: Any) -> None:
+        super().remove(addon)
+        self._handlers.clear()
+
+    def handlers(self, event: hooks.Hook) -> list[Callable[..., Any]]:
+        found = self._handlers.get(event.name)
+        if found is None:
+            found = [func for addon in self.chain for _, func in self._iter_hooks(addon, event)]
+            self._handlers[event.name] = found
+        return found
+
+    async def trigger_event(self, event: hooks.Hook) -> None:
+        handlers = self.handlers(event)
+        if not handlers:
+            return
+        args = event.args()
+        for func in handlers:
+            try:
+                with addonmanager.safecall():
+                    result = func(*args)
+                    if result is not None and inspect.isawaitable(result):
+                        await result
+            except exceptions.AddonHalt:
+                return
+
+
 def _proxyserver() -> proxyserver.Proxyserver | None:
     from mitmproxy import ctx
 
@@ -116,8 +163,11 @@ def build_master(config: ProxyConfig, loop: asyncio.AbstractEventLoop) -> master
         m.addons.add(rotate)
         m.options.update(web_open_browser=False)
     else:
-        m = master.Master(opts, event_loop=loop, with_termlog=True)
+        m = master.Master(opts, event_loop=loop)
+        m.addons = CachedAddonManager(m)
+        m._termlog_addon = termlog.TermLog()  # where with_termlog=True would put it: `done` uninstalls it
         m.addons.add(
+            m._termlog_addon,
             core.Core(),
             block.Block(),
             proxyauth.ProxyAuth(),

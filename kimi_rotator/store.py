@@ -8,12 +8,14 @@ makes a kill -9 at any moment harmless. A file that is not a healthy store is ne
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import sqlite3
 import stat
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -125,7 +127,12 @@ def store_home() -> Path:
 
 
 def utc_day(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+    return _day_name(int(ts // 86400))
+
+
+@functools.lru_cache(maxsize=16)
+def _day_name(day: int) -> str:  # formatting a date costs more than the rest of recording an outcome
+    return datetime.fromtimestamp(day * 86400, UTC).strftime("%Y-%m-%d")
 
 
 class Store:
@@ -444,18 +451,19 @@ class Store:
             hints = {a.outcome.account_hint for a in attempts if a.outcome.account_hint}
             roster = engine.Roster(_load_involved(db, ids, hints))
             changed: dict[int, KeyRecord] = {}
+            daily: Counter[tuple[int, str, bool]] = Counter()  # one upsert per key and day, not per attempt
             for a in attempts:
                 updates = engine.apply_outcome(roster, a.key_id, a.outcome, a.at, settings.auto_refresh_health)
                 roster = roster.with_updates(updates)
                 changed.update((k.id, k) for k in updates)
                 if updates:
-                    ok = int(a.outcome.kind is OutcomeKind.SUCCESS)
-                    db.execute(
-                        "INSERT INTO daily (key_id, day, requests, successes) VALUES (?, ?, 1, ?) "
-                        "ON CONFLICT (key_id, day) DO UPDATE SET requests = requests + 1, "
-                        "successes = successes + excluded.successes",
-                        (a.key_id, utc_day(a.at), ok),
-                    )
+                    daily[(a.key_id, utc_day(a.at), a.outcome.kind is OutcomeKind.SUCCESS)] += 1
+            db.executemany(
+                "INSERT INTO daily (key_id, day, requests, successes) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (key_id, day) DO UPDATE SET requests = requests + excluded.requests, "
+                "successes = successes + excluded.successes",
+                [(key_id, day, n, n if ok else 0) for (key_id, day, ok), n in daily.items()],
+            )
             _save_keys(db, changed.values())
             stale = rev is not None and rev != _load_rev(db)
             chosen = roster.get(active_key_id)

@@ -461,6 +461,10 @@ def test_concurrency_limit(fake: FakeKimi) -> None:
             r2 = c2.post(OA, headers=bearer(K3), json=CHAT)
             assert r2.status_code == 429 and "max concurrency: 1" in r2.json()["error"]["message"]
             r1.read()
+        # The server counts the stream as done just after its last byte went out: give it a moment.
+        deadline = time.monotonic() + 2
+        while fake.inflight("a2") and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert fake.inflight("a2") == 0
         assert c2.post(OA, headers=bearer(K3), json=CHAT).status_code == 200
 
