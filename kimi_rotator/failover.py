@@ -37,6 +37,7 @@ class Job:
     body: bytes
     tried: set[int] = field(default_factory=set)
     key: KeyRecord | None = None  # the key of the latest attempt
+    wait_deadline: float | None = None  # kimi_max_wait is for the whole request, however many attempts wait
     trail: list[str] = field(default_factory=list)
     server_failures: int = 0
 
@@ -136,8 +137,10 @@ class Failover:
         return verdict.outcome.scope is not Scope.SERVER or job.server_failures <= SERVER_RETRIES
 
     async def next_key(self, job: Job) -> KeyRecord | engine.NoEligibleKey:
-        """The next key for this job, waiting up to max_wait for a cooling one to free up."""
-        deadline = self.clock() + self.max_wait
+        """The next key for this job, waiting for a cooling one to free up while the request's max_wait lasts."""
+        if job.wait_deadline is None:
+            job.wait_deadline = self.clock() + self.max_wait
+        deadline = job.wait_deadline
         while True:
             now = self.clock()
             result = self.pool.select(job.surface, now, exclude=job.tried)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
@@ -40,7 +40,9 @@ class LivePool:
     settings: PoolSettings = field(init=False)
     _rev: int = field(default=-1, init=False)
     _version: int = field(default=-1, init=False)  # data_version when the installed snapshot was read
-    _unflushed: list[_Pending] = field(default_factory=list, init=False)
+    # Outcomes applied in memory but not yet in the store, replayed onto each new snapshot. Bounded like the write
+    # queue: during a long store outage the oldest go first (the store never saw them either way).
+    _unflushed: deque[_Pending] = field(default_factory=lambda: deque(maxlen=MAX_PENDING), init=False)
     _seq: int = field(default=0, init=False)
     _wake: threading.Event = field(default_factory=threading.Event, init=False)
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
@@ -183,7 +185,8 @@ class LivePool:
     # -- back on the event loop ----------------------------------------------------------------
 
     def _forget(self, seq: int) -> None:
-        self._unflushed = [p for p in self._unflushed if p.seq > seq]
+        while self._unflushed and self._unflushed[0].seq <= seq:  # in sequence order: the written ones lead
+            self._unflushed.popleft()
 
     def _install(self, snapshot: Snapshot, flushed: int = 0) -> None:
         roster = engine.Roster(snapshot.keys)

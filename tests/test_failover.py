@@ -1,0 +1,118 @@
+"""The failover loop and the live pool, with a scripted upstream in place of the network (no proxy, no sockets)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from kimi_rotator import pool as pool_module
+from kimi_rotator.failover import Failover, Job
+from kimi_rotator.models import Outcome, OutcomeKind, Surface
+from kimi_rotator.pool import LivePool
+from kimi_rotator.store import NewKey, Store
+
+PATH = "/coding/v1/chat/completions"
+RATE_LIMITED = json.dumps({"error": {"type": "rate_limit_reached_error",
+                                     "message": "max RPM reached, please try again after 30 seconds"}}).encode()
+
+
+@dataclass
+class Answer:
+    """What the scripted upstream answers: enough of upstream.Response for the failover loop."""
+
+    status: int
+    body: bytes
+    headers: list[tuple[bytes, bytes]] = field(default_factory=lambda: [(b"content-type", b"application/json")])
+    reason: bytes = b""
+    complete: bool = False
+
+    def header(self, name: str) -> str | None:
+        return next((v.decode() for k, v in self.headers if k.decode().lower() == name), None)
+
+    async def read(self, limit: int | None = None) -> bytes:
+        self.complete = True
+        return self.body
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        if not self.complete:
+            self.complete = True
+            yield self.body
+
+    async def aclose(self) -> None:
+        pass
+
+
+@dataclass
+class ScriptedUpstream:
+    answers: dict[bytes, Answer]  # by the credential that reached it
+    sent: list[bytes] = field(default_factory=list)
+
+    async def send(self, method: str, host: str, path: str, headers: Iterable[tuple[bytes, bytes]], body: bytes
+                   ) -> Answer:
+        credential = dict(headers)[b"authorization"].removeprefix(b"Bearer ")
+        self.sent.append(credential)
+        return self.answers[credential]
+
+    async def aclose(self) -> None:
+        pass
+
+
+def key(tag: str) -> str:
+    return f"sk-kimi-{tag}" + "x" * (40 - len(tag))
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> LivePool:
+    store = Store(tmp_path / "home")
+    now = time.time()
+    store.add_key(NewKey(secret=key("one"), name="one", surface=Surface.KIMI_CODE, account="a1",
+                         cooldown_until=now + 0.3, cooldown_reason="test"), now)
+    store.add_key(NewKey(secret=key("two"), name="two", surface=Surface.KIMI_CODE, account="a2",
+                         cooldown_until=now + 0.6, cooldown_reason="test"), now)
+    return LivePool(store)
+
+
+def job() -> Job:
+    return Job(Surface.KIMI_CODE, "api.kimi.com", "POST", PATH, ((b"authorization", b"Bearer placeholder"),), b"{}")
+
+
+async def test_max_wait_is_for_the_whole_request_not_for_each_attempt(live: LivePool) -> None:
+    # Key one frees after 0.3 s and answers 429; key two frees only at 0.6 s, past the request's 0.5 s budget.
+    # Waiting for it anew after the first attempt would hold the client for 0.6 s instead of answering at 0.3 s.
+    upstream = ScriptedUpstream({key("one").encode(): Answer(429, RATE_LIMITED),
+                                 key("two").encode(): Answer(200, b'{"ok": true}')})
+    failover = Failover(live, upstream, max_attempts=5, max_wait=0.5)  # type: ignore[arg-type]
+    started = time.monotonic()
+    final = await failover.run(job())
+    took = time.monotonic() - started
+    assert upstream.sent == [key("one").encode()]
+    assert final.response is not None and final.response.status == 429  # Kimi's own answer is passed on
+    assert 0.25 < took < 0.58, took  # answered before key two would have freed
+
+
+async def test_a_cooling_key_is_waited_for_within_max_wait(live: LivePool) -> None:
+    upstream = ScriptedUpstream({key("one").encode(): Answer(200, b'{"ok": true}')})
+    failover = Failover(live, upstream, max_attempts=5, max_wait=1)  # type: ignore[arg-type]
+    final = await failover.run(job())
+    assert upstream.sent == [key("one").encode()]
+    assert final.response is not None and final.response.status == 200
+
+
+async def test_unflushed_outcomes_are_bounded_while_the_store_cannot_be_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pool_module, "MAX_PENDING", 10)
+    store = Store(tmp_path / "home")
+    store.add_key(NewKey(secret=key("one"), name="one", surface=Surface.KIMI_CODE), time.time())
+    live = LivePool(store)  # not started: nothing is written, as during an outage
+    key_id = live.roster.keys[0].id
+    for _ in range(25):
+        live.record(key_id, Outcome(kind=OutcomeKind.SUCCESS, reason="200"), time.time())
+    assert len(live._unflushed) == 10
+    assert [p.seq for p in live._unflushed] == list(range(16, 26))  # the newest are kept
+    assert live.roster.keys[0].total_requests == 25  # the in-memory view has them all
