@@ -355,8 +355,7 @@ async def _to_mitmproxy(final: Final, path: str) -> http.Response:
     except UpstreamError as e:
         return error_response(502, f"kimi-rotate: Kimi's answer broke off ({e}). Try again", path)
     headers = http.Headers(final.headers_to_pass_on(len(raw)))
-    now = time.time()
-    return http.Response(b"HTTP/1.1", resp.status, resp.reason, headers, raw, None, now, now)
+    return http.Response(b"HTTP/1.1", resp.status, resp.reason, headers, raw, None, resp.received_at, time.time())
 
 
 def _upstream_tls(opts: object) -> ssl.SSLContext | bool:
