@@ -316,7 +316,7 @@ class UpstreamClient:
             try:
                 return await self._exchange(connection, host, method, request)
             except _Stale:
-                pass  # the server closed it while idle: the request never reached it
+                pass  # closed before a byte came back: nearly always closed while idle, unread (see _Stale)
         return await self._exchange(await self._connect(host), host, method, request)
 
     async def aclose(self) -> None:
@@ -442,7 +442,9 @@ class UpstreamClient:
 
 
 def _serialize(method: str, host: str, path: str, headers: Iterable[tuple[bytes, bytes]], body: bytes) -> bytes:
-    parts = [method.encode(), b" ", path.encode(), b" HTTP/1.1\r\nhost: ", host.encode(), b"\r\n"]
+    # mitmproxy hands a path's bytes that are not UTF-8 over as surrogates: they go out as the client sent them.
+    target = path.encode("utf-8", "surrogateescape")
+    parts = [method.encode(), b" ", target, b" HTTP/1.1\r\nhost: ", host.encode(), b"\r\n"]
     for name, value in headers:
         if name.lower() not in _DROP:
             parts += (name, b": ", value, b"\r\n")

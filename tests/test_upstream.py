@@ -351,6 +351,16 @@ async def test_empty_body_content_length(serve: Serve, make_client: MakeClient, 
     assert request.body == b""
 
 
+async def test_a_path_with_bytes_that_are_not_utf8_goes_out_as_sent(serve: Serve, make_client: MakeClient) -> None:
+    # mitmproxy decodes a request path as UTF-8 with surrogateescape; the client must send the original bytes.
+    server = await serve(replying(OK))
+    client = make_client(server.port)
+    response = await client.send("GET", HOST, b"/v1/caf\xe9?q=\xff".decode("utf-8", "surrogateescape"), [], b"")
+    assert await response.read() == b"ok"
+    [request] = server.requests
+    assert request.line == b"GET /v1/caf\xe9?q=\xff HTTP/1.1"
+
+
 # -- 2. response framing ---------------------------------------------------------------------------------------------
 
 
