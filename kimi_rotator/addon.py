@@ -234,11 +234,18 @@ class KimiRotate:
         if self.relay is not None and self.relay.port and _STREAM_FLAG.search(job.body):
             self._via_relay(flow, job)
             return
-        final = await self.failover.run(job)
         try:
-            flow.response = await _to_mitmproxy(final, job.path)
-        finally:
-            await final.aclose()
+            final = await self.failover.run(job)
+            try:
+                flow.response = await _to_mitmproxy(final, job.path)
+            finally:
+                await final.aclose()
+        except Exception:
+            # A bug of ours. Left to mitmproxy, the flow would go to Kimi without a key and come back a
+            # puzzling 401; the client gets a clear answer instead, and the log has the traceback.
+            log.exception("kimi-rotate: internal error while sending %s %s", job.method, job.path.split("?")[0])
+            flow.response = error_response(502, "kimi-rotate hit an internal error on this request (the proxy's "
+                                                "log has the details); please report it", job.path)
         self._annotate(flow, job)
 
     def _via_relay(self, flow: http.HTTPFlow, job: Job) -> None:

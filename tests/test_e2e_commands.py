@@ -7,6 +7,7 @@ options changed while the proxy runs, checked by the requests that follow throug
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -140,3 +141,19 @@ async def test_kimi_home_can_change_while_running(running: Running, fake: FakeKi
     assert [r.key_name for r in fake.requests] == ["one", "three"]
     await wait_until(lambda: read_keys(other)[0].total_requests == 1)  # outcomes reach the new store
     assert key_rows(other)["three"]["successful_requests"] == 1
+
+
+async def test_an_internal_error_answers_502_instead_of_sending_the_request_without_a_key(
+    running: Running, fake: FakeKimi, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(job: object) -> None:
+        raise RuntimeError("a bug in the failover loop")
+
+    assert running.addon.failover is not None
+    monkeypatch.setattr(running.addon.failover, "run", broken)
+    with caplog.at_level(logging.ERROR):
+        r = await running.ask()
+    assert r.status_code == 502
+    assert "internal error" in r.json()["error"]["message"]
+    assert fake.requests == []  # nothing went to Kimi with the client's placeholder
+    assert any("a bug in the failover loop" in (rec.exc_text or str(rec.exc_info)) for rec in caplog.records)
