@@ -25,7 +25,7 @@ from mitmproxy import command, connection, ctx, exceptions, http, tls
 from mitmproxy.proxy import server_hooks
 
 from . import engine
-from .envelopes import error_response
+from .envelopes import INTERNAL_ERROR, error_response
 from .failover import Failover, Final, Job, describe
 from .models import Surface
 from .pool import LivePool
@@ -244,8 +244,7 @@ class KimiRotate:
             # A bug of ours. Left to mitmproxy, the flow would go to Kimi without a key and come back a
             # puzzling 401; the client gets a clear answer instead, and the log has the traceback.
             log.exception("kimi-rotate: internal error while sending %s %s", job.method, job.path.split("?")[0])
-            flow.response = error_response(502, "kimi-rotate hit an internal error on this request (the proxy's "
-                                                "log has the details); please report it", job.path)
+            flow.response = error_response(502, INTERNAL_ERROR, job.path)
         self._annotate(flow, job)
 
     def _via_relay(self, flow: http.HTTPFlow, job: Job) -> None:

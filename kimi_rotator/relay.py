@@ -16,7 +16,7 @@ import secrets
 
 import h11
 
-from .envelopes import error_body, local_headers
+from .envelopes import INTERNAL_ERROR, error_body, local_headers
 from .failover import Failover, Final, Job
 from .upstream import UpstreamError
 
@@ -72,13 +72,20 @@ class Relay:
         except UpstreamError as e:
             # Kimi cut the stream after it began: closing our side passes the cut on, so the client's stream ends.
             log.info("kimi-rotate: the upstream stream broke off (%s)", e)
+        except Exception:
+            log.exception("kimi-rotate: internal error in the relay")  # closing ends the client's stream
         finally:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
     async def _answer(self, conn: h11.Connection, writer: asyncio.StreamWriter, job: Job) -> None:
-        final: Final = await self.failover.run(job)
+        try:
+            final: Final = await self.failover.run(job)
+        except Exception:  # a bug of ours: the client still gets an answer it can read
+            log.exception("kimi-rotate: internal error while sending %s %s", job.method, job.path.split("?")[0])
+            await _send_local(conn, writer, 502, INTERNAL_ERROR, job.path)
+            return
         try:
             if final.response is None:
                 await _send_local(conn, writer, final.status, final.message, job.path, final.retry_after)

@@ -68,11 +68,12 @@ class Running:
     def command(self, name: str) -> Any:
         return self.master.commands.call(name)
 
-    async def ask(self) -> httpx.Response:
+    async def ask(self, stream: bool = False) -> httpx.Response:
         verify = ssl.create_default_context(cafile=str(self.ca))
         async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{self.port}", verify=verify, trust_env=False,
                                      timeout=15) as client:
-            return await client.post(KC_CHAT, json=CHAT_BODY, headers={"authorization": f"Bearer {PLACEHOLDER}"})
+            return await client.post(KC_CHAT, json={**CHAT_BODY, "stream": stream},
+                                     headers={"authorization": f"Bearer {PLACEHOLDER}"})
 
 
 @pytest.fixture
@@ -151,9 +152,11 @@ async def test_an_internal_error_answers_502_instead_of_sending_the_request_with
 
     assert running.addon.failover is not None
     monkeypatch.setattr(running.addon.failover, "run", broken)
-    with caplog.at_level(logging.ERROR):
-        r = await running.ask()
-    assert r.status_code == 502
-    assert "internal error" in r.json()["error"]["message"]
+    for stream in (False, True):
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            r = await running.ask(stream=stream)
+        assert r.status_code == 502
+        assert "internal error" in r.json()["error"]["message"]
+        assert any("a bug in the failover loop" in str(rec.exc_info) for rec in caplog.records)
     assert fake.requests == []  # nothing went to Kimi with the client's placeholder
-    assert any("a bug in the failover loop" in (rec.exc_text or str(rec.exc_info)) for rec in caplog.records)
