@@ -26,8 +26,8 @@ READ_SIZE = 64 * 1024
 IDLE_SECONDS = 50.0  # pooled connections older than this are closed, not reused (servers drop them at ~60 s)
 MAX_IDLE_PER_HOST = 64
 CONNECT_TIMEOUT_CAP = 15.0
-# A host with IPv6 and IPv4 addresses: try the next address after this long instead of waiting out a dead route.
-HAPPY_EYEBALLS_DELAY = 0.25
+# No happy eyeballs (happy_eyeballs_delay): under mitmproxy 12's eager task factory, Python 3.12.1's
+# staggered_race fails an internal assertion on every connection. Addresses are tried in turn, as mitmproxy does.
 KIMI_PORT = 443
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
 # The client adds its own Host and Content-Length; hop-by-hop headers describe the client's own connection.
@@ -356,8 +356,7 @@ class UpstreamClient:
                 else:
                     address = self.settings.resolve.get(host, (host, KIMI_PORT))
                     reader, writer = await asyncio.open_connection(
-                        address[0], address[1], ssl=self._tls, server_hostname=host, limit=MAX_HEAD,
-                        happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY,
+                        address[0], address[1], ssl=self._tls, server_hostname=host, limit=MAX_HEAD
                     )
         except TimeoutError:
             raise UpstreamTimeout(f"connecting to {host} took longer than {timeout:g} s") from None
@@ -377,7 +376,6 @@ class UpstreamClient:
             reader, writer = await asyncio.open_connection(
                 proxy.hostname, port, ssl=self._tls if secure else None,
                 server_hostname=proxy.hostname if secure else None, limit=MAX_HEAD,
-                happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY,
             )
         except (OSError, ssl.SSLError) as e:
             raise ConnectFailed(f"cannot connect to the upstream proxy {proxy.hostname}:{port} ({_why(e)})") from None

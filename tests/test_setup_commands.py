@@ -8,11 +8,13 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from harness import KIMI_ROTATE, KeySpec, _clean_env, cli_keys, curl, kimi_key, reset_store, upstream_options
+from mitmproxy import version as mitmproxy_version
 
 from kimi_rotator.store import HOME_ENV
 
@@ -30,9 +32,9 @@ def _free_port() -> int:
 class CliProxy:
     """`kimi-rotate proxy` as a subprocess, reading its banner."""
 
-    def __init__(self, home: Path, confdir: Path, sets: dict[str, object]) -> None:
+    def __init__(self, home: Path, confdir: Path, sets: dict[str, object], extra: tuple[str, ...] = ()) -> None:
         self.port = _free_port()
-        args = [str(KIMI_ROTATE), "proxy", "--port", str(self.port), "--set", f"confdir={confdir}"]
+        args = [str(KIMI_ROTATE), "proxy", *extra, "--port", str(self.port), "--set", f"confdir={confdir}"]
         for name, value in sets.items():
             for v in value if isinstance(value, list) else [value]:
                 args += ["--set", f"{name}={v}"]
@@ -97,6 +99,34 @@ def test_proxy_serves_end_to_end_and_stops_cleanly_with_outcomes_stored(cli_prox
     assert proxy.stop() == 0
     key = cli_keys(home)["one"]
     assert (key["total_requests"], key["successful_requests"]) == (1, 1)
+
+
+def test_proxy_with_web_shows_kimi_flows_in_mitmweb(tmp_path: Path, pki, fake_kimi_server):
+    home, confdir, web_port = tmp_path / "home", tmp_path / "conf", _free_port()
+    reset_store(home, [KeySpec(KEY, "one")])
+    fake_kimi_server.reset()
+    fake_kimi_server.add_key(KEY, account="s", name="one")
+    sets: dict[str, object] = {**upstream_options(fake_kimi_server.port, pki.ca_cert), "web_port": web_port}
+    auth: dict[str, str] = {}
+    if int(mitmproxy_version.VERSION.split(".")[0]) >= 12:  # mitmweb 12 asks for a password (a token by default)
+        sets["web_password"] = "web-test-password"
+        auth = {"Authorization": "Bearer web-test-password"}
+    proxy = CliProxy(home, confdir, sets, extra=("--web",))
+    try:
+        r = curl(proxy.url, "https://api.kimi.com/coding/v1/chat/completions", ca=confdir / "mitmproxy-ca-cert.pem",
+                 headers={"authorization": "Bearer placeholder"}, body={"model": "kimi-for-coding", "messages": []})
+        assert r.status == 200, r
+        request = urllib.request.Request(f"http://127.0.0.1:{web_port}/flows", headers=auth)
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            flows = json.load(answer)
+    finally:
+        assert proxy.stop() == 0
+    [flow] = [f for f in flows if f["request"]["path"] == "/coding/v1/chat/completions"]
+    assert flow["response"]["status_code"] == 200
+    assert flow["comment"].startswith("one sk-kimi-…") and flow["comment"].endswith(": 200")
+    headers = dict((k.lower(), v) for k, v in flow["request"]["headers"])
+    assert headers["authorization"].startswith("Bearer kimi-rotate:")  # the placeholder, never the key
+    assert KEY not in json.dumps(flows)
 
 
 def test_proxy_with_no_keys_starts_and_says_how_to_add_one(tmp_path: Path):
