@@ -25,12 +25,15 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from kimi_rotator.models import KeyRecord, PoolSettings, Strategy, Surface
 from kimi_rotator.store import HOME_ENV, NewKey, Store
+
+if TYPE_CHECKING:  # the fake is only passed in here, never built: the hints need the class, the code does not
+    from fakekimi import FakeKimi
 
 REPO = Path(__file__).resolve().parent.parent
 KIMI_SCRIPT = REPO / "kimi_rotate.py"
@@ -123,6 +126,24 @@ def reset_store(
     if settle:
         time.sleep(STORE_SETTLE)
     return added
+
+
+def prepare_pool(
+    fake: FakeKimi,
+    ca: Path,
+    home: Path,
+    specs: Sequence[KeySpec],
+    *,
+    fake_specs: Iterable[KeySpec] | None = None,
+    strategy: Strategy = Strategy.HEALTH_BASED,
+) -> dict[str, object]:
+    """Ready a pool on the fake upstream: the fake accepts `fake_specs` (default `specs`; more when a test adds keys
+    later), the store at `home` holds exactly `specs` with `strategy`, and the returned options (`upstream_options`)
+    send a proxy's Kimi hosts to the fake and trust its CA (`ca`)."""
+    for spec in specs if fake_specs is None else fake_specs:
+        fake.add_key(spec.secret, account=spec.account or "none", name=spec.name)
+    reset_store(home, specs, strategy)
+    return upstream_options(fake.port, ca)
 
 
 def read_keys(home: Path) -> list[KeyRecord]:

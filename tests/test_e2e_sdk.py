@@ -25,8 +25,8 @@ from harness import (
     ProxyProcess,
     cli_keys,
     kimi_key,
+    prepare_pool,
     reset_store,
-    upstream_options,
     wait_keys,
 )
 
@@ -48,11 +48,8 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def proxy(module_proxy_factory: Any, fake_kimi_server: FakeKimi, pki: Any, home: Path) -> ProxyProcess:
-    for spec in KEYS:
-        fake_kimi_server.add_key(spec.secret, account=spec.account or "none", name=spec.name)
-    reset_store(home, KEYS)
-    options = {**upstream_options(fake_kimi_server.port, pki.ca_cert), "kimi_max_wait": 0}
-    return module_proxy_factory(home, options)
+    options = prepare_pool(fake_kimi_server, pki.ca_cert, home, KEYS)
+    return module_proxy_factory(home, {**options, "kimi_max_wait": 0})
 
 
 @pytest.fixture

@@ -31,9 +31,8 @@ from harness import (
     KeySpec,
     ProxyProcess,
     kimi_key,
+    prepare_pool,
     read_keys,
-    reset_store,
-    upstream_options,
 )
 
 from kimi_rotator.models import Strategy
@@ -115,11 +114,8 @@ def test_kill_9_twenty_times_under_load(
     """Two lanes of 10 rounds run side by side on the one store (a kill in one lane lands while the other lane's
     proxy writes too), which also halves the wall time of twenty restarts."""
     fake = fake_kimi
-    for spec in KEYS:
-        fake.add_key(spec.secret, account=spec.account or "none", name=spec.name)
     home = tmp_path / "home"
-    reset_store(home, KEYS, Strategy.ROUND_ROBIN)
-    options = upstream_options(fake.port, pki.ca_cert)
+    options = prepare_pool(fake, pki.ca_cert, home, KEYS, strategy=Strategy.ROUND_ROBIN)
     restart_s: list[float] = []
     first_s: list[float] = []
     totals: list[list[int]] = [[], []]

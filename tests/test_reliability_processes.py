@@ -37,10 +37,9 @@ from harness import (
     KeySpec,
     ProxyProcess,
     kimi_key,
+    prepare_pool,
     read_keys,
-    reset_store,
     run_cli,
-    upstream_options,
 )
 
 from kimi_rotator.models import Strategy
@@ -144,11 +143,9 @@ def test_four_proxies_and_the_cli_share_one_store(
     tmp_path: Path, pki: Any, mitm_confdir: Path, fake_kimi: FakeKimi
 ) -> None:
     fake = fake_kimi
-    for spec in [*STORE_KEYS, *EXTRAS]:
-        fake.add_key(spec.secret, account=spec.account or "none", name=spec.name)
     home = tmp_path / "home"
-    reset_store(home, STORE_KEYS, Strategy.ROUND_ROBIN)
-    options = upstream_options(fake.port, pki.ca_cert)
+    options = prepare_pool(fake, pki.ca_cert, home, STORE_KEYS, fake_specs=[*STORE_KEYS, *EXTRAS],
+                           strategy=Strategy.ROUND_ROBIN)
     proxies = [ProxyProcess(tmp_path / f"proxy{i}", home, options, confdir=mitm_confdir) for i in range(4)]
     drivers: list[subprocess.Popen[str]] = []
     try:
