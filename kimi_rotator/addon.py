@@ -254,6 +254,7 @@ class KimiRotate:
         state = RelayedFlow(job=job, token=self.relay.register(job), original=original)
         self.relayed[flow.id] = state
         hide_credential(req.headers, "relay")  # the relay takes the credential from the job
+        _set_body(req, b"")  # and the body: a large prompt is not copied over loopback (restored on the way back)
         req.scheme, req.host, req.port = "http", "127.0.0.1", self.relay.port
         req.host_header = original[3]
         req.headers[TOKEN_HEADER] = state.token
@@ -293,6 +294,7 @@ class KimiRotate:
         req.scheme, req.host, req.port = scheme, host, port
         req.host_header = host_header
         req.headers.pop(TOKEN_HEADER, None)
+        _set_body(req, state.job.body)
         state.original = None
 
     def _annotate(self, flow: http.HTTPFlow, job: Job) -> None:
@@ -346,6 +348,13 @@ class KimiRotate:
         if isinstance(result, engine.NoEligibleKey):
             return "kimi-rotate: no other key is eligible"
         return f"kimi-rotate: now using {describe(result.key)}"
+
+
+def _set_body(request: http.Request, body: bytes) -> None:
+    """Swap a request's raw body, keeping a Content-Length header true (a chunked request has none)."""
+    request.raw_content = body
+    if "content-length" in request.headers:
+        request.headers["content-length"] = str(len(body))
 
 
 async def _to_mitmproxy(final: Final, path: str) -> http.Response:

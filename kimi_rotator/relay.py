@@ -5,6 +5,9 @@ sent in one piece (upstream issue #8103). So streaming Kimi requests are pointed
 it runs the failover loop with the addon's own client and pipes the winning response to
 mitmproxy as it arrives, which streams it on to the client. Only 127.0.0.1 listens, and a request
 is served only with the one-time token the addon registered for it.
+
+Its only peer is mitmproxy, which sends it a bare request head (the addon keeps the body in the
+job), so it speaks just enough HTTP/1.1 for that: a head in, a head and a chunked or sized body out.
 """
 
 from __future__ import annotations
@@ -14,15 +17,14 @@ import contextlib
 import logging
 import secrets
 
-import h11
-
 from .envelopes import INTERNAL_ERROR, error_body, local_headers
 from .failover import Failover, Final, Job
-from .upstream import UpstreamError
+from .upstream import MAX_HEAD, UpstreamError, read_chunks
 
 log = logging.getLogger(__name__)
 
 TOKEN_HEADER = "x-kimi-rotate-relay"
+_TOKEN = TOKEN_HEADER.encode()
 _READ_SIZE = 65536
 
 
@@ -34,7 +36,7 @@ class Relay:
         self.port = 0
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, limit=MAX_HEAD)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -51,22 +53,22 @@ class Relay:
         self._jobs.pop(token, None)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h11.Connection(h11.SERVER)
         try:
             while True:
-                request = await _next_request(conn, reader)
-                if request is None:
-                    return
-                job = self._jobs.pop(_header(request, TOKEN_HEADER) or "", None)
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    return  # mitmproxy closed the idle connection
+                request = _RequestHead(head)
+                await request.drain_body(reader)
+                job = self._jobs.pop(request.token, None)
                 if job is None:
-                    await _send_local(conn, writer, 403, "not a kimi-rotate relay request", "/")
-                else:
-                    await self._answer(conn, writer, job)
-                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    await _send_local(writer, 403, "not a kimi-rotate relay request", "/")
                     return
-                conn.start_next_cycle()
-        except (ConnectionError, h11.ProtocolError, asyncio.IncompleteReadError):
-            pass  # mitmproxy went away (the client hung up); nothing to answer
+                if not await self._answer(writer, job) or not request.keep_alive:
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            pass  # mitmproxy went away (the client hung up), or sent what it never sends; nothing to answer
         except asyncio.CancelledError:
             pass  # the proxy is shutting down with this connection open
         except UpstreamError as e:
@@ -79,73 +81,79 @@ class Relay:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _answer(self, conn: h11.Connection, writer: asyncio.StreamWriter, job: Job) -> None:
+    async def _answer(self, writer: asyncio.StreamWriter, job: Job) -> bool:
+        """Run the job and send its answer; False when the connection must close afterwards."""
         try:
             final: Final = await self.failover.run(job)
         except Exception:  # a bug of ours: the client still gets an answer it can read
             log.exception("kimi-rotate: internal error while sending %s %s", job.method, job.path.split("?")[0])
-            await _send_local(conn, writer, 502, INTERNAL_ERROR, job.path)
-            return
+            await _send_local(writer, 502, INTERNAL_ERROR, job.path)
+            return True
         try:
-            if final.response is None:
-                await _send_local(conn, writer, final.status, final.message, job.path, final.retry_after)
-                return
             resp = final.response
+            if resp is None:
+                await _send_local(writer, final.status, final.message, job.path, final.retry_after)
+                return True
             headers = final.headers_to_pass_on(final.body_length())
-            _write(conn, writer, h11.Response(status_code=resp.status, reason=resp.reason, headers=headers))
-            async for chunk in final.aiter_body():
-                _write(conn, writer, h11.Data(data=chunk))
+            if job.method == "HEAD" or resp.status in (204, 304):  # no body, whatever the headers say
+                writer.write(_head(resp.status, resp.reason, headers))
                 await writer.drain()
-            _write(conn, writer, h11.EndOfMessage())
+                return True
+            sized = any(name.lower() == b"content-length" for name, _ in headers)
+            writer.write(_head(resp.status, resp.reason, headers if sized else [*headers, _CHUNKED]))
+            async for chunk in final.aiter_body():
+                writer.write(chunk if sized else b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                await writer.drain()
+            if not sized:
+                writer.write(b"0\r\n\r\n")
             await writer.drain()
+            return True
         finally:
             await final.aclose()
 
 
-async def _next_request(conn: h11.Connection, reader: asyncio.StreamReader) -> h11.Request | None:
-    """The next request, with its body drained (the job already holds the body)."""
-    request: h11.Request | None = None
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            data = await reader.read(_READ_SIZE)
-            conn.receive_data(data)
-            if not data and request is None:
-                return None
-            continue
-        if isinstance(event, h11.Request):
-            request = event
-        elif isinstance(event, h11.EndOfMessage):
-            return request
-        elif isinstance(event, h11.ConnectionClosed):
-            return None
+_CHUNKED = (b"transfer-encoding", b"chunked")
 
 
-def _header(request: h11.Request, name: str) -> str | None:
-    wanted = name.encode()
-    for k, v in request.headers:
-        if k == wanted:
-            return bytes(v).decode("latin-1")
-    return None
+class _RequestHead:
+    """The parts of mitmproxy's request head the relay needs."""
+
+    def __init__(self, head: bytes) -> None:
+        self.token = ""
+        self.length = 0
+        self.chunked = False
+        self.keep_alive = True
+        for line in head[:-4].split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            name, value = name.strip().lower(), value.strip()
+            if name == _TOKEN:
+                self.token = value.decode("latin-1")
+            elif name == b"content-length":
+                self.length = int(value)  # ValueError on garbage: the connection is dropped
+            elif name == b"transfer-encoding":
+                self.chunked = value.lower().endswith(b"chunked")
+            elif name == b"connection":
+                self.keep_alive = b"close" not in value.lower()
+
+    async def drain_body(self, reader: asyncio.StreamReader) -> None:
+        """Read past the body, if mitmproxy sent one (the job already holds it)."""
+        if self.chunked:
+            async for _ in read_chunks(reader, timeout=30):
+                pass
+        elif self.length:
+            await reader.readexactly(self.length)
 
 
-def _write(conn: h11.Connection, writer: asyncio.StreamWriter, event: h11._events.Event) -> None:
-    data = conn.send(event)
-    if data:
-        writer.write(data)
+def _head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    lines = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+    lines += [b"%b: %b\r\n" % (name, value) for name, value in headers]
+    return b"".join(lines) + b"\r\n"
 
 
 async def _send_local(
-    conn: h11.Connection,
-    writer: asyncio.StreamWriter,
-    status: int,
-    message: str,
-    path: str,
-    retry_after: float | None = None,
+    writer: asyncio.StreamWriter, status: int, message: str, path: str, retry_after: float | None = None
 ) -> None:
     body = error_body(status, message, path)
-    headers = [*local_headers(retry_after).items(), ("content-length", str(len(body)))]
-    _write(conn, writer, h11.Response(status_code=status, headers=headers))
-    _write(conn, writer, h11.Data(data=body))
-    _write(conn, writer, h11.EndOfMessage())
+    headers = [(k.encode(), v.encode()) for k, v in local_headers(retry_after).items()]
+    writer.write(_head(status, b"", [*headers, (b"content-length", b"%d" % len(body))]) + body)
     await writer.drain()

@@ -169,7 +169,7 @@ class Response:
                     self._remaining -= len(data)
                     yield data
             elif self._framing == "chunked":
-                async for chunk in _chunks(reader, timeout):
+                async for chunk in read_chunks(reader, timeout):
                     yield chunk
             elif self._framing == "close":
                 while True:
@@ -225,7 +225,7 @@ class Response:
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
 
 
-async def _chunks(reader: asyncio.StreamReader, timeout: float) -> AsyncIterator[bytes]:
+async def read_chunks(reader: asyncio.StreamReader, timeout: float) -> AsyncIterator[bytes]:
     """A chunked body's data as it arrives; a large chunk comes in pieces, never buffered whole."""
     while True:
         async with asyncio.timeout(timeout):

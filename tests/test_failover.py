@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -56,7 +57,7 @@ class ScriptedUpstream:
                    ) -> Answer:
         credential = dict(headers)[b"authorization"].removeprefix(b"Bearer ")
         self.sent.append(credential)
-        return self.answers[credential]
+        return dataclasses.replace(self.answers[credential])  # a fresh answer each time: reading one uses it up
 
     async def aclose(self) -> None:
         pass

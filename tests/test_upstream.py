@@ -582,7 +582,7 @@ def test_chunked_decoding_property(body: bytes, cuts: list[int], upper: bool, ex
         reader = asyncio.StreamReader()
         reader.feed_data(wire)
         reader.feed_eof()
-        chunks = [chunk async for chunk in upstream._chunks(reader, 1.0)]
+        chunks = [chunk async for chunk in upstream.read_chunks(reader, 1.0)]
         return chunks, await reader.read()
 
     assert asyncio.run(decode()) == (pieces, b"HTTP/1.1 next")
