@@ -12,6 +12,7 @@ kimi_intercept_all is set.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import ssl
@@ -73,6 +74,7 @@ class KimiRotate:
         self.relay: Relay | None = None
         self.relayed: dict[str, RelayedFlow] = {}
         self._warned: set[Surface] = set()
+        self._after_tlsconfig: AfterTlsConfig | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # set once running: pools opened later start at once
 
     # -- options -------------------------------------------------------------------------------
@@ -151,6 +153,9 @@ class KimiRotate:
             _spawn(old.upstream.aclose())
 
     def running(self) -> None:
+        if self._after_tlsconfig is None:
+            self._after_tlsconfig = AfterTlsConfig(self)
+            ctx.master.addons.add(self._after_tlsconfig)
         loop = self._loop = asyncio.get_running_loop()
         if self.pool is not None:
             self.pool.start(loop)
@@ -159,6 +164,10 @@ class KimiRotate:
             _spawn(self.relay.start())
 
     def done(self) -> None:
+        if self._after_tlsconfig is not None:  # a reloaded script adds its own
+            with contextlib.suppress(exceptions.AddonManagerError):
+                ctx.master.addons.remove(self._after_tlsconfig)
+            self._after_tlsconfig = None
         self._close_pool()
         if self.relay is not None:
             _spawn(self.relay.stop())
@@ -175,17 +184,16 @@ class KimiRotate:
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         """Decrypt only connections whose target and server name are a Kimi host on 443."""
+        if not self.is_kimi_tls(data) and not ctx.options.kimi_intercept_all:
+            data.ignore_connection = True
+
+    def is_kimi_tls(self, data: tls.ClientHelloData) -> bool:
         address = data.context.server.address
         sni = data.client_hello.sni
-        if address is not None and sni is not None:
-            host, port = real_target(address, self.resolved_back, sni)
-            if port == KIMI_PORT and host in self.hosts and normalize_host(sni) == host:
-                # The addon's own client carries these requests: no connection of mitmproxy's is needed
-                # (eager strategy would open one now, idle beside ours); the certificate follows the SNI.
-                data.establish_server_tls_first = False
-                return
-        if not ctx.options.kimi_intercept_all:
-            data.ignore_connection = True
+        if address is None or sni is None:
+            return False
+        host, port = real_target(address, self.resolved_back, sni)
+        return port == KIMI_PORT and host in self.hosts and normalize_host(sni) == host
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         """Accept a tunnel to a Kimi host at once instead of connecting first (eager strategy).
@@ -348,6 +356,26 @@ class KimiRotate:
         if isinstance(result, engine.NoEligibleKey):
             return "kimi-rotate: no other key is eligible"
         return f"kimi-rotate: now using {describe(result.key)}"
+
+
+class AfterTlsConfig:
+    """Keeps mitmproxy from connecting to Kimi itself when a client's TLS handshake starts.
+
+    Kimi requests go out through the addon's own client, so a connection of mitmproxy's would only
+    sit idle (and cost a TLS handshake per client connection). mitmproxy's tlsconfig addon asks for
+    one under the eager strategy in its tls_clienthello hook, and in mitmdump and mitmweb it comes
+    after scripts in the addon chain: this hook, added at the end of the chain, has the last word.
+    Without that connection the certificate shown to the client follows its server name.
+    """
+
+    name = "kimi_rotate_after_tlsconfig"
+
+    def __init__(self, rotate: KimiRotate) -> None:
+        self.rotate = rotate
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        if self.rotate.is_kimi_tls(data):
+            data.establish_server_tls_first = False
 
 
 def _set_body(request: http.Request, body: bytes) -> None:

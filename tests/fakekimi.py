@@ -951,6 +951,7 @@ class FakeKimi:
         self._stop = threading.Event()
         self._slots = threading.BoundedSemaphore(max_connections)
         self._conn_ids = itertools.count(1)
+        self._handshakes = 0  # TLS handshakes completed since the last reset()
         self._sni: dict[int, str] = {}
         self._conn_meta: dict[int, tuple[int, str | None]] = {}
         self._socks: set[ssl.SSLSocket] = set()
@@ -1036,6 +1037,12 @@ class FakeKimi:
         return f"https://127.0.0.1:{self.port}"
 
     @property
+    def handshakes(self) -> int:
+        """TLS handshakes completed since the last reset(): how many connections clients opened."""
+        with self._lock:
+            return self._handshakes
+
+    @property
     def live_connections(self) -> int:
         with self._lock:
             return len(self._socks)
@@ -1076,6 +1083,7 @@ class FakeKimi:
             with self._lock:
                 sni = self._sni.pop(id(tls), None)
                 self._conn_meta[id(tls)] = (next(self._conn_ids), sni)
+                self._handshakes += 1
             _Handler(tls, tls.getpeername(), server)
         except Exception:
             pass  # handshake failures, resets, faults and shutdown all end up here; the client sees the effect
@@ -1389,6 +1397,7 @@ class FakeKimi:
             self._peak.clear()
             self._usage.clear()
             self._balances.clear()
+            self._handshakes = 0
 
     # -- clients -----------------------------------------------------------------------------------------------------
 

@@ -96,6 +96,17 @@ def ask(proxy: ProxyProcess, *, stream: bool, headers: dict[str, str] | None = N
 # -- rotation order per strategy -------------------------------------------------------------------------------------
 
 
+def test_mitmproxy_opens_no_connection_of_its_own_to_kimi(proxy: ProxyProcess, fake: FakeKimi) -> None:
+    """Kimi requests go out through the addon's pooled client. Under the default eager strategy, mitmproxy's tlsconfig
+    addon (after scripts in mitmdump's chain) would also open a connection when each client's TLS starts: idle, and
+    a TLS handshake per client connection."""
+    assert ask(proxy, stream=False)[0] == 200  # the addon's pool now holds a connection
+    fake.reset()
+    for _ in range(3):  # each curl is a new client connection to the proxy
+        assert ask(proxy, stream=False)[0] == 200
+    assert fake.handshakes <= 1, fake.handshakes  # the pooled connection was reused (or reopened once)
+
+
 def test_round_robin_cycles_over_the_keys(proxy: ProxyProcess, fake: FakeKimi, home: Path) -> None:
     reset_store(home, KEYS, Strategy.ROUND_ROBIN, settle=True)
     for i in range(6):  # buffered and streamed requests share one rotation
