@@ -398,7 +398,8 @@ async def _to_mitmproxy(final: Final, path: str) -> http.Response:
     except UpstreamError as e:
         return error_response(502, f"kimi-rotate: Kimi's answer broke off ({e}). Try again", path)
     headers = http.Headers(final.headers_to_pass_on(len(raw)))
-    return http.Response(b"HTTP/1.1", resp.status, resp.reason, headers, raw, None, resp.received_at, time.time())
+    now = time.time()  # mitmproxy stamps the start itself when a request hook sets the response
+    return http.Response(b"HTTP/1.1", resp.status, resp.reason, headers, raw, None, now, now)
 
 
 def _upstream_tls(opts: object) -> ssl.SSLContext | bool:

@@ -128,7 +128,6 @@ class Response:
         self.status = status
         self.reason = reason
         self.headers = headers  # as received: raw bytes, order and repeats kept
-        self.received_at = time.time()  # when the head arrived (wall clock, as mitmproxy's flow timestamps)
         self._client = client
         self._pool_key = pool_key
         self._connection: _Connection | None = connection
