@@ -153,15 +153,19 @@ class KimiRotate:
             _spawn(old.upstream.aclose())
 
     def running(self) -> None:
-        if self._after_tlsconfig is None:
-            self._after_tlsconfig = AfterTlsConfig(self)
-            ctx.master.addons.add(self._after_tlsconfig)
         loop = self._loop = asyncio.get_running_loop()
         if self.pool is not None:
             self.pool.start(loop)
         if self.failover is not None and self.relay is None:
             self.relay = Relay(self.failover)
             _spawn(self.relay.start())
+        if self._after_tlsconfig is None:
+            after = AfterTlsConfig(self)
+            try:
+                ctx.master.addons.add(after)
+                self._after_tlsconfig = after
+            except exceptions.AddonManagerError as e:  # never worth failing `running` over (a reload would stop)
+                log.warning("kimi-rotate: %s; mitmproxy may open idle connections to Kimi", e)
 
     def done(self) -> None:
         if self._after_tlsconfig is not None:  # a reloaded script adds its own

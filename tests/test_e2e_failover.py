@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +22,7 @@ from harness import (
     CHAT_BODY,
     KC_CHAT,
     KC_MESSAGES,
+    KIMI_SCRIPT,
     MESSAGES_BODY,
     PLACEHOLDER,
     KeySpec,
@@ -32,6 +34,7 @@ from harness import (
     kimi_key,
     prepare_pool,
     proxy_client,
+    read_keys,
     reset_store,
     sse_texts,
     stream_request,
@@ -105,6 +108,44 @@ def test_mitmproxy_opens_no_connection_of_its_own_to_kimi(proxy: ProxyProcess, f
     for _ in range(3):  # each curl is a new client connection to the proxy
         assert ask(proxy, stream=False)[0] == 200
     assert fake.handshakes <= 1, fake.handshakes  # the pooled connection was reused (or reopened once)
+
+
+class ScriptCopyProxy(ProxyProcess):
+    """A proxy loading its own copy of kimi_rotate.py, so a test can touch it without touching the repository's."""
+
+    def __init__(self, script: Path, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.script = script
+
+    def command(self) -> list[str]:
+        return [str(self.script) if part == str(KIMI_SCRIPT) else part for part in super().command()]
+
+
+def test_the_script_reloads_in_place(tmp_path: Path, fake: FakeKimi, mitm_confdir: Path, pki: Any, home: Path
+                                     ) -> None:
+    """mitmdump reloads a changed script: the old addon is torn down (its helper addon removed from the chain) and
+    the new one serves at once, streaming and not."""
+    script = tmp_path / "kimi_rotate.py"
+    script.write_text(KIMI_SCRIPT.read_text())
+    options = {**upstream_options(fake.port, pki.ca_cert), "kimi_max_wait": 0}
+    proxy = ScriptCopyProxy(script, tmp_path / "proxy", home, options, confdir=mitm_confdir).start()
+    try:
+        assert ask(proxy, stream=False)[0] == 200
+        loads = proxy.log_text().count("Loading script")
+        later = time.time() + 5
+        os.utime(script, (later, later))
+        deadline = time.monotonic() + 10
+        while proxy.log_text().count("Loading script") == loads:
+            assert time.monotonic() < deadline, proxy.log_text()[-2000:]
+            time.sleep(0.05)
+        time.sleep(0.3)  # the new addon's running hook, and its relay listening
+        before = sum(k.total_requests for k in read_keys(home))
+        assert [ask(proxy, stream=stream)[0] for stream in (False, True)] == [200, 200]
+        wait_keys(home, lambda ks: sum(k.total_requests for k in ks) >= before + 2)  # its store writer runs
+        log = proxy.log_text()
+        assert "Addon error" not in log and "already exists" not in log and "Traceback" not in log, log[-3000:]
+    finally:
+        proxy.stop()
 
 
 def test_round_robin_cycles_over_the_keys(proxy: ProxyProcess, fake: FakeKimi, home: Path) -> None:
