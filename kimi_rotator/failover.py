@@ -22,7 +22,6 @@ from .upstream import Response, UpstreamClient, UpstreamError, UpstreamTimeout
 
 ERROR_BODY_LIMIT = 1 << 20  # error bodies are small; never buffer more than this to classify one
 SERVER_RETRIES = 1  # server-scope failures (5xx, no connection) are retried once, on another key
-_HOP_BY_HOP = frozenset(name.encode() for name in HOP_BY_HOP)
 
 
 @dataclass
@@ -79,7 +78,7 @@ class Final:
         Raw bytes, as they came: a header value may be any bytes, and decoding it would garble it.
         """
         assert self.response is not None
-        drop = set(_HOP_BY_HOP)
+        drop = set(HOP_BY_HOP)
         if self.retry_after is not None:
             drop.add(b"retry-after")
         if body_length is not None:

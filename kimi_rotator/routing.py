@@ -17,9 +17,10 @@ DEFAULT_HOSTS: dict[str, Surface] = {
 }
 KIMI_PORT = 443
 PLACEHOLDER_PREFIX = "kimi-rotate:"
+# Headers about one connection, never passed on (lower-case, raw: headers are handled as bytes).
 HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "upgrade", "trailer",
-     "proxy-authorization", "proxy-authenticate"}
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"upgrade", b"trailer",
+     b"proxy-authorization", b"proxy-authenticate"}
 )
 
 

@@ -31,7 +31,7 @@ CONNECT_TIMEOUT_CAP = 15.0
 KIMI_PORT = 443
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
 # The client adds its own Host and Content-Length; hop-by-hop headers describe the client's own connection.
-_DROP = frozenset({name.encode() for name in HOP_BY_HOP} | {b"host", b"content-length"})
+_DROP = HOP_BY_HOP | {b"host", b"content-length"}
 
 
 class UpstreamError(Exception):
