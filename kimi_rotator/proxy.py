@@ -107,7 +107,7 @@ class CachedAddonManager(addonmanager.AddonManager):
     The stock manager walks the whole chain for every event, and again for the `update` event that
     follows each flow event, through a generator and a context manager per addon: on a request that
     walk cost more than all of kimi-rotate's own work. Here the handlers of an event name are found
-    once and kept until an addon is added or removed. An error in a handler is logged and the event
+    once and kept until an addon is registered or removed. An error in a handler is logged and the event
     goes on (as `safecall` does); AddonHalt stops the event.
     """
 
@@ -115,9 +115,9 @@ class CachedAddonManager(addonmanager.AddonManager):
         super().__init__(m)
         self._handlers: dict[str, list[Callable[..., Any]]] = {}
 
-    def add(self, *addons: Any) -> None:
-        super().add(*addons)
+    def register(self, addon: Any) -> Any:  # what `add` and addons that manage children both go through
         self._handlers.clear()
+        return super().register(addon)
 
     def remove(self, addon: Any) -> None:
         super().remove(addon)

@@ -74,7 +74,15 @@ async def test_the_cache_follows_addons_added_and_removed(manager: CachedAddonMa
     await fire(manager)
     manager.remove(first)
     await fire(manager)
-    assert seen == ["a.request", "a.request", "b.request", "b.request"]
+    parent = Parent(seen)
+    manager.add(parent)
+    await fire(manager)
+    late_child = Recorder("late", seen)  # an addon that manages children registers them itself
+    parent.addons.append(late_child)
+    manager.register(late_child)
+    await fire(manager)
+    assert seen == ["a.request", "a.request", "b.request", "b.request", "b.request", "child.request",
+                    "b.request", "child.request", "late.request"]
 
 
 async def test_a_failing_handler_is_logged_and_the_event_goes_on(
