@@ -27,7 +27,7 @@ from mitmproxy.proxy import server_hooks
 
 from . import engine
 from .envelopes import INTERNAL_ERROR, error_response
-from .failover import Failover, Final, Job, describe
+from .failover import Failover, Final, Job, broke_off, describe
 from .models import Surface
 from .pool import LivePool
 from .relay import TOKEN_HEADER, Relay
@@ -400,7 +400,7 @@ async def _to_mitmproxy(final: Final, path: str) -> http.Response:
         return error_response(504, "Kimi stopped sending its answer; kimi-rotate gave up waiting "
                                    "(kimi_upstream_timeout). Try again", path)
     except UpstreamError as e:
-        return error_response(502, f"kimi-rotate: Kimi's answer broke off ({e}). Try again", path)
+        return error_response(502, broke_off(e), path)
     headers = http.Headers(final.headers_to_pass_on(len(raw)))
     now = time.time()  # mitmproxy stamps the start itself when a request hook sets the response
     return http.Response(b"HTTP/1.1", resp.status, resp.reason, headers, raw, None, now, now)

@@ -188,9 +188,11 @@ class Failover:
             return Final(response=response), classify(response.status, _text(response.headers), b"", now, latency), 200
         try:
             raw = await response.read(limit=ERROR_BODY_LIMIT)
-        except UpstreamError:
-            raw = b""  # a cut-off error body is still classified on its status and headers
+        except UpstreamError as e:
+            # Classified on its status and headers; the client gets a clear 502, not a head whose body never comes.
             await response.aclose()
+            verdict = classify(response.status, _text(response.headers), b"", now, latency)
+            return Final(status=502, message=broke_off(e)), verdict, response.status
         body = decode_body(raw, response.header("content-encoding"))
         verdict = classify(response.status, _text(response.headers), body, now, latency)
         return Final(response=response, body_start=raw), verdict, response.status
@@ -209,6 +211,10 @@ class Failover:
         if isinstance(result, engine.Selection):  # keys remain, but this request used its attempts
             return Final(status=429, message="kimi-rotate: every attempt for this request was refused", retry_after=1)
         return no_key_answer(surface, result, now)
+
+
+def broke_off(error: UpstreamError) -> str:
+    return f"kimi-rotate: Kimi's answer broke off ({error}). Try again"
 
 
 def _text(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:

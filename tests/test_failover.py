@@ -16,6 +16,7 @@ from kimi_rotator.failover import Failover, Job
 from kimi_rotator.models import Outcome, OutcomeKind, Surface
 from kimi_rotator.pool import LivePool
 from kimi_rotator.store import NewKey, Store
+from kimi_rotator.upstream import BrokenResponse
 
 PATH = "/coding/v1/chat/completions"
 RATE_LIMITED = json.dumps({"error": {"type": "rate_limit_reached_error",
@@ -31,16 +32,19 @@ class Answer:
     headers: list[tuple[bytes, bytes]] = field(default_factory=lambda: [(b"content-type", b"application/json")])
     reason: bytes = b""
     complete: bool = False
+    broken: bool = False  # the connection breaks off before the body has come (then nothing more comes)
 
     def header(self, name: str) -> str | None:
         return next((v.decode() for k, v in self.headers if k.decode().lower() == name), None)
 
     async def read(self, limit: int | None = None) -> bytes:
+        if self.broken:
+            raise BrokenResponse("the connection to Kimi broke off mid-answer (ConnectionResetError)")
         self.complete = True
         return self.body
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
-        if not self.complete:
+        if not self.complete and not self.broken:
             self.complete = True
             yield self.body
 
@@ -102,6 +106,19 @@ async def test_a_cooling_key_is_waited_for_within_max_wait(live: LivePool) -> No
     final = await failover.run(job())
     assert upstream.sent == [key("one").encode()]
     assert final.response is not None and final.response.status == 200
+
+
+async def test_an_error_answer_cut_off_mid_body_is_classified_and_answered_with_a_502(live: LivePool) -> None:
+    # The 429 still fails over to the next key; a 400 (passed on) becomes a clear 502, not its head with no body.
+    long_400 = Answer(400, b"", headers=[(b"content-type", b"application/json"), (b"content-length", b"500")],
+                      broken=True)
+    upstream = ScriptedUpstream({key("one").encode(): Answer(429, RATE_LIMITED, broken=True),
+                                 key("two").encode(): long_400})
+    failover = Failover(live, upstream, max_attempts=5, max_wait=1)  # type: ignore[arg-type]
+    final = await failover.run(job())
+    assert upstream.sent == [key("one").encode(), key("two").encode()]
+    assert (final.response, final.status) == (None, 502)
+    assert "Kimi's answer broke off" in final.message and "ConnectionResetError" in final.message
 
 
 async def test_unflushed_outcomes_are_bounded_while_the_store_cannot_be_written(
