@@ -384,13 +384,19 @@ def rotate() -> None:
     with _store() as store:
         result = store.rotate(now)
         keys = store.keys()
+        active_id = store.settings().active_key_id
     if isinstance(result, engine.NoEligibleKey):
         if result.total == 0:
             raise CliError("no keys configured; add one with `kimi-rotate add-key`")
-        detail = f"{result.total} key(s): {result.cooling} cooling, {result.disabled} disabled"
+        # rotate stays on the platform of the key in use, so name it: a key of another platform is no way out.
+        active = next((k for k in keys if k.id == active_id), None)
+        platform = f"{active.surface.value} " if active is not None else ""
+        detail = f"{result.total} {platform}key(s): {result.cooling} cooling, {result.disabled} disabled"
+        todo = f"add or enable another {platform}key"
         if result.next_free_at is not None:
             detail += f"; the first frees up in {time_left(result.next_free_at - now)}"
-        raise CliError(f"no other key can serve now ({detail}); wait, or add or enable a key")
+            todo = f"wait for it, or {todo}"
+        raise CliError(f"no other {platform}key can serve now ({detail}); {todo}")
     typer.echo("✓ Rotated to the next key")
     typer.echo(f"  Now using: {result.key.name} (index {_index(keys, result.key.id)})")
     typer.echo(f"  Reason: {result.reason}")

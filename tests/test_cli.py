@@ -328,8 +328,16 @@ def test_rotate_with_nothing_to_rotate_to(home: Path, store: Store) -> None:
     fails("rotate", home=home, contains="no keys configured")
     a, _ = seed(store, nk(KEY_A, "a"), nk(KEY_B, "b", cooldown_until=NOW + 300, cooldown_reason="rate limited"))
     store.use_key(a)
-    message = fails("rotate", home=home, contains="no other key can serve now")
-    assert "1 cooling" in message and "~5m" in message
+    message = fails("rotate", home=home, contains="no other kimi-code key can serve now")
+    assert "2 kimi-code key(s): 1 cooling" in message and "~5m" in message and "wait for it" in message
+
+
+def test_rotate_names_the_platform_it_stays_on(home: Path, store: Store) -> None:
+    """A key of another platform never stands in, so the message says which platform has no other key."""
+    a, _ = seed(store, nk(KEY_A, "a"), nk(KEY_B, "b", surface=Surface.MOONSHOT_CN))
+    store.use_key(a)
+    message = fails("rotate", home=home, contains="no other kimi-code key can serve now (1 kimi-code key(s)")
+    assert "add or enable another kimi-code key" in message and "wait" not in message
 
 
 def test_set_strategy(home: Path, store: Store) -> None:

@@ -167,7 +167,7 @@ def test_no_key_in_any_byte_written(
     ]:
         r = run_cli(home, *args, input=stdin)
         # rotate stays on the current key's surface; with that surface's other keys disabled it says so cleanly.
-        refused = args == ["rotate"] and r.returncode == 1 and r.stderr.startswith("error: no other key can serve")
+        refused = args == ["rotate"] and r.returncode == 1 and r.stderr.startswith("error: no other kimi-code key")
         assert r.returncode == 0 or refused, (args, r.stdout, r.stderr)
         cli_out += f"$ kimi-rotate {' '.join(args)}\n{r.stdout}{r.stderr}".encode()
     assert export.exists()
