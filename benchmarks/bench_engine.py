@@ -6,7 +6,8 @@ Selection is timed with timeit on a ready Roster (what the addon holds in memory
   common          the current key is healthy and eligible (the usual request)
   current cooling the current key is cooling, so the engine looks for another
   forced rotate   `kimi-rotate rotate`: the current key is left out
-  999 cooling     every key but one is cooling: the longest scan there is
+  999 cooling     every key but one is cooling
+Then what the index behind selection (kimi_rotator/roster.py) costs to build and to keep current.
 The store is timed with writer processes that record outcomes through Store.record in batches, as the proxy does.
 """
 
@@ -25,7 +26,8 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from kimi_rotator import engine
-from kimi_rotator.models import KeyRecord, PoolSettings, Strategy, Surface
+from kimi_rotator.models import KeyRecord, Outcome, OutcomeKind, PoolSettings, Strategy, Surface
+from kimi_rotator.roster import REINDEX_AFTER, Roster
 from kimi_rotator.store import NewKey, Store
 
 N_KEYS = 1000
@@ -33,7 +35,7 @@ NOW = 1_750_000_000.0
 CURRENT = N_KEYS // 2
 
 
-def roster(cooling: set[int]) -> engine.Roster:
+def roster(cooling: set[int]) -> Roster:
     keys = [
         KeyRecord(
             id=i + 1,
@@ -50,17 +52,56 @@ def roster(cooling: set[int]) -> engine.Roster:
         )
         for i in range(N_KEYS)
     ]
-    return engine.Roster(keys)
+    return Roster(keys)
 
 
-def time_select(r: engine.Roster, settings: PoolSettings, forced: bool) -> float:
+def time_select(r: Roster, settings: PoolSettings, forced: bool, at: float = NOW) -> float:
     """Best-of-5 microseconds per engine.select call."""
-    result = engine.select(r, settings, NOW, surface=Surface.KIMI_CODE, forced=forced)
+    result = engine.select(r, settings, at, surface=Surface.KIMI_CODE, forced=forced)
     assert isinstance(result, engine.Selection), result
-    timer = timeit.Timer(lambda: engine.select(r, settings, NOW, surface=Surface.KIMI_CODE, forced=forced))
+    timer = timeit.Timer(lambda: engine.select(r, settings, at, surface=Surface.KIMI_CODE, forced=forced))
     number, _ = timer.autorange()
     number = max(number // 4, 1)  # autorange aims at 0.2 s; a quarter of that, five times, is plenty
     return min(timer.repeat(repeat=5, number=number)) / number * 1e6
+
+
+def bench_index_upkeep() -> None:
+    """What the index costs: building it (the first scan on a roster the pool has just loaded) and keeping it
+    current as each outcome replaces a key."""
+    settings = PoolSettings(strategy=Strategy.HEALTH_BASED, active_key_id=CURRENT + 1)
+    fresh = [roster({CURRENT}) for _ in range(20)]
+    builds = []
+    for r in fresh:
+        t = time.perf_counter()
+        engine.select(r, settings, NOW, surface=Surface.KIMI_CODE)
+        builds.append(time.perf_counter() - t)
+    outcome = Outcome(kind=OutcomeKind.SUCCESS, latency_ms=5.0)
+
+    def per_outcome(r: Roster) -> float:
+        t = time.perf_counter()
+        for i in range(2000):
+            r = r.with_updates(engine.apply_outcome(r, (i * 7) % N_KEYS + 1, outcome, NOW + i))
+        return (time.perf_counter() - t) / 2000 * 1e6
+
+    # The index is rebuilt once it is REINDEX_AFTER seconds old: just before that its bounds are loosest.
+    aged = roster({CURRENT})
+    engine.select(aged, settings, NOW - REINDEX_AFTER + 1, surface=Surface.KIMI_CODE)
+    aged_us = time_select(aged, settings, False, at=NOW)
+    # A busy pool: every key at full health and used within the last hour, so all scores sit within one point.
+    busy = Roster(k.model_copy(update={"health": 100.0, "last_used": NOW - (k.id % 60) * 60.0}) for k in aged.keys)
+    engine.select(busy, settings, NOW - REINDEX_AFTER + 1, surface=Surface.KIMI_CODE)
+    busy_us = time_select(busy, settings, False, at=NOW)
+    print(f"current cooling, index {REINDEX_AFTER - 1:.0f} s old: {aged_us:.1f} µs; the same in a busy pool "
+          f"(every key within one point of the best): {busy_us:.1f} µs")
+
+    indexed = roster(set())
+    engine.select(indexed, settings, NOW, surface=Surface.KIMI_CODE, forced=True)
+    build_ms = statistics.median(builds) * 1e3
+    print(f"first full scan on a new roster (builds the index): {build_ms:.2f} ms (median of 20)")
+    print(
+        f"one outcome (apply_outcome + with_updates): {per_outcome(indexed):.1f} µs with the index, "
+        f"{per_outcome(roster(set())):.1f} µs without"
+    )
 
 
 def bench_select() -> None:
@@ -145,6 +186,7 @@ def bench_store(writers: int, per_writer: int, batch: int, pool_size: int) -> tu
 def main() -> None:
     t0 = time.perf_counter()
     bench_select()
+    bench_index_upkeep()
     print()
     print("Store.record write rate (separate writer processes, one SQLite file in WAL mode)")
     print(

@@ -7,10 +7,13 @@ transaction and the addon can run it in memory with the same result.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Sequence
+from bisect import bisect_right
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from .models import KeyRecord, Outcome, OutcomeKind, PoolSettings, Scope, Strategy, Surface
+from .roster import KeyIndex, Roster
 
 START_HEALTH = 100.0
 MAX_HEALTH = 100.0
@@ -62,39 +65,6 @@ class NoEligibleKey:
     next_free_at: float | None
 
 
-class Roster:
-    """Keys in list order (the CLI's index) with O(1) lookup by id."""
-
-    __slots__ = ("_pos", "keys")
-
-    def __init__(self, keys: Iterable[KeyRecord]) -> None:
-        self.keys: list[KeyRecord] = list(keys)
-        self._pos: dict[int, int] = {k.id: i for i, k in enumerate(self.keys)}
-
-    def get(self, key_id: int | None) -> KeyRecord | None:
-        if key_id is None:
-            return None
-        i = self._pos.get(key_id)
-        return None if i is None else self.keys[i]
-
-    def index_of(self, key_id: int) -> int | None:
-        return self._pos.get(key_id)
-
-    def with_updates(self, records: Iterable[KeyRecord]) -> Roster:
-        """A copy with these records replaced (ids not in the roster are ignored)."""
-        out = Roster.__new__(Roster)
-        out.keys = list(self.keys)
-        out._pos = self._pos
-        for r in records:
-            i = self._pos.get(r.id)
-            if i is not None:
-                out.keys[i] = r
-        return out
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-
 def health_at(key: KeyRecord, now: float, recover: bool = True) -> float:
     """Health including the time-based recovery since it was last changed."""
     if not recover or key.health >= MAX_HEALTH:
@@ -143,79 +113,158 @@ def select(
     if settings.strategy is Strategy.STICKY:
         if current_ok and current is not None:
             return Selection(current, "sticky")
+        index = _index(roster, surface, recover, now)
         fallback: KeyRecord | None = None  # the first usable key, when none is healthy
-        for k in roster.keys:
+        for pos in index.in_order(now):
+            k = roster.keys[pos]
             if k is current or not _usable(k, now, surface, skip):
                 continue
             if health_at(k, now, recover) >= MIN_HEALTH:
                 return Selection(k, "sticky-rotation")
             fallback = fallback or k
-        return Selection(fallback, "sticky-rotation") if fallback else _nothing(roster, now, surface, exclude)
+        return Selection(fallback, "sticky-rotation") if fallback else _nothing(roster, index, now, surface, exclude)
 
     if settings.strategy is Strategy.ROUND_ROBIN:
         if current_ok and current is not None and settings.serve_active_next and current.id == settings.active_key_id:
             return Selection(current, "round-robin")
-        n = len(roster)
         start = 0 if current is None else (roster.index_of(current.id) or 0) + 1
-        for step in range(n):
+        n = len(roster)
+        for step in range(min(n, 8)):  # the next key or one soon after usually serves: no index needed
             k = roster.keys[(start + step) % n]
             if _usable(k, now, surface, skip):
                 return Selection(k, "round-robin")
-        return _nothing(roster, now, surface, exclude)
+        index = _index(roster, surface, recover, now)
+        for pos in index.in_order(now, start):
+            k = roster.keys[pos]
+            if _usable(k, now, surface, skip):
+                return Selection(k, "round-robin")
+        return _nothing(roster, index, now, surface, exclude)
 
     # health-based
-    current_score: float | None = None
-    if current_ok and current is not None:
-        current_score = health_at(current, now, recover) + _freshness(current, now) + CURRENT_KEY_BONUS
-        if current_score > _BEST_OTHER_SCORE:
-            return Selection(current, "health-sticky")
-    # A key at the best possible score ends the scan early, unless the current key could still tie it.
-    can_stop = current_score is None or current_score < _BEST_OTHER_SCORE
-    best = _best_scored(roster.keys, current, now, surface, skip, recover, can_stop)
+    if current_ok and current is not None and _score(current, now, recover) + CURRENT_KEY_BONUS > _BEST_OTHER_SCORE:
+        return Selection(current, "health-sticky")
+    index = _index(roster, surface, recover, now)
+    best = _best_scored(roster, index, current if current_ok else None, now, surface, skip, recover)
     if best is None:
-        return _nothing(roster, now, surface, exclude)
+        return _nothing(roster, index, now, surface, exclude)
     return Selection(best, "health-sticky" if best is current else "health-based")
 
 
+def _score(key: KeyRecord, now: float, recover: bool) -> float:
+    return health_at(key, now, recover) + _freshness(key, now)
+
+
+def _ranking(key: KeyRecord, now: float, recover: bool) -> tuple[float, bool]:
+    """What the index ranks a key by, and whether it is at full health.
+
+    At full health the idle bonus is counted from the last use even when that lies after `now` (the key was
+    used after the index was built): then every full key's score later on is the same rising function of
+    this number, so their ranking holds for good, up to the cap on the bonus."""
+    health = health_at(key, now, recover)
+    if health < MAX_HEALTH:
+        return health + _freshness(key, now), False
+    last = key.last_used if key.last_used is not None else key.added_at
+    return MAX_HEALTH + min(FRESHNESS_CAP, (now - last) / 3600.0), True
+
+
+_RANKERS = {recover: partial(_ranking, recover=recover) for recover in (True, False)}
+
+
+def _index(roster: Roster, surface: Surface | None, recover: bool, now: float) -> KeyIndex:
+    return roster.index(surface, recover, _RANKERS[recover], now)
+
+
+def prepare(roster: Roster, settings: PoolSettings, now: float) -> None:
+    """Build the roster's indexes for every surface it holds now, so that no request pays for it
+    (the pool calls this off the event loop when it loads a new snapshot)."""
+    for surface in {k.surface for k in roster.keys}:
+        _index(roster, surface, settings.auto_refresh_health, now)
+
+
+# How fast a score can rise, in points a second: the idle bonus's point an hour, plus the health
+# recovery (when it is on) below full health. A key's rank when the index was built, plus this rate
+# times the time since, bounds its score now. The margin absorbs rounding.
+_IDLE_SLOPE = 1.0 / 3600.0
+_RECOVERY_SLOPE = HEALTH_RECOVERY_PER_HOUR / 3600.0
+_BOUND_MARGIN = 1e-6
+
+
 def _best_scored(
-    keys: Sequence[KeyRecord],
+    roster: Roster,
+    index: KeyIndex,
     current: KeyRecord | None,
     now: float,
     surface: Surface | None,
     skip: Collection[int],
     recover: bool,
-    can_stop: bool,
 ) -> KeyRecord | None:
-    """The full health-based scan: the same arithmetic as health_at and _freshness, inlined because
-    it runs once per key (about 1 µs a key instead of 1.5)."""
-    rate = HEALTH_RECOVERY_PER_HOUR / 3600.0 if recover else 0.0
+    """The best usable key: a healthy key beats any unhealthy one, then the higher score, then the
+    lower position. Read in this order: the current key (with its bonus), the keys whose cooldown
+    ended since the index was built, the keys at full health, then the others, each ranking best
+    first until no key left in it can win."""
+    keys = roster.keys
     best: KeyRecord | None = None
-    best_score = -1.0
-    best_healthy = False
-    for k in keys:
-        if k.disabled_reason is not None or (surface is not None and k.surface is not surface) or k.id in skip:
-            continue
-        until = k.cooldown_until
-        if until is not None and until > now:
-            continue
-        h = k.health
-        if h < MAX_HEALTH and now > k.health_at:
-            h = min(MAX_HEALTH, h + (now - k.health_at) * rate)
-        is_healthy = h >= MIN_HEALTH
-        if best_healthy and not is_healthy:
-            continue
-        last = k.last_used if k.last_used is not None else k.added_at
-        idle_h = (now - last) / 3600.0 if now > last else 0.0
-        s = h + (idle_h if idle_h < FRESHNESS_CAP else FRESHNESS_CAP) + (CURRENT_KEY_BONUS if k is current else 0.0)
-        # A healthy key beats any unhealthy one; among equals the first (lowest index) wins.
-        if (is_healthy and not best_healthy) or s > best_score:
-            best, best_score, best_healthy = k, s, is_healthy
-            if can_stop and s >= _BEST_OTHER_SCORE:
-                break  # nothing later can beat it, and ties go to the lower index
+    best_rank = (False, -1.0, 0)  # (healthy, score, -position)
+
+    def consider(pos: int) -> bool:
+        nonlocal best, best_rank
+        k = keys[pos]
+        if k is current or not _usable(k, now, surface, skip):
+            return False
+        h = health_at(k, now, recover)
+        rank = (h >= MIN_HEALTH, h + _freshness(k, now), -pos)
+        if rank > best_rank:
+            best, best_rank = k, rank
+        return True
+
+    def scan(ranked: list[tuple[float, int]], start: int, lift: float, floor: float) -> None:
+        i = start
+        while i < len(ranked):
+            neg_rank, pos = ranked[i]
+            bound = max(floor, min(_BEST_OTHER_SCORE, -neg_rank + lift))
+            if best is not None and bound < best_rank[1] and (best_rank[0] or bound < MIN_HEALTH):
+                return  # nothing from here on can beat the best
+            i += 1
+            if consider(pos) and -neg_rank >= _BEST_OTHER_SCORE and age >= 0:
+                # Keys at the top score when ranked still have it, and this one has the lowest
+                # position among them: skip the rest of them.
+                i = bisect_right(ranked, (neg_rank, len(keys)), i)
+
+    if current is not None:
+        h = health_at(current, now, recover)
+        score = h + _freshness(current, now) + CURRENT_KEY_BONUS
+        best, best_rank = current, (h >= MIN_HEALTH, score, -(roster.index_of(current.id) or 0))
+    for pos in index.expired(now):
+        consider(pos)
+    age = now - index.built_at
+    lift = max(0.0, age) * _IDLE_SLOPE + _BOUND_MARGIN
+
+    # Full health: the first usable key is the best of them, unless its bonus is capped (keys ranked
+    # lower may have reached the cap too, with a lower position) or nil (keys used after `now` tie it).
+    full = index.full
+    first = next((i for i, (_, pos) in enumerate(full) if consider(pos)), len(full))
+    if first < len(full):
+        top = keys[full[first][1]]
+        if age < 0 or not 0.0 < _freshness(top, now) < FRESHNESS_CAP:
+            scan(full, first + 1, lift, MAX_HEALTH)
+
+    if recover:
+        lift += max(0.0, age) * _RECOVERY_SLOPE
+    scan(index.partial, 0, lift, 0.0)
     return best
 
 
-def _nothing(roster: Roster, now: float, surface: Surface | None, exclude: Collection[int]) -> NoEligibleKey:
+def _nothing(
+    roster: Roster, index: KeyIndex, now: float, surface: Surface | None, exclude: Collection[int]
+) -> NoEligibleKey:
+    if now < index.built_at:  # a clock that stepped back: the index's cooling set may not match `now`
+        return _nothing_by_scan(roster, now, surface, exclude)
+    waiting = index.still_cooling(now)
+    next_free = next((until for until, pos in waiting if roster.keys[pos].id not in exclude), None)
+    return NoEligibleKey(total=index.total, cooling=len(waiting), disabled=index.disabled, next_free_at=next_free)
+
+
+def _nothing_by_scan(roster: Roster, now: float, surface: Surface | None, exclude: Collection[int]) -> NoEligibleKey:
     total = cooling = disabled = 0
     next_free: float | None = None
     for k in roster.keys:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from . import engine
 from .models import KeyRecord, Outcome, PoolSettings, Surface
+from .roster import Roster
 from .store import BUSY_TIMEOUT, Attempt, Snapshot, Store, StoreBusy, StoreError
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ class _Pending:
 @dataclass
 class LivePool:
     store: Store
-    roster: engine.Roster = field(init=False)
+    roster: Roster = field(init=False)
     settings: PoolSettings = field(init=False)
     _rev: int = field(default=-1, init=False)
     _version: int = field(default=-1, init=False)  # data_version when the installed snapshot was read
@@ -132,8 +134,9 @@ class LivePool:
                     last_version = version
                     flushed = self._seq_written
                     snapshot = self.store.snapshot()
+                    roster = _prepared(snapshot)
                     if self._loop is not None:
-                        self._loop.call_soon_threadsafe(self._install, snapshot, flushed)
+                        self._loop.call_soon_threadsafe(self._install, snapshot, flushed, roster)
             except StoreError as e:
                 self._report(e)
             except Exception:  # a broken loop or store must not kill the thread silently
@@ -188,8 +191,9 @@ class LivePool:
         while self._unflushed and self._unflushed[0].seq <= seq:  # in sequence order: the written ones lead
             self._unflushed.popleft()
 
-    def _install(self, snapshot: Snapshot, flushed: int = 0) -> None:
-        roster = engine.Roster(snapshot.keys)
+    def _install(self, snapshot: Snapshot, flushed: int = 0, roster: Roster | None = None) -> None:
+        if roster is None:
+            roster = _prepared(snapshot)
         settings_changed = snapshot.rev != self._rev
         recover = snapshot.settings.auto_refresh_health
         for p in self._unflushed:
@@ -206,3 +210,10 @@ class LivePool:
                 self._active_to_save = None
         elif self.settings.active_key_id is not None and roster.get(self.settings.active_key_id) is None:
             self.settings = self.settings.model_copy(update={"active_key_id": None})
+
+
+def _prepared(snapshot: Snapshot) -> Roster:
+    """The snapshot's roster with its selection indexes built: on the store thread, off the event loop."""
+    roster = Roster(snapshot.keys)
+    engine.prepare(roster, snapshot.settings, time.time())
+    return roster

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from . import engine
 from .keys import fingerprint
 from .models import KeyRecord, Outcome, OutcomeKind, PoolSettings, Surface
+from .roster import Roster
 
 HOME_ENV = "KIMI_ROTATE_HOME"
 STORE_FILE = "store.db"
@@ -421,7 +422,7 @@ class Store:
         """Move to another eligible key under any strategy; it serves the next request."""
         with self._write() as db:
             settings = _load_settings(db)
-            roster = engine.Roster(_load_keys(db))
+            roster = Roster(_load_keys(db))
             # Rotation stays on the platform of the key in use: keys never serve another surface.
             active = roster.get(settings.active_key_id)
             surface = active.surface if active is not None else None
@@ -449,7 +450,7 @@ class Store:
             settings = _load_settings(db)
             ids = {a.key_id for a in attempts} | ({active_key_id} if active_key_id is not None else set())
             hints = {a.outcome.account_hint for a in attempts if a.outcome.account_hint}
-            roster = engine.Roster(_load_involved(db, ids, hints))
+            roster = Roster(_load_involved(db, ids, hints))
             changed: dict[int, KeyRecord] = {}
             daily: Counter[tuple[int, str, bool]] = Counter()  # one upsert per key and day, not per attempt
             for a in attempts:

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from kimi_rotator import engine
-from kimi_rotator.engine import NoEligibleKey, Roster, Selection
+from kimi_rotator.engine import NoEligibleKey, Selection
 from kimi_rotator.models import KeyRecord, KeyState, Outcome, OutcomeKind, PoolSettings, Scope, Strategy, Surface
+from kimi_rotator.roster import Roster
 
 NOW = 1_750_000_000.0
 HOUR = 3600.0
@@ -585,6 +586,95 @@ def test_after_selection_makes_the_pick_current() -> None:
     assert (moved.active_key_id, moved.serve_active_next) == (kid(0), False)
 
 
+# -- the index behind selection (kimi_rotator/roster.py) ----------------------------------------------------------
+# Each test selects once to make the roster build its index at T, then changes the clock or the keys so that the
+# index's view is out of date, and checks that the pick is still the right one.
+
+T = NOW
+
+
+def first_pick(roster: Roster, settings_: PoolSettings, now: float = T) -> int:
+    return index(roster, engine.select(roster, settings_, now))
+
+
+def test_a_healthy_key_beats_an_unhealthy_one_ranked_above_it() -> None:
+    roster = pool(2, k0={"health": 29.0, "last_used": T - 30 * HOUR}, k1={"health": 30.0})  # scores 49 and 30
+    assert first_pick(roster, conf(HB, active=None, auto_refresh_health=False)) == 1
+
+
+def test_a_recovering_key_that_overtakes_after_the_ranking_is_picked() -> None:
+    # k0: full health, 10 h idle (110, gains 1 point an hour). k1: 89.6 and recovering, a day idle (109.6, gains 10).
+    roster = pool(2, k0={"last_used": T - 10 * HOUR}, k1={"health": 89.6, "last_used": T - 30 * HOUR})
+    settings_ = conf(HB, active=None)
+    assert first_pick(roster, settings_) == 0
+    assert first_pick(roster, settings_, T + 200) == 1  # 110.06 against 110.16
+
+
+def test_an_idle_key_that_overtakes_a_capped_one_after_the_ranking_is_picked() -> None:
+    # Without recovery every score is steady. k0: 90, a day idle (capped at 110). k1: 100, 9.95 h idle (109.95, rising).
+    roster = pool(2, k0={"health": 90.0, "last_used": T - 30 * HOUR}, k1={"last_used": T - 9.95 * HOUR})
+    settings_ = conf(HB, active=None, auto_refresh_health=False)
+    assert first_pick(roster, settings_) == 0
+    assert first_pick(roster, settings_, T + 200) == 1  # 110 against 110.006
+
+
+def test_keys_at_the_top_score_when_ranked_are_compared_again_after_the_clock_steps_back() -> None:
+    # All score the top mark at T; 200 s earlier k0 and k1 were 100 s and 50 s short of a full day's idle bonus.
+    roster = pool(3, k0={"last_used": T - 20 * HOUR - 100}, k1={"last_used": T - 20 * HOUR - 150},
+                  k2={"last_used": T - 30 * HOUR})
+    settings_ = conf(HB, active=None)
+    assert first_pick(roster, settings_) == 0
+    assert first_pick(roster, settings_, T - 200) == 2
+
+
+def test_keys_used_after_the_ranking_are_ranked_by_their_last_use() -> None:
+    roster = pool(2, k0={"last_used": T - HOUR}, k1={"last_used": T})
+    settings_ = conf(HB, active=None)
+    assert first_pick(roster, settings_) == 0
+    roster = roster.with_updates([roster.keys[0].model_copy(update={"last_used": T + 50})])
+    assert first_pick(roster, settings_, T + 100) == 1  # idle 100 s against 50 s
+
+
+def test_keys_that_reach_the_top_score_after_the_ranking_tie_and_the_lower_index_wins() -> None:
+    # k0 is 100 s short of a day's idle bonus at T; k1 has had it for hours. 200 s later both score the top mark.
+    roster = pool(2, k0={"last_used": T - 20 * HOUR + 100}, k1={"last_used": T - 30 * HOUR})
+    settings_ = conf(HB, active=None)
+    assert first_pick(roster, settings_) == 1
+    assert first_pick(roster, settings_, T + 200) == 0
+
+
+def test_keys_last_used_after_now_tie_at_no_idle_bonus_and_the_lower_index_wins() -> None:
+    """Outcomes may be recorded slightly out of order: a key used "later" than `now` has no idle bonus yet."""
+    roster = pool(2, k0={"last_used": T - HOUR}, k1={"last_used": T - 2 * HOUR})
+    settings_ = conf(HB, active=None)
+    assert first_pick(roster, settings_) == 1
+    used_later = [k.model_copy(update={"last_used": T + 200 - 100 * i}) for i, k in enumerate(roster.keys)]
+    roster = roster.with_updates(used_later)  # k0 at T + 200, k1 at T + 100
+    assert first_pick(roster, settings_, T + 50) == 0
+
+
+def test_no_eligible_key_after_the_clock_steps_back_reports_the_cooling_key() -> None:
+    roster = pool(2, k0={"cooldown_until": T - 100}, k1={"disabled_reason": "disabled by hand"})
+    settings_ = conf(HB, active=None)
+    assert first_pick(roster, settings_) == 0
+    assert engine.select(roster, settings_, T - 200) == NoEligibleKey(
+        total=2, cooling=1, disabled=1, next_free_at=T - 100
+    )
+
+
+@pytest.mark.parametrize("strategy", [HB, STICKY, RR])
+def test_a_key_whose_cooldown_ended_after_the_index_was_built_is_picked(strategy: Strategy) -> None:
+    """Ten keys, so that round-robin's first few steps find nothing and it turns to the index."""
+    long_cool = {"cooldown_until": T + 1000, "health": 50.0}
+    roster = pool(10, k0={"cooldown_until": T + 100, "last_used": T - 30 * HOUR},
+                  k1={"health": 50.0}, **{f"k{i}": long_cool for i in range(2, 10)})
+    settings_ = conf(strategy, active=1)
+    forced = strategy is not RR  # rotate: the current key k1 is left out, so health-based and sticky scan
+    result = engine.select(roster, settings_, T, forced=forced)
+    assert isinstance(result, NoEligibleKey) if forced else index(roster, result) == 1
+    assert index(roster, engine.select(roster, settings_, T + 200, forced=forced)) == 0
+
+
 # -- hypothesis properties ------------------------------------------------------------------------------------------
 
 ACCOUNTS = [None, "a", "b"]
@@ -615,10 +705,10 @@ def key_lists(draw: st.DrawFn, min_size: int = 0, max_size: int = 8) -> list[Key
     return keys
 
 
-def usable(k: KeyRecord, surface: Surface | None, skip: set[int]) -> bool:
+def usable(k: KeyRecord, surface: Surface | None, skip: set[int], now: float = NOW) -> bool:
     return (
         k.disabled_reason is None
-        and (k.cooldown_until is None or k.cooldown_until <= NOW)
+        and (k.cooldown_until is None or k.cooldown_until <= now)
         and (surface is None or k.surface is surface)
         and k.id not in skip
     )
@@ -628,57 +718,59 @@ PROPS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthC
 SEQUENCES = settings(PROPS, max_examples=120)  # each example runs up to 40 outcomes
 
 
-@PROPS
-@given(data=st.data(), keys=key_lists())
-def test_property_select_picks_only_eligible_keys(data: st.DataObject, keys: list[KeyRecord]) -> None:
-    ids = [k.id for k in keys]
-    strategy = data.draw(st.sampled_from(list(Strategy)))
-    active = data.draw(st.sampled_from([None, 99_999, *ids]))
+@st.composite
+def requests(draw: st.DrawFn, ids: list[int]) -> tuple[PoolSettings, Surface | None, set[int], bool]:
+    """What one select call is asked: settings, surface, keys already tried, and whether it is `rotate`."""
+    active = draw(st.sampled_from([None, 99_999, *ids]))
     settings_ = PoolSettings(
-        strategy=strategy,
+        strategy=draw(st.sampled_from(list(Strategy))),
         active_key_id=active,
-        serve_active_next=data.draw(st.booleans()),
-        auto_refresh_health=data.draw(st.booleans()),
+        serve_active_next=draw(st.booleans()),
+        auto_refresh_health=draw(st.booleans()),
     )
-    surface = data.draw(st.none() | st.sampled_from(list(Surface)))
-    exclude = set(data.draw(st.lists(st.sampled_from(ids), unique=True))) if ids else set()
-    forced = data.draw(st.booleans())
+    surface = draw(st.none() | st.sampled_from(list(Surface)))
+    exclude = set(draw(st.lists(st.sampled_from(ids), unique=True, max_size=4))) if ids else set()
+    return settings_, surface, exclude, draw(st.booleans())
 
-    result = engine.select(Roster(keys), settings_, NOW, surface=surface, exclude=exclude, forced=forced)
 
+def assert_model_pick(
+    result: Selection | NoEligibleKey,
+    keys: list[KeyRecord],
+    settings_: PoolSettings,
+    now: float,
+    surface: Surface | None,
+    exclude: set[int],
+    forced: bool,
+) -> None:
+    """The engine's choice against a model that reads every key, in list order, with no index."""
+    ids = [k.id for k in keys]
+    active = settings_.active_key_id
     skip = exclude | ({active} if forced and active in ids else set())
-    eligible = [k for k in keys if usable(k, surface, skip)]
+    eligible = [k for k in keys if usable(k, surface, skip, now)]
     if not eligible:
-        assert isinstance(result, NoEligibleKey)
+        assert isinstance(result, NoEligibleKey), result
         on_surface = [k for k in keys if surface is None or k.surface is surface]
         assert result.total == len(on_surface)
         assert result.disabled == sum(k.disabled_reason is not None for k in on_surface)
-        waits = [
-            k.cooldown_until
-            for k in on_surface
-            if k.disabled_reason is None and k.cooldown_until is not None and k.cooldown_until > NOW
-        ]
-        assert result.cooling == len(waits)
-        frees = [
-            k.cooldown_until
-            for k in on_surface
-            if k.disabled_reason is None and k.id not in exclude and k.cooldown_until and k.cooldown_until > NOW
-        ]
+        cooling = [k for k in on_surface if k.disabled_reason is None and k.state_at(now) is KeyState.COOLING]
+        assert result.cooling == len(cooling)
+        frees = [k.cooldown_until for k in cooling if k.id not in exclude and k.cooldown_until is not None]
         assert result.next_free_at == (min(frees) if frees else None)
         return
-    assert isinstance(result, Selection)
+    assert isinstance(result, Selection), result
     assert result.key in eligible
 
+    strategy = settings_.strategy
     recover = settings_.auto_refresh_health
-    healthy = [k for k in eligible if engine.health_at(k, NOW, recover) >= engine.MIN_HEALTH]
+    healthy = [k for k in eligible if engine.health_at(k, now, recover) >= engine.MIN_HEALTH]
     current = next((k for k in eligible if k.id == active), None)
     if strategy is Strategy.HEALTH_BASED:
         # The model: best score among healthy keys (any eligible key if none is healthy), ties to the lowest index.
         def score(k: KeyRecord) -> float:
             last = k.last_used if k.last_used is not None else k.added_at
-            fresh = min(engine.FRESHNESS_CAP, max(0.0, NOW - last) / 3600.0)
+            fresh = min(engine.FRESHNESS_CAP, max(0.0, now - last) / 3600.0)
             bonus = engine.CURRENT_KEY_BONUS if k is current else 0.0
-            return engine.health_at(k, NOW, recover) + fresh + bonus
+            return engine.health_at(k, now, recover) + fresh + bonus
 
         candidates = healthy or eligible
         best = max(score(k) for k in candidates)
@@ -686,17 +778,24 @@ def test_property_select_picks_only_eligible_keys(data: st.DataObject, keys: lis
     elif strategy is Strategy.STICKY:
         expected = current if current is not None else (healthy or eligible)[0]
         assert result.key is expected
+    elif current is not None and settings_.serve_active_next:
+        assert result.key is current
     else:
-        if current is not None and settings_.serve_active_next:
-            assert result.key is current
-        else:
-            # The first eligible key after the current one, wrapping; a current key on another surface is no
-            # place in this surface's order, so the walk starts at the top.
-            pos = -1
-            if active in ids and (surface is None or keys[ids.index(active)].surface is surface):
-                pos = ids.index(active)
-            order = keys[pos + 1 :] + keys[: pos + 1]
-            assert result.key is next(k for k in order if k in eligible)
+        # The first eligible key after the current one, wrapping; a current key on another surface is no
+        # place in this surface's order, so the walk starts at the top.
+        pos = -1
+        if active in ids and (surface is None or keys[ids.index(active)].surface is surface):
+            pos = ids.index(active)
+        order = keys[pos + 1 :] + keys[: pos + 1]
+        assert result.key is next(k for k in order if k in eligible)
+
+
+@PROPS
+@given(data=st.data(), keys=key_lists())
+def test_property_select_picks_only_eligible_keys(data: st.DataObject, keys: list[KeyRecord]) -> None:
+    settings_, surface, exclude, forced = data.draw(requests([k.id for k in keys]))
+    result = engine.select(Roster(keys), settings_, NOW, surface=surface, exclude=exclude, forced=forced)
+    assert_model_pick(result, keys, settings_, NOW, surface, exclude, forced)
 
 
 @st.composite
@@ -757,6 +856,64 @@ def test_property_cooldown_never_decreases(
                 assert k.cooldown_until is not None and k.cooldown_until >= old.cooldown_until
             if old.disabled_reason is not None:
                 assert k.disabled_reason == old.disabled_reason  # only `enable` lifts it
+
+
+@st.composite
+def crowded_pools(draw: st.DrawFn) -> list[KeyRecord]:
+    """Pools of up to 60 keys with many ties: full health, a day idle and no cooldown all score the top mark,
+    and healths sit on both sides of the threshold. They make the engine's index (kimi_rotator/roster.py) work."""
+    n = draw(st.integers(1, 60))
+    times = st.sampled_from([NOW - 30 * HOUR, NOW - 20 * HOUR, NOW - HOUR, NOW]) | st.floats(NOW - 48 * HOUR, NOW)
+    return [
+        KeyRecord(
+            id=1000 + i,
+            secret=SecretStr("sk-test"),
+            fingerprint=f"fp{i}",
+            name=f"k{i}",
+            surface=draw(st.sampled_from([Surface.KIMI_CODE, Surface.KIMI_CODE, Surface.MOONSHOT_CN])),
+            account=draw(st.sampled_from(ACCOUNTS)),
+            added_at=NOW - 72 * HOUR,
+            last_used=draw(st.none() | times),
+            health=draw(st.sampled_from([100.0, 100.0, 30.0, 29.0, 0.0]) | st.floats(0, 100)),
+            health_at=draw(times),
+            cooldown_until=draw(st.none() | st.none() | st.floats(NOW - HOUR, NOW + 2 * HOUR)),
+            disabled_reason=draw(st.sampled_from([None] * 5 + ["disabled"])),
+        )
+        for i in range(n)
+    ]
+
+
+# Mostly short steps, so an index outlives several changes; now and then one long enough to rebuild it.
+clock_steps = st.sampled_from([0.0, 0.0, 1.0, -30.0, 301.0, 25 * HOUR]) | st.floats(-120, 250)
+edits = st.sampled_from(["clear-limits", "disable", "enable"])
+
+
+@settings(PROPS, max_examples=150)
+@given(data=st.data(), keys=crowded_pools())
+def test_property_select_matches_the_model_as_the_pool_changes(data: st.DataObject, keys: list[KeyRecord]) -> None:
+    """The engine keeps an index of each roster and patches it as outcomes and edits replace keys. Whatever the
+    order of selections, outcomes, edits and clock steps (backwards too), every pick equals the model's."""
+    roster, now = Roster(keys), NOW
+    ids = [k.id for k in keys]
+    for _ in range(data.draw(st.integers(1, 40))):
+        now += data.draw(clock_steps)
+        action = data.draw(st.sampled_from(["select", "select", "outcome", "edit"]))
+        key_id = data.draw(st.sampled_from(ids))
+        if action == "outcome":
+            roster = roster.with_updates(engine.apply_outcome(roster, key_id, data.draw(outcomes()), now))
+        elif action == "edit":
+            key = roster.get(key_id)
+            assert key is not None
+            change = {
+                "clear-limits": {"cooldown_until": None, "cooldown_reason": None},
+                "disable": {"disabled_reason": "disabled by hand"},
+                "enable": {"disabled_reason": None},
+            }[data.draw(edits)]
+            roster = roster.with_updates([key.model_copy(update=change)])
+        else:
+            settings_, surface, exclude, forced = data.draw(requests(ids))
+            result = engine.select(roster, settings_, now, surface=surface, exclude=exclude, forced=forced)
+            assert_model_pick(result, roster.keys, settings_, now, surface, exclude, forced)
 
 
 @PROPS

@@ -21,6 +21,7 @@ import pytest
 
 from kimi_rotator import engine
 from kimi_rotator.models import KeyState, Outcome, OutcomeKind, PoolSettings, Strategy, Surface
+from kimi_rotator.roster import Roster
 from kimi_rotator.store import (
     HOME_ENV,
     SCHEMA_VERSION,
@@ -169,7 +170,7 @@ def test_rotate_persists_and_reports_when_nothing_else_is_eligible(kimi_home: Pa
         settings = s.settings()
         assert (settings.active_key_id, settings.serve_active_next) == (ids[1], True)
         # The rotated-to key serves the next request.
-        pick = engine.select(engine.Roster(s.keys()), settings, NOW)
+        pick = engine.select(Roster(s.keys()), settings, NOW)
         assert isinstance(pick, engine.Selection) and pick.key.id == ids[1]
         s.remove_key(ids[0])
         s.set_disabled(ids[2], "disabled by hand")
