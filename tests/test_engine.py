@@ -888,7 +888,7 @@ clock_steps = st.sampled_from([0.0, 0.0, 1.0, -30.0, 301.0, 25 * HOUR]) | st.flo
 edits = st.sampled_from(["clear-limits", "disable", "enable"])
 
 
-@settings(PROPS, max_examples=150)
+@settings(PROPS, max_examples=80)
 @given(data=st.data(), keys=crowded_pools())
 def test_property_select_matches_the_model_as_the_pool_changes(data: st.DataObject, keys: list[KeyRecord]) -> None:
     """The engine keeps an index of each roster and patches it as outcomes and edits replace keys. Whatever the
