@@ -383,13 +383,13 @@ def rotate() -> None:
     now = _now()
     with _store() as store:
         result = store.rotate(now)
-        keys = store.keys()
-        active_id = store.settings().active_key_id
+        snap = store.snapshot()
+    keys = snap.keys
     if isinstance(result, engine.NoEligibleKey):
         if result.total == 0:
             raise CliError("no keys configured; add one with `kimi-rotate add-key`")
         # rotate stays on the platform of the key in use, so name it: a key of another platform is no way out.
-        active = next((k for k in keys if k.id == active_id), None)
+        active = next((k for k in keys if k.id == snap.settings.active_key_id), None)
         platform = f"{active.surface.value} " if active is not None else ""
         detail = f"{result.total} {platform}key(s): {result.cooling} cooling, {result.disabled} disabled"
         todo = f"add or enable another {platform}key"

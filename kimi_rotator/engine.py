@@ -171,7 +171,7 @@ _RANKERS = {recover: partial(_ranking, recover=recover) for recover in (True, Fa
 
 
 def _index(roster: Roster, surface: Surface | None, recover: bool, now: float) -> KeyIndex:
-    return roster.index(surface, recover, _RANKERS[recover], now)
+    return roster.index(surface, _RANKERS[recover], now)
 
 
 def prepare(roster: Roster, settings: PoolSettings, now: float) -> None:
@@ -206,13 +206,16 @@ def _best_scored(
     best: KeyRecord | None = None
     best_rank = (False, -1.0, 0)  # (healthy, score, -position)
 
+    def rank_of(k: KeyRecord, pos: int, bonus: float = 0.0) -> tuple[bool, float, int]:
+        h = health_at(k, now, recover)
+        return h >= MIN_HEALTH, h + _freshness(k, now) + bonus, -pos
+
     def consider(pos: int) -> bool:
         nonlocal best, best_rank
         k = keys[pos]
         if k is current or not _usable(k, now, surface, skip):
             return False
-        h = health_at(k, now, recover)
-        rank = (h >= MIN_HEALTH, h + _freshness(k, now), -pos)
+        rank = rank_of(k, pos)
         if rank > best_rank:
             best, best_rank = k, rank
         return True
@@ -231,9 +234,7 @@ def _best_scored(
                 i = bisect_right(ranked, (neg_rank, len(keys)), i)
 
     if current is not None:
-        h = health_at(current, now, recover)
-        score = h + _freshness(current, now) + CURRENT_KEY_BONUS
-        best, best_rank = current, (h >= MIN_HEALTH, score, -(roster.index_of(current.id) or 0))
+        best, best_rank = current, rank_of(current, roster.index_of(current.id) or 0, CURRENT_KEY_BONUS)
     for pos in index.expired(now):
         consider(pos)
     age = now - index.built_at

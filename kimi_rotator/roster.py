@@ -61,10 +61,13 @@ class KeyIndex:
         self._remove(pos, old)
         self._add(pos, new, ordered=True)
 
+    def expired_count(self, now: float) -> int:
+        """How many of the keys set aside as cooling have ended their cooldown by `now` (they lead the list)."""
+        return bisect_right(self.cooling, (now, _LAST))
+
     def expired(self, now: float) -> list[int]:
         """Positions set aside as cooling whose cooldown has ended by `now`, ascending."""
-        end = bisect_right(self.cooling, (now, _LAST))
-        return sorted(pos for _, pos in self.cooling[:end])
+        return sorted(pos for _, pos in self.cooling[: self.expired_count(now)])
 
     def in_order(self, now: float, start: int = 0) -> Iterator[int]:
         """Positions that may be eligible at `now`, in list order from `start`, wrapping."""
@@ -81,7 +84,7 @@ class KeyIndex:
 
     def still_cooling(self, now: float) -> list[tuple[float, int]]:
         """(cooldown_until, position) of the keys set aside that still cool at `now`, soonest first."""
-        return self.cooling[bisect_right(self.cooling, (now, _LAST)) :]
+        return self.cooling[self.expired_count(now) :]
 
     def _member(self, key: KeyRecord) -> bool:
         return self.surface is None or key.surface is self.surface
@@ -131,7 +134,7 @@ class Roster:
     def __init__(self, keys: Iterable[KeyRecord]) -> None:
         self.keys: list[KeyRecord] = list(keys)
         self._pos: dict[int, int] = {k.id: i for i, k in enumerate(self.keys)}
-        self._indexes: dict[tuple[Surface | None, bool], KeyIndex] = {}
+        self._indexes: dict[tuple[Surface | None, Ranker], KeyIndex] = {}
 
     def get(self, key_id: int | None) -> KeyRecord | None:
         if key_id is None:
@@ -142,13 +145,13 @@ class Roster:
     def index_of(self, key_id: int) -> int | None:
         return self._pos.get(key_id)
 
-    def index(self, surface: Surface | None, recover: bool, rank: Ranker, now: float) -> KeyIndex:
-        """The index for one surface and recovery setting, built on first use. It is built again once its
-        ranking is REINDEX_AFTER seconds old (the bound it gives loosens with time) or many keys it set
-        aside as cooling have come back: then a scan would read too many keys."""
-        idx = self._indexes.get((surface, recover))
-        if idx is None or abs(now - idx.built_at) > REINDEX_AFTER or len(idx.expired(now)) > MAX_EXPIRED:
-            idx = self._indexes[(surface, recover)] = KeyIndex(self.keys, surface, rank, now)
+    def index(self, surface: Surface | None, rank: Ranker, now: float) -> KeyIndex:
+        """The index for one surface and ranking, built on first use. It is built again once its ranking
+        is REINDEX_AFTER seconds old (the bound it gives loosens with time) or many keys it set aside as
+        cooling have come back: then a scan would read too many keys."""
+        idx = self._indexes.get((surface, rank))
+        if idx is None or abs(now - idx.built_at) > REINDEX_AFTER or idx.expired_count(now) > MAX_EXPIRED:
+            idx = self._indexes[(surface, rank)] = KeyIndex(self.keys, surface, rank, now)
         return idx
 
     def with_updates(self, records: Iterable[KeyRecord]) -> Roster:
