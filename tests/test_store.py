@@ -95,10 +95,13 @@ def test_add_list_resolve_remove(store: Store) -> None:
     with pytest.raises(KeyNotFound, match="no key named 'nope'"):
         store.resolve("nope")
 
-    with pytest.raises(DuplicateKey):
+    with pytest.raises(DuplicateKey, match=r"already in the pool as \[0\] key 0; nothing was added"):
         store.add_key(new_key(0, name="another name"), NOW)
+    with pytest.raises(DuplicateKey, match=r"a key named 'key 1' already exists \(\[1\]\); choose another name"):
+        store.add_key(new_key(9, name="key 1"), NOW)
     assert len(store.keys()) == 3
-    dup_name = store.add_key(new_key(9, name="key 1"), NOW)
+    # Imports keep both keys: a taken name gets a number.
+    (dup_name,), _ = store.add_keys([new_key(9, name="key 1")], NOW)
     assert dup_name.name == "key 1 2"
     unnamed = store.add_key(new_key(10, name=None), NOW)
     assert unnamed.name not in {k.name for k in keys}
