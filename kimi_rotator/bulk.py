@@ -12,7 +12,7 @@ from typing import TextIO
 
 from .keys import KeyFormatError, PastedHeader, default_surface, mask, validate_key, validate_name
 from .models import Surface
-from .store import NewKey
+from .store import Conflict, NewKey
 
 MAX_BYTES = 4 * 1024 * 1024  # about 40,000 lines: far above any pool, stops a wrong file from eating memory
 
@@ -71,6 +71,11 @@ def parse(text: str, surface: Surface | None, account: str | None) -> tuple[list
             first_with_name[name] = number
         lines.append(Line(number, NewKey(secret=secret, name=name, surface=chosen, account=account)))
     return lines, errors
+
+
+def line_errors(lines: list[Line], conflicts: list[Conflict]) -> list[LineError]:
+    """The store's clashes (by position in the batch of `lines`) as line problems."""
+    return [LineError(lines[c.position].number, c.problem) for c in conflicts]
 
 
 def _is_header_word(token: str) -> bool:

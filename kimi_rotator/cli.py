@@ -27,11 +27,11 @@ from typing import Annotated, Any, NoReturn
 import typer
 from typer.core import TyperGroup
 
-from . import backup, bulk, cli_setup, engine, opencode, views
+from . import backup, cli_setup, engine, opencode, views
 from .keys import KeyFormatError, PastedHeader, SurfaceMismatch, default_surface, mask, validate_key, validate_name
 from .models import KeyRecord, KeyState, PoolSettings, Strategy, Surface
 from .roster import Roster
-from .store import Conflict, DuplicateKey, KeyNotFound, NewKey, Snapshot, Store, StoreError, utc_day
+from .store import DuplicateKey, KeyNotFound, NewKey, Snapshot, Store, StoreError, utc_day
 
 
 class CliError(Exception):
@@ -46,7 +46,6 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     backup.BackupError,
     opencode.OpencodeError,
     cli_setup.SetupError,
-    bulk.BulkError,
 )
 
 KIMI_CODE_WARNING = (
@@ -238,8 +237,24 @@ def _warn_kimi_code(surfaces: list[Surface]) -> None:
         typer.echo(KIMI_CODE_WARNING, err=True)
 
 
+def _complete_key_name(incomplete: str) -> list[str]:
+    """Tab completion of key names. Never creates a store, and stays silent on any problem."""
+    from .store import STORE_FILE, store_home
+
+    if not (store_home() / STORE_FILE).is_file():
+        return []
+    try:
+        with _store() as store:
+            keys = store.keys()
+    except (StoreError, OSError):
+        return []
+    return [k.name for k in keys if k.name.startswith(incomplete)]
+
+
 # A key on the command line: its index in `list-keys` or its name.
-KeyRef = Annotated[str, typer.Argument(metavar="INDEX|NAME", help="Index or name (see list-keys).")]
+KeyRef = Annotated[
+    str, typer.Argument(metavar="INDEX|NAME", help="Index or name (see list-keys).", autocompletion=_complete_key_name)
+]
 
 
 # -- keys ---------------------------------------------------------------------------------------
@@ -315,11 +330,16 @@ def add_keys(
     account: Annotated[str | None, typer.Option(help="Account label for every key of the file.")] = None,
 ) -> None:
     """Add several keys at once. Every line is checked first: if any is bad, nothing is added."""
+    from . import bulk
+
     label = _clean_account(account)
     if source == "-" and _stdin_is_tty():
         raise CliError("add-keys reads a file or a pipe, not the terminal (the keys would show on screen); "
                        "pass FILE, or pipe the lines: kimi-rotate add-keys - < keys.txt")
-    text = bulk.read_stdin(sys.stdin) if source == "-" else bulk.read_file(Path(source).expanduser())
+    try:
+        text = bulk.read_stdin(sys.stdin) if source == "-" else bulk.read_file(Path(source).expanduser())
+    except bulk.BulkError as e:
+        raise CliError(str(e)) from None
     lines, errors = bulk.parse(text, surface, label)
     if not lines and not errors:
         where = "stdin" if source == "-" else source
@@ -329,13 +349,13 @@ def add_keys(
     index: dict[int, int] = {}
     with _store() as store:
         if errors:  # report the clashes with the pool too, so one run shows every problem
-            errors += _line_errors(lines, store.conflicts(new))
+            errors += bulk.line_errors(lines, store.conflicts(new))
         else:
             try:
                 added, _ = store.add_keys(new, _now(), refuse_duplicates=True)
                 index = {k.id: i for i, k in enumerate(store.keys())}
             except DuplicateKey as e:
-                errors = _line_errors(lines, e.conflicts)
+                errors = bulk.line_errors(lines, e.conflicts)
     if errors:
         for err in sorted(errors, key=lambda e: e.number):
             typer.echo(scrub(f"line {err.number}: {err.problem}"), err=True)
@@ -349,10 +369,6 @@ def add_keys(
     if source != "-":
         typer.echo(f"\nThe file {source} holds these keys in plain text; delete it once you no longer need it.")
     _warn_kimi_code([k.surface for k in added])
-
-
-def _line_errors(lines: list[bulk.Line], conflicts: list[Conflict]) -> list[bulk.LineError]:
-    return [bulk.LineError(lines[c.position].number, c.problem) for c in conflicts]
 
 
 def key_json(

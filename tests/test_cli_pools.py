@@ -14,6 +14,7 @@ import select
 import subprocess
 import time
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from test_cli import (  # the fixtures are imported so that they apply here too
     store,
 )
 
-from kimi_rotator import cli, views
+from kimi_rotator import __version__, cli, views
 from kimi_rotator.models import Outcome, OutcomeKind, Strategy, Surface
 from kimi_rotator.store import HOME_ENV, Attempt, Store
 
@@ -417,13 +418,29 @@ def test_remove_key_asks_in_a_terminal(home: Path, store: Store) -> None:
 # -- --version and completion ---------------------------------------------------------------------
 
 
-def test_version_and_completion(home: Path) -> None:
-    assert ok("--version").stdout == "kimi-rotate 0.1.0\n"
+def complete(home: Path, words: str) -> list[str]:
+    """What bash completion offers for the last of `words` (as typer's completion script asks for it)."""
+    env = {**os.environ, HOME_ENV: str(home), "_KIMI_ROTATE_COMPLETE": "complete_bash", "COMP_WORDS": words,
+           "COMP_CWORD": str(len(words.split(" ")) - 1)}
+    proc = subprocess.run([console_script()], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    return [line for line in proc.stdout.splitlines() if line]
+
+
+def test_version_and_completion(home: Path, store: Store) -> None:
+    assert ok("--version").stdout == f"kimi-rotate {version('kimi-rotator')}\n" == f"kimi-rotate {__version__}\n"
     help_text = ok("--help").stdout
     assert "--version" in help_text and "--install-completion" in help_text
-    env = {**os.environ, "_KIMI_ROTATE_COMPLETE": "complete_bash", "COMP_WORDS": "kimi-rotate add-k", "COMP_CWORD": "1"}
-    proc = subprocess.run([console_script()], env=env, capture_output=True, text=True, timeout=60, check=False)
-    assert proc.stdout.split() == ["add-key", "add-keys"]
+    assert complete(home, "kimi-rotate add-k") == ["add-key", "add-keys"]
+    assert complete(home, "kimi-rotate list-keys --state ") == ["active", "cooling", "disabled"]
+    seed(store, nk(KEY_A, "work laptop"), nk(KEY_B, "spare"), nk(KEY_C, "work desktop"))
+    assert complete(home, "kimi-rotate remove-key work") == ["work laptop", "work desktop"]  # key names
+    assert complete(home, "kimi-rotate rename ") == ["work laptop", "spare", "work desktop"]
+
+
+def test_completing_a_name_never_creates_a_store(tmp_path: Path) -> None:
+    assert complete(tmp_path / "nowhere", "kimi-rotate use-key ") == []
+    assert not (tmp_path / "nowhere").exists()
 
 
 # -- import-opencode ------------------------------------------------------------------------------
