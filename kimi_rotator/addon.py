@@ -334,8 +334,9 @@ class KimiRotate:
             return f"kimi-rotate: no store ({self.store_error})"
         now = time.time()
         lines = [f"strategy: {self.pool.settings.strategy.value}"]
+        marked = {k.id for k in engine.current_keys(self.pool.roster, self.pool.settings, now).values()}
         for i, k in enumerate(self.pool.roster.keys):
-            current = "●" if self.pool.settings.is_current(k) else "○"
+            current = "●" if k.id in marked else "○"
             state = k.state_at(now).value
             why = k.disabled_reason or (k.cooldown_reason if state == "cooling" else "") or ""
             lines.append(f"{current} [{i}] {describe(k)} {k.surface.value} health "

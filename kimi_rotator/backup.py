@@ -27,7 +27,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import ValidationError
 
 from . import engine, opencode
-from .keys import KeyFormatError
 from .models import KeyRecord, PoolSettings
 
 SALT_LEN = 32
@@ -172,11 +171,6 @@ def parse_plaintext(plaintext: bytes, now: float) -> opencode.Imported:
             f"the backup decrypted but does not hold a key list ({opencode.describe_validation_error(e)}); "
             "was it written by export-keys?"
         ) from None
-    except KeyFormatError as e:
-        raise BadBackup(
-            f"the backup holds an invalid key ({e}); nothing was imported. Remove that key where it was "
-            "exported from and export again"
-        ) from None
 
 
 # -- files ---------------------------------------------------------------------------------------
@@ -201,13 +195,24 @@ def read_envelope(path: Path) -> Envelope:
         ) from None
 
 
+def check_target(path: Path, overwrite: bool = False) -> None:
+    """Refuses a path write_private can't write, so the CLI can say so before asking for a passphrase."""
+    if path.is_dir():
+        raise BackupError(f"{path} is a folder; name a file to write the backup to")
+    folder = path.parent
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise BackupError(f"the folder {folder} {what}; create it, or choose another place for the backup")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BackupError(f"cannot write to the folder {folder} (permission denied); choose a writable folder")
+    if path.exists() and not overwrite:
+        raise BackupError(f"{path} already exists; choose another name, or pass --force to replace it")
+
+
 def write_private(path: Path, text: str, overwrite: bool = False) -> None:
     """Writes `text` to `path` as mode 0600 from the first byte: a temp file created 0600 in the
     same folder, fsynced, then renamed over the target (so a crash never leaves half a backup)."""
-    if path.is_dir():
-        raise BackupError(f"{path} is a folder; name a file to write the backup to")
-    if path.exists() and not overwrite:
-        raise BackupError(f"{path} already exists; choose another name, or pass --force to replace it")
+    check_target(path, overwrite)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -15,6 +15,7 @@ import getpass
 import json
 import math
 import re
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -26,10 +27,11 @@ from typing import Annotated, Any, NoReturn
 import typer
 from typer.core import TyperGroup
 
-from . import backup, cli_setup, engine, opencode
-from .keys import KeyFormatError, default_surface, mask, validate_key, validate_name
+from . import backup, cli_setup, engine, opencode, views
+from .keys import KeyFormatError, PastedHeader, SurfaceMismatch, default_surface, mask, validate_key, validate_name
 from .models import KeyRecord, KeyState, PoolSettings, Strategy, Surface
-from .store import KeyNotFound, NewKey, Store, StoreError, utc_day
+from .roster import Roster
+from .store import DuplicateKey, KeyNotFound, NewKey, Snapshot, Store, StoreError, utc_day
 
 
 class CliError(Exception):
@@ -97,12 +99,36 @@ app = typer.Typer(
     help="Pool Kimi / Moonshot API keys behind one local HTTPS proxy. Keys live in a local store "
     "(folder: $KIMI_ROTATE_HOME, else your user data folder).",
     no_args_is_help=True,
-    add_completion=False,
     # A traceback with locals could print a key; genuine bugs still get a plain traceback.
     pretty_exceptions_enable=False,
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(wanted: bool) -> None:
+    if not wanted:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    try:
+        number = version("kimi-rotator")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        number = __version__
+    typer.echo(f"kimi-rotate {number}")
+    raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    pass
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -211,8 +237,24 @@ def _warn_kimi_code(surfaces: list[Surface]) -> None:
         typer.echo(KIMI_CODE_WARNING, err=True)
 
 
+def _complete_key_name(incomplete: str) -> list[str]:
+    """Tab completion of key names. Never creates a store, and stays silent on any problem."""
+    from .store import STORE_FILE, store_home
+
+    if not (store_home() / STORE_FILE).is_file():
+        return []
+    try:
+        with _store() as store:
+            keys = store.keys()
+    except (StoreError, OSError):
+        return []
+    return [k.name for k in keys if k.name.startswith(incomplete)]
+
+
 # A key on the command line: its index in `list-keys` or its name.
-KeyRef = Annotated[str, typer.Argument(metavar="INDEX|NAME", help="Index or name (see list-keys).")]
+KeyRef = Annotated[
+    str, typer.Argument(metavar="INDEX|NAME", help="Index or name (see list-keys).", autocompletion=_complete_key_name)
+]
 
 
 # -- keys ---------------------------------------------------------------------------------------
@@ -249,6 +291,8 @@ def add_key(
     chosen = surface or default_surface(key.strip())
     try:
         secret = validate_key(key, chosen)
+    except (SurfaceMismatch, PastedHeader) as e:  # the message says what to do
+        raise CliError(f"invalid key: {e}") from None
     except KeyFormatError as e:
         hint = "check that you copied the whole key"
         if from_argument and not key.strip().startswith("sk-") and name is None:
@@ -260,12 +304,7 @@ def add_key(
         raise CliError(f"invalid name: {e}; choose another name") from None
     label = _clean_account(account)
 
-    with _store() as store:
-        for i, k in enumerate(store.keys()):
-            if k.secret.get_secret_value() == secret:
-                raise CliError(f"this key is already in the pool as [{i}] {k.name}; nothing was added")
-            if k.name == clean_name:
-                raise CliError(f"a key named {clean_name!r} already exists; choose another name")
+    with _store() as store:  # refuses a key or a name already in the pool (DuplicateKey)
         record = store.add_key(NewKey(secret=secret, name=clean_name, surface=chosen, account=label), _now())
         index = _index(store.keys(), record.id)
     typer.echo(f"✓ Added key: {record.name} ({mask(secret)}, {chosen.value})")
@@ -273,11 +312,73 @@ def add_key(
     _warn_kimi_code([chosen])
 
 
-def key_json(index: int, k: KeyRecord, settings: PoolSettings, now: float) -> dict[str, Any]:
+@app.command("add-keys")
+def add_keys(
+    source: Annotated[
+        str,
+        typer.Argument(
+            metavar="[FILE|-]",
+            help="A file with one `KEY [NAME]` a line (blank lines and # comments are skipped). "
+            "Leave it out (or write -) to read the lines from stdin.",
+            show_default=False,
+        ),
+    ] = "-",
+    surface: Annotated[
+        Surface | None,
+        typer.Option(help="Where the keys work. Default, per key: kimi-code for sk-kimi- keys, else moonshot-cn."),
+    ] = None,
+    account: Annotated[str | None, typer.Option(help="Account label for every key of the file.")] = None,
+) -> None:
+    """Add several keys at once. Every line is checked first: if any is bad, nothing is added."""
+    from . import bulk
+
+    label = _clean_account(account)
+    if source == "-" and _stdin_is_tty():
+        raise CliError("add-keys reads a file or a pipe, not the terminal (the keys would show on screen); "
+                       "pass FILE, or pipe the lines: kimi-rotate add-keys - < keys.txt")
+    try:
+        text = bulk.read_stdin(sys.stdin) if source == "-" else bulk.read_file(Path(source).expanduser())
+    except bulk.BulkError as e:
+        raise CliError(str(e)) from None
+    lines, errors = bulk.parse(text, surface, label)
+    if not lines and not errors:
+        where = "stdin" if source == "-" else source
+        raise CliError(f"no keys in {where}; write one `KEY [NAME]` a line")
+    new = [line.key for line in lines]
+    added: list[KeyRecord] = []
+    index: dict[int, int] = {}
+    with _store() as store:
+        if errors:  # report the clashes with the pool too, so one run shows every problem
+            errors += bulk.line_errors(lines, store.conflicts(new))
+        else:
+            try:
+                added, _ = store.add_keys(new, _now(), refuse_duplicates=True)
+                index = {k.id: i for i, k in enumerate(store.keys())}
+            except DuplicateKey as e:
+                errors = bulk.line_errors(lines, e.conflicts)
+    if errors:
+        for err in sorted(errors, key=lambda e: e.number):
+            typer.echo(scrub(f"line {err.number}: {err.problem}"), err=True)
+        bad = {err.number for err in errors}
+        total = len(bad | {line.number for line in lines})
+        raise CliError(f"{len(bad)} of {total} key line(s) have problems (listed above), so nothing was added; "
+                       "fix those lines and run the command again")
+    typer.echo(f"✓ Added {len(added)} key(s):")
+    for k in added:
+        typer.echo(f"  [{index[k.id]}] {k.name} ({mask(k.secret.get_secret_value())}, {k.surface.value})")
+    if source != "-":
+        typer.echo(f"\nThe file {source} holds these keys in plain text; delete it once you no longer need it.")
+    _warn_kimi_code([k.surface for k in added])
+
+
+def key_json(
+    index: int, k: KeyRecord, settings: PoolSettings, now: float, marked: set[int] | None = None
+) -> dict[str, Any]:
     """One element of `list-keys --json`. Scripts rely on these names and types: only ever add fields.
 
     index (int, as the other commands take it), name, masked_key (prefix + last 4), fingerprint
-    (10 hex chars), surface, account (str|null), current (bool), health (int 0-100, time recovery
+    (10 hex chars), surface, account (str|null), current (bool: in `marked`, the ids list-keys marks;
+    without it, the settings' current key of its surface), health (int 0-100, time recovery
     included), state ("active"|"cooling"|"disabled"), reason (str|null: why cooling or disabled),
     cooldown_until (epoch s|null, set while cooling), total_requests = successful_requests +
     rate_limited_requests + failed_requests (ints), last_used and added_at (epoch s|null).
@@ -291,7 +392,7 @@ def key_json(index: int, k: KeyRecord, settings: PoolSettings, now: float) -> di
         "fingerprint": k.fingerprint,
         "surface": k.surface.value,
         "account": k.account,
-        "current": settings.is_current(k),
+        "current": k.id in marked if marked is not None else settings.is_current(k),
         "health": _pct(engine.health_at(k, now, settings.auto_refresh_health)),
         "state": state.value,
         "reason": reason,
@@ -305,33 +406,74 @@ def key_json(index: int, k: KeyRecord, settings: PoolSettings, now: float) -> di
     }
 
 
+# Above this many keys list-keys prints one line per key instead of a block (--compact / --long choose).
+COMPACT_ABOVE = 10
+
+
+def marked_current(snap: Snapshot, now: float) -> set[int]:
+    """The ids of the keys list-keys marks ●: each surface's current key, or the one its next request goes to."""
+    return {k.id for k in engine.current_keys(Roster(snap.keys), snap.settings, now).values()}
+
+
 @app.command("list-keys")
 def list_keys(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array (stable field names).")] = False,
+    compact: Annotated[
+        bool | None,
+        typer.Option(
+            "--compact/--long",
+            help=f"One line per key, or a block per key. Default: one line per key above {COMPACT_ABOVE} keys.",
+            show_default=False,
+        ),
+    ] = None,
+    only_state: Annotated[KeyState | None, typer.Option("--state", help="Only keys in this state.")] = None,
+    only_surface: Annotated[Surface | None, typer.Option("--surface", help="Only keys of this surface.")] = None,
 ) -> None:
-    """List the keys: index, name, masked key, health, requests and state."""
+    """List the keys: index, name, masked key, health, requests and state; ● marks the key in use."""
     now = _now()
     with _store() as store:
         snap = store.snapshot()
+    marked = marked_current(snap, now)
+    shown = [
+        (i, k) for i, k in enumerate(snap.keys)
+        if (only_state is None or k.state_at(now) is only_state) and (only_surface is None or k.surface is only_surface)
+    ]
     if as_json:
-        rows = [key_json(i, k, snap.settings, now) for i, k in enumerate(snap.keys)]
+        rows = [key_json(i, k, snap.settings, now, marked) for i, k in shown]
         typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
         return
     if not snap.keys:
         typer.echo("No keys configured.\nAdd one with: kimi-rotate add-key")
         return
-    typer.echo(f"\nKimi API Keys ({len(snap.keys)} total, strategy: {snap.settings.strategy.value}):\n")
-    for i, k in enumerate(snap.keys):
+    strategy = snap.settings.strategy.value
+    if only_state is None and only_surface is None:
+        typer.echo(f"\nKimi API Keys ({len(snap.keys)} total, strategy: {strategy}):\n")
+    else:
+        which = " ".join(f.value for f in (only_state, only_surface) if f is not None)
+        if not shown:
+            typer.echo(f"No {which} keys (of {len(snap.keys)}).")
+            return
+        typer.echo(f"\nKimi API Keys ({len(shown)} {which} of {len(snap.keys)}, strategy: {strategy}):\n")
+    if compact or (compact is None and len(shown) > COMPACT_ABOVE):
+        digits = len(str(shown[-1][0]))
+        cells = [_table_row(i, k, k.id in marked, digits, snap.settings, now) for i, k in shown]
+        width = shutil.get_terminal_size((0, 0)).columns or None  # not a terminal: lines are not cut
+        header = (" " * (digits + 1) + "#", "NAME", "KEY", "SURFACE", "ACCOUNT", "HEALTH", "OK/ALL", "STATE")
+        for line in views.table(header, cells, width, right={5, 6}, caps={1: 24, 4: 16}, shrink=1, optional=(2, 4)):
+            typer.echo(line)
+        return
+    for i, k in shown:
         health = engine.health_at(k, now, snap.settings.auto_refresh_health)
         state, reason = _state(k, now)
         if state is KeyState.DISABLED:
             status = f"✗ Disabled ({reason})"
         elif state is KeyState.COOLING and k.cooldown_until is not None:
-            status = f"⏱ Cooling ({reason or 'cooldown'}, {time_left(k.cooldown_until - now)} left)"
+            status = (f"⏱ Cooling ({reason or 'cooldown'}, {time_left(k.cooldown_until - now)} left) "
+                      f"until {views.clock(k.cooldown_until, now)}")
         else:
             status = "✓ Active"
         where = k.surface.value + (f", account: {k.account}" if k.account else "")
-        marker = "●" if snap.settings.is_current(k) else "○"
+        marker = "●" if k.id in marked else "○"
         typer.echo(f"{marker} [{i}] {k.name}")
         typer.echo(f"   Key: {mask(k.secret.get_secret_value())}  (fingerprint {k.fingerprint})")
         typer.echo(f"   Surface: {where}")
@@ -340,13 +482,92 @@ def list_keys(
         typer.echo(f"   Status: {status}\n")
 
 
+def _table_row(
+    i: int, k: KeyRecord, marked: bool, digits: int, settings: PoolSettings, now: float
+) -> tuple[str, ...]:
+    key_state, reason = _state(k, now)
+    if key_state is KeyState.COOLING and k.cooldown_until is not None:
+        status = (f"cooling until {views.clock(k.cooldown_until, now)} ({time_left(k.cooldown_until - now)}): "
+                  f"{reason or 'cooldown'}")
+    elif key_state is KeyState.DISABLED:
+        status = f"disabled: {reason}"
+    else:
+        status = "active"
+    health = _pct(engine.health_at(k, now, settings.auto_refresh_health))
+    return (f"{'●' if marked else ' '} {i:>{digits}}", k.name, mask(k.secret.get_secret_value()), k.surface.value,
+            k.account or "-", f"{health}%", f"{k.successful_requests}/{k.total_requests}", status)
+
+
 @app.command("remove-key")
-def remove_key(ref: KeyRef) -> None:
-    """Remove a key from the pool."""
+def remove_key(
+    ref: KeyRef,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Do not ask first (for the current key or a surface's last key).")
+    ] = False,
+) -> None:
+    """Remove a key from the pool. Asks first if it is the key in use or the last key of its surface."""
     with _store() as store:
         index, key = _resolve(store, ref)
+        if not yes and not _removal_confirmed(store, index, key):
+            typer.echo("Nothing was removed.")
+            return
         store.remove_key(key.id)
     typer.echo(f"✓ Removed key [{index}] {key.name} ({mask(key.secret.get_secret_value())})")
+
+
+def _removal_confirmed(store: Store, index: int, key: KeyRecord) -> bool:
+    """True when removing `key` needs no question or the user said yes; CliError when it can't be asked."""
+    snap = store.snapshot()
+    surface = key.surface.value
+    shown = f"{key.name} ({mask(key.secret.get_secret_value())})"
+    if sum(k.surface is key.surface for k in snap.keys) == 1:
+        what = f"the last {surface} key"
+        question = (f"Remove {shown}, the last {surface} key? Requests for {surface} will then pass "
+                    "through without a pooled key. [y/N] ")
+    elif key.id in marked_current(snap, _now()):
+        what = f"the current {surface} key"
+        question = f"Remove the current key {shown}? [y/N] "
+    else:
+        return True
+    if not _stdin_is_tty():
+        raise CliError(f"[{index}] {key.name} is {what}; pass --yes to remove it anyway")
+    typer.echo(question, nl=False, err=True)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
+
+
+@app.command("rename")
+def rename(
+    ref: KeyRef,
+    new_name: Annotated[str, typer.Argument(metavar="NEW_NAME", help="The new name.", show_default=False)],
+) -> None:
+    """Give a key another name; its counters and state stay."""
+    try:
+        clean_name = validate_name(new_name)
+    except KeyFormatError as e:
+        raise CliError(f"invalid name: {e}; choose another name") from None
+    with _store() as store:
+        index, key = _resolve(store, ref)
+        before, after = store.rename_key(key.id, clean_name)
+    typer.echo(f"✓ Renamed key [{index}]: {before.name} → {after.name}")
+
+
+@app.command("set-account")
+def set_account(
+    ref: KeyRef,
+    account: Annotated[
+        str | None,
+        typer.Argument(metavar="[ACCOUNT]", help="The account label: keys of one account share rate limits."),
+    ] = None,
+    none: Annotated[bool, typer.Option("--none", help="Take the key out of its account.")] = False,
+) -> None:
+    """Put a key in an account (or, with --none, in none); its counters and state stay."""
+    if (account is None) != none:
+        raise typer.BadParameter("give an ACCOUNT, or --none to take the key out of its account")
+    label = _clean_account(account)
+    with _store() as store:
+        index, key = _resolve(store, ref)
+        before, after = store.set_account(key.id, label)
+    typer.echo(f"✓ Key [{index}] {key.name}: account {after.account or 'none'} (was: {before.account or 'none'})")
 
 
 @app.command("enable")
@@ -493,7 +714,9 @@ def refresh_health() -> None:
 
 
 @app.command("stats")
-def stats() -> None:
+def stats(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON document (stable field names).")] = False,
+) -> None:
     """Usage per key and in total: requests, success rate, response times, today and last 7 days."""
     now = _now()
     today = utc_day(now)
@@ -501,6 +724,9 @@ def stats() -> None:
     with _store() as store:
         keys = store.keys()
         daily = store.daily(week_start)
+    if as_json:
+        typer.echo(json.dumps(views.stats_json(keys, daily, today, week_start), indent=2, ensure_ascii=False))
+        return
     if not keys:
         typer.echo("No keys configured.\nAdd one with: kimi-rotate add-key")
         return
@@ -568,8 +794,7 @@ def export_keys(
         snap = store.snapshot()
     if not snap.keys:
         raise CliError("there are no keys to export; add keys first")
-    if file.exists() and not force:
-        raise CliError(f"{file} already exists; choose another name, or pass --force to replace it")
+    backup.check_target(file, overwrite=force)  # before the passphrase is asked for, not after
     passphrase = _new_passphrase()
     backup.write_private(file, backup.export_text(snap.keys, snap.settings, passphrase, now), overwrite=force)
     typer.echo(f"✓ Exported {len(snap.keys)} key(s) to: {file}")
@@ -602,17 +827,31 @@ def import_opencode(
 
 def _add_imported(imported: opencode.Imported) -> None:
     for note in imported.notes:
-        typer.echo(f"note: {note}", err=True)
+        typer.echo(scrub(f"note: {note}"), err=True)
     with _store() as store:
+        before = store.snapshot()
         added, skipped = store.add_keys(imported.keys, _now())
-        # As the reference: the strategy comes along only when keys did.
-        if added:
+        # As the reference, the strategy comes along only when keys did; unlike it, only into an empty
+        # pool: a pool in use keeps the strategy its owner chose.
+        adopt = bool(added) and not before.keys and imported.strategy is not before.settings.strategy
+        if adopt:
             store.update_settings(strategy=imported.strategy)
+    wanted = {nk.secret: nk.name for nk in imported.keys}
+    for k in added:
+        name = wanted[k.secret.get_secret_value()]
+        if name is not None and name != k.name:
+            typer.echo(f"note: the name {name!r} is taken, so {mask(k.secret.get_secret_value())} was added as "
+                       f"{k.name!r}; `kimi-rotate rename` changes it", err=True)
     typer.echo("✓ Import complete:")
     typer.echo(f"  Imported: {len(added)} key(s)")
     typer.echo(f"  Skipped (already present): {len(skipped)} key(s)")
-    if added:
+    if imported.invalid:
+        typer.echo(f"  Skipped (invalid key): {imported.invalid} key(s), named above")
+    if added and not before.keys:
         typer.echo(f"  Rotation strategy: {imported.strategy.value}")
+    elif added and imported.strategy is not before.settings.strategy:
+        typer.echo(f"  Rotation strategy: kept {before.settings.strategy.value} (the import's is "
+                   f"{imported.strategy.value}; `kimi-rotate set-strategy {imported.strategy.value}` switches)")
     _warn_kimi_code([k.surface for k in added])
 
 

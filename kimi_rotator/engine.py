@@ -281,6 +281,21 @@ def _nothing_by_scan(roster: Roster, now: float, surface: Surface | None, exclud
     return NoEligibleKey(total=total, cooling=cooling, disabled=disabled, next_free_at=next_free)
 
 
+def current_keys(roster: Roster, settings: PoolSettings, now: float) -> dict[Surface, KeyRecord]:
+    """The key each surface is on, as `list-keys` marks it: the surface's current key, or, before its first
+    request, the key that request would go to (a fresh pool is on that key, not on none)."""
+    out: dict[Surface, KeyRecord] = {}
+    for surface in dict.fromkeys(k.surface for k in roster.keys):
+        current = roster.get(settings.current_id(surface))
+        if current is not None and current.surface is surface:
+            out[surface] = current
+            continue
+        pick = select(roster, settings, now, surface=surface)
+        if isinstance(pick, Selection):
+            out[surface] = pick.key
+    return out
+
+
 def after_selection(settings: PoolSettings, selection: Selection) -> PoolSettings:
     """The settings once `selection` has been served: it becomes the current key of its surface."""
     key = selection.key

@@ -13,10 +13,21 @@ MAX_LEN = 128
 MAX_NAME_LEN = 64
 _KEY_CHARS = re.compile(r"^sk-[A-Za-z0-9_-]+$")
 _NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f]")
+# What comes before the key when a whole header line or its value was copied.
+_HEADER = re.compile(r"^(?:(?:authorization|x-api-key)\s*:\s*(?:bearer(?:\s+|$))?|bearer(?:\s+|$))", re.IGNORECASE)
+_KEY_IN_NAME = re.compile(r"sk-[A-Za-z0-9_-]{12,}")
 
 
 class KeyFormatError(ValueError):
     """A key or a name that can't be stored; the message says why and never repeats the key."""
+
+
+class SurfaceMismatch(KeyFormatError):
+    """A well-formed key given the wrong surface; the message says which surface it belongs to."""
+
+
+class PastedHeader(KeyFormatError):
+    """The key came with its HTTP header around it (`Bearer sk-…`); the message says to give the key alone."""
 
 
 def default_surface(secret: str) -> Surface:
@@ -28,13 +39,23 @@ def validate_key(secret: str, surface: Surface) -> str:
     key = secret.strip()
     if not key:
         raise KeyFormatError("the key is empty")
+    header = _HEADER.match(key)
+    if header:
+        raise PastedHeader(
+            f'it starts with "{header.group(0).strip()}", which belongs to the HTTP header, not to the key; '
+            'give only the key, from "sk-" on'
+        )
     if not key.startswith("sk-"):
         raise KeyFormatError('a Kimi or Moonshot key starts with "sk-"')
     if surface is Surface.KIMI_CODE and not key.startswith(KIMI_CODE_PREFIX):
-        raise KeyFormatError(f'a Kimi Code key starts with "{KIMI_CODE_PREFIX}"')
+        raise SurfaceMismatch(
+            f'a Kimi Code key starts with "{KIMI_CODE_PREFIX}" and this one does not, so it is an Open Platform '
+            "key; use --surface moonshot-cn or moonshot-ai"
+        )
     if surface is not Surface.KIMI_CODE and key.startswith(KIMI_CODE_PREFIX):
-        raise KeyFormatError(
-            f'a key starting "{KIMI_CODE_PREFIX}" is a Kimi Code key; use --surface kimi-code'
+        raise SurfaceMismatch(
+            f'a key starting "{KIMI_CODE_PREFIX}" is a Kimi Code key, not a {surface.value} one; '
+            "use --surface kimi-code, or leave --surface out"
         )
     if len(key) < MIN_LEN:
         raise KeyFormatError(f"the key is shorter than {MIN_LEN} characters (is it cut off?)")
@@ -53,6 +74,8 @@ def validate_name(name: str) -> str:
         raise KeyFormatError(f"the name is longer than {MAX_NAME_LEN} characters")
     if _NAME_FORBIDDEN.search(cleaned):
         raise KeyFormatError("the name contains control characters")
+    if _KEY_IN_NAME.search(cleaned):  # `add-key KEY1 KEY2`: the second key would be shown as a name
+        raise KeyFormatError("the name looks like an API key; give one key per command, and a name of your own")
     if cleaned.isdigit():
         raise KeyFormatError("the name is a number, which would be read as an index; add a letter")
     return cleaned

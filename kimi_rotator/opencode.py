@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .keys import KeyFormatError, default_surface, validate_key, validate_name
+from .keys import KeyFormatError, default_surface, mask, validate_key, validate_name
 from .models import Strategy, Surface
 from .store import NewKey
 
@@ -68,11 +68,13 @@ class RefStore(BaseModel):
 
 @dataclass(frozen=True)
 class Imported:
-    """Keys ready for `Store.add_keys`, the strategy to restore, and remarks for the user."""
+    """Keys ready for `Store.add_keys`, the strategy to restore, and remarks for the user (one of them
+    for each of the `invalid` accounts left out because their key is not a valid key)."""
 
     keys: list[NewKey]
     strategy: Strategy
     notes: list[str] = field(default_factory=list)
+    invalid: int = 0
 
 
 def describe_validation_error(e: ValidationError) -> str:
@@ -86,16 +88,24 @@ def describe_validation_error(e: ValidationError) -> str:
 
 def parse(data: object, now: float) -> Imported:
     """Converts the decoded JSON of a store file or an export's plaintext. Raises ValidationError
-    for a wrong shape and KeyFormatError (naming the account's position) for a bad key."""
+    for a wrong shape; an account with an invalid key is left out with a note naming it, so one
+    damaged account does not keep the others out."""
     ref = RefStore.model_validate(data)
     notes: list[str] = []
-    keys = [to_new_key(acc, i, now, notes) for i, acc in enumerate(ref.accounts)]
+    keys: list[NewKey] = []
+    invalid = 0
+    for i, acc in enumerate(ref.accounts):
+        try:
+            keys.append(to_new_key(acc, i, now, notes))
+        except KeyFormatError as e:
+            invalid += 1
+            notes.append(f"{e}; skipped it (fix that account where it came from and import again to add it)")
     try:
         strategy = Strategy(ref.rotationStrategy)
     except ValueError:
         notes.append(f"unknown rotation strategy {ref.rotationStrategy[:40]!r}; using health-based")
         strategy = Strategy.HEALTH_BASED
-    return Imported(keys, strategy, notes)
+    return Imported(keys, strategy, notes, invalid)
 
 
 def to_new_key(acc: RefAccount, position: int, now: float, notes: list[str]) -> NewKey:
@@ -104,7 +114,7 @@ def to_new_key(acc: RefAccount, position: int, now: float, notes: list[str]) -> 
     try:
         secret = validate_key(acc.key, surface)
     except KeyFormatError as e:
-        raise KeyFormatError(f"account {position}: {e}") from None
+        raise KeyFormatError(f"account {position} ({_describe(acc)}): invalid key: {e}") from None
 
     name: str | None = None
     if acc.name and acc.name.strip():
@@ -145,6 +155,13 @@ def to_new_key(acc: RefAccount, position: int, now: float, notes: list[str]) -> 
     )
 
 
+def _describe(acc: RefAccount) -> str:
+    """Which account, for a message: its name (if it can be shown) and its masked key."""
+    name = (acc.name or "").strip()
+    shown = f"{name[:40]!r}, " if name and name.isprintable() else ""
+    return shown + mask(acc.key.strip())
+
+
 def _label(text: str | None) -> str | None:
     """An account label from our own export; a hand-edited one that can't be shown is dropped."""
     cleaned = (text or "").strip()
@@ -182,8 +199,4 @@ def load(path: Path, now: float) -> Imported:
         raise OpencodeError(
             f"{shown} does not look like an opencode-kimi-rotator store ({describe_validation_error(e)}); "
             "is it the right file?"
-        ) from None
-    except KeyFormatError as e:
-        raise OpencodeError(
-            f"{shown}: {e}; fix or remove that account in the file and try again (nothing was imported)"
         ) from None

@@ -86,8 +86,24 @@ class KeyNotFound(StoreError):
     pass
 
 
+@dataclass(frozen=True)
+class Conflict:
+    """Why one key of a batch can't be added (or a key can't take a name): its secret or its name is taken."""
+
+    position: int  # in the batch given to add_keys
+    problem: str  # e.g. "this key is already in the pool as [0] main"
+    advice: str  # what to do about it
+
+
 class DuplicateKey(StoreError):
-    pass
+    """A secret or a name is already in the pool, or twice in one batch; nothing was changed.
+    `conflicts` holds every clash of the batch, not only the first."""
+
+    def __init__(self, conflicts: Sequence[Conflict]) -> None:
+        self.conflicts = list(conflicts)
+        first = self.conflicts[0]
+        more = f" (and {len(self.conflicts) - 1} more)" if len(self.conflicts) > 1 else ""
+        super().__init__(f"{first.problem}{more}; {first.advice}")
 
 
 class NewKey(BaseModel):
@@ -188,6 +204,11 @@ class Store:
         try:
             with open(self.path, "rb") as f:
                 head = f.read(len(_SQLITE_MAGIC))
+        except IsADirectoryError:
+            raise StoreError(
+                f"{self.path} is a folder, not a store file; move it aside (a new store is then created), "
+                f"or point {HOME_ENV} at another folder"
+            ) from None
         except OSError as e:
             raise StoreError(f"cannot read the store {self.path}: {e.strerror}; check its permissions") from None
         # An empty file is what a crash between creating and initialising leaves: start it afresh.
@@ -322,11 +343,21 @@ class Store:
 
     # -- changing keys -------------------------------------------------------------------------
 
-    def add_keys(self, new: Sequence[NewKey], now: float) -> tuple[list[KeyRecord], list[NewKey]]:
-        """Adds every key not present yet, in one transaction. Returns (added, skipped duplicates)."""
+    def add_keys(
+        self, new: Sequence[NewKey], now: float, refuse_duplicates: bool = False
+    ) -> tuple[list[KeyRecord], list[NewKey]]:
+        """Adds the keys in one transaction. Returns (added, skipped duplicates).
+
+        Imports (the default) skip a secret already present and give a taken name a number (`Main 2`).
+        With `refuse_duplicates` (add-key, add-keys) a taken secret or name, in the pool or earlier in
+        the batch, raises DuplicateKey listing every clash, and nothing is added."""
         added: list[KeyRecord] = []
         skipped: list[NewKey] = []
         with self._write() as db:
+            if refuse_duplicates:
+                conflicts = _conflicts(db, new)
+                if conflicts:
+                    raise DuplicateKey(conflicts)
             present = {row[0] for row in db.execute("SELECT secret FROM keys")}
             names = {row[0] for row in db.execute("SELECT name FROM keys")}
             for nk in new:
@@ -351,10 +382,35 @@ class Store:
         return added, skipped
 
     def add_key(self, new: NewKey, now: float) -> KeyRecord:
-        added, skipped = self.add_keys([new], now)
-        if skipped:
-            raise DuplicateKey("this key is already in the store (see `kimi-rotate list-keys`)")
+        """Adds one key; DuplicateKey if its secret or its name is taken."""
+        added, _ = self.add_keys([new], now, refuse_duplicates=True)
         return added[0]
+
+    def conflicts(self, new: Sequence[NewKey]) -> list[Conflict]:
+        """What `add_keys(new, refuse_duplicates=True)` would refuse, without writing (to report every
+        problem of a batch that has other problems too)."""
+        with self._read() as db:
+            return _conflicts(db, new)
+
+    def rename_key(self, key_id: int, name: str) -> tuple[KeyRecord, KeyRecord]:
+        """Gives a key another name (its counters and state stay). Returns (before, after)."""
+        with self._write() as db:
+            key = _one_key(db, key_id)
+            row = db.execute("SELECT id FROM keys WHERE name = ? AND id != ?", (name, key_id)).fetchone()
+            if row is not None:
+                problem = f"a key named {name!r} already exists ([{_position(db, row[0])}])"
+                raise DuplicateKey([Conflict(0, problem, "choose another name")])
+            changed = key.model_copy(update={"name": name})
+            _save_keys(db, [changed])
+        return key, changed
+
+    def set_account(self, key_id: int, account: str | None) -> tuple[KeyRecord, KeyRecord]:
+        """Puts a key in an account (None: in none). Returns (before, after)."""
+        with self._write() as db:
+            key = _one_key(db, key_id)
+            changed = key.model_copy(update={"account": account})
+            _save_keys(db, [changed])
+        return key, changed
 
     def remove_key(self, key_id: int) -> KeyRecord:
         with self._write() as db:
@@ -550,6 +606,38 @@ def _counters(nk: NewKey) -> tuple[int, int, int, int]:
     return total, ok, limited, total - ok - limited
 
 
+def _conflicts(db: sqlite3.Connection, new: Sequence[NewKey]) -> list[Conflict]:
+    """Every key of `new` whose secret or name is taken, by the pool or by an earlier key of `new`."""
+    pool = db.execute("SELECT secret, name FROM keys ORDER BY id").fetchall()
+    by_secret = {secret: (i, name) for i, (secret, name) in enumerate(pool)}
+    by_name = {name: i for i, (_, name) in enumerate(pool)}
+    seen_secrets: dict[str, int] = {}
+    seen_names: dict[str, int] = {}
+    out: list[Conflict] = []
+    for pos, nk in enumerate(new):
+        if nk.secret in by_secret:
+            index, name = by_secret[nk.secret]
+            out.append(Conflict(pos, f"this key is already in the pool as [{index}] {name}", "nothing was added"))
+        elif nk.secret in seen_secrets:
+            out.append(Conflict(pos, f"the same key as entry {seen_secrets[nk.secret]} of this batch",
+                                "give each key once"))
+        elif nk.name is not None and nk.name in by_name:
+            out.append(Conflict(pos, f"a key named {nk.name!r} already exists ([{by_name[nk.name]}])",
+                                "choose another name"))
+        elif nk.name is not None and nk.name in seen_names:
+            out.append(Conflict(pos, f"the name {nk.name!r} is also given to entry {seen_names[nk.name]} of this "
+                                "batch", "give each key its own name"))
+        seen_secrets.setdefault(nk.secret, pos)
+        if nk.name is not None:
+            seen_names.setdefault(nk.name, pos)
+    return out
+
+
+def _position(db: sqlite3.Connection, key_id: int) -> int:
+    """A key's index as `list-keys` shows it."""
+    return int(db.execute("SELECT COUNT(*) FROM keys WHERE id < ?", (key_id,)).fetchone()[0])
+
+
 def _unique_name(wanted: str | None, taken: set[str]) -> str:
     if wanted and wanted not in taken:
         return wanted
@@ -561,10 +649,20 @@ def _unique_name(wanted: str | None, taken: set[str]) -> str:
 
 
 def _private_dir(home: Path) -> None:
+    if home.exists() and not home.is_dir():  # mkdir would only say "File exists"
+        raise StoreError(
+            f"{home} is a file, not a folder; the store is a folder holding {STORE_FILE}: point {HOME_ENV} "
+            "at a folder (a new one is created), or move the file aside"
+        )
     try:
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
         if stat.S_IMODE(home.stat().st_mode) & 0o077:
             home.chmod(0o700)
+    except NotADirectoryError:
+        raise StoreError(
+            f"cannot create the store folder {home}: part of that path is a file, not a folder; point {HOME_ENV} "
+            "at a folder"
+        ) from None
     except OSError as e:
         raise StoreError(
             f"cannot create the store folder {home}: {e.strerror}; point {HOME_ENV} at a writable folder"
@@ -576,7 +674,7 @@ def _create_private_file(path: Path) -> bool:
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     except FileExistsError:
-        return path.stat().st_size == 0
+        return path.is_file() and path.stat().st_size == 0  # a folder goes on to _check_header's message
     except OSError as e:
         raise StoreError(
             f"cannot create the store {path}: {e.strerror}; point {HOME_ENV} at a writable folder"

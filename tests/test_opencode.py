@@ -209,8 +209,11 @@ def test_bad_schema_names_the_field_but_not_the_value(tmp_path: Path, data: obje
     "bad_key",
     ["sk-kimi-short", "not-a-key-at-all-1234567", "sk-kimi-test with spaces inside", "sk-kimi-" + "a" * 200],
 )
-def test_invalid_key_is_refused_without_echoing_it(tmp_path: Path, bad_key: str) -> None:
-    path = write(tmp_path / "k.json", store_file([full_account(KEY_A, "A"), full_account(bad_key, "B")]))
-    message = error_for(path)
-    assert "account 1" in message and "nothing was imported" in message
-    assert bad_key not in message
+def test_invalid_key_is_skipped_with_a_note_that_does_not_echo_it(tmp_path: Path, bad_key: str) -> None:
+    accounts = [full_account(KEY_A, "A"), full_account(bad_key, "B"), full_account(KEY_B, "C")]
+    imported = opencode.load(write(tmp_path / "k.json", store_file(accounts)), NOW)
+    assert [(k.secret, k.name) for k in imported.keys] == [(KEY_A, "A"), (KEY_B, "C")]  # the others still come
+    assert imported.invalid == 1
+    (note,) = imported.notes
+    assert note.startswith("account 1 ('B', ") and "invalid key" in note and "skipped it" in note
+    assert bad_key not in note

@@ -27,6 +27,7 @@ from kimi_rotator.store import (
     SCHEMA_VERSION,
     STORE_FILE,
     Attempt,
+    Conflict,
     DuplicateKey,
     KeyNotFound,
     NewKey,
@@ -95,10 +96,13 @@ def test_add_list_resolve_remove(store: Store) -> None:
     with pytest.raises(KeyNotFound, match="no key named 'nope'"):
         store.resolve("nope")
 
-    with pytest.raises(DuplicateKey):
+    with pytest.raises(DuplicateKey, match=r"already in the pool as \[0\] key 0; nothing was added"):
         store.add_key(new_key(0, name="another name"), NOW)
+    with pytest.raises(DuplicateKey, match=r"a key named 'key 1' already exists \(\[1\]\); choose another name"):
+        store.add_key(new_key(9, name="key 1"), NOW)
     assert len(store.keys()) == 3
-    dup_name = store.add_key(new_key(9, name="key 1"), NOW)
+    # Imports keep both keys: a taken name gets a number.
+    (dup_name,), _ = store.add_keys([new_key(9, name="key 1")], NOW)
     assert dup_name.name == "key 1 2"
     unnamed = store.add_key(new_key(10, name=None), NOW)
     assert unnamed.name not in {k.name for k in keys}
@@ -131,6 +135,52 @@ def test_add_keys_skips_duplicates_and_keeps_imported_history(store: Store) -> N
     assert k0.last_used == NOW - 60
     assert (k1.health, k1.cooldown_until, k1.cooldown_reason) == (0.0, NOW + 600, "imported limit")
     assert k1.state_at(NOW) is KeyState.COOLING
+
+
+def test_refusing_duplicates_lists_every_clash_and_adds_nothing(store: Store) -> None:
+    fill(store, 2)
+    before = store.snapshot()
+    batch = [
+        new_key(5, name="new"),
+        new_key(0, name="fresh"),  # secret in the pool
+        new_key(6, name="key 1"),  # name in the pool
+        new_key(5, name="other"),  # secret earlier in the batch
+        new_key(7, name="new"),  # name earlier in the batch
+    ]
+    assert store.conflicts(batch) == [
+        Conflict(1, "this key is already in the pool as [0] key 0", "nothing was added"),
+        Conflict(2, "a key named 'key 1' already exists ([1])", "choose another name"),
+        Conflict(3, "the same key as entry 0 of this batch", "give each key once"),
+        Conflict(4, "the name 'new' is also given to entry 0 of this batch", "give each key its own name"),
+    ]
+    with pytest.raises(DuplicateKey, match=r"as \[0\] key 0 \(and 3 more\); nothing was added") as info:
+        store.add_keys(batch, NOW, refuse_duplicates=True)
+    assert info.value.conflicts == store.conflicts(batch)
+    assert store.snapshot() == before
+    added, _ = store.add_keys([batch[0], new_key(8, name=None)], NOW, refuse_duplicates=True)
+    assert [k.name for k in added] == ["new", "Account 4"]
+
+
+def test_rename_and_set_account_keep_history(store: Store) -> None:
+    (k0,), _ = store.add_keys(
+        [new_key(0, total_requests=5, successful_requests=4, health=70.0, cooldown_until=NOW + 60,
+                 cooldown_reason="rate limited")],
+        NOW,
+    )
+    other = store.add_key(new_key(1, name="other"), NOW)
+    before, after = store.rename_key(k0.id, "renamed")
+    assert (before.name, after.name) == ("key 0", "renamed")
+    _, after = store.set_account(k0.id, "acme")
+    (stored, _) = store.keys()
+    assert stored == after and stored.account == "acme" and stored.name == "renamed"
+    assert stored.model_dump(exclude={"name", "account"}) == k0.model_dump(exclude={"name", "account"})
+    with pytest.raises(DuplicateKey, match=r"a key named 'other' already exists \(\[1\]\); choose another name"):
+        store.rename_key(k0.id, "other")
+    store.rename_key(other.id, "other")  # its own name: no clash
+    store.set_account(k0.id, None)
+    assert store.keys()[0].account is None
+    with pytest.raises(KeyNotFound):
+        store.rename_key(9999, "x")
 
 
 def test_settings_persist_and_bad_values_change_nothing(kimi_home: Path) -> None:
