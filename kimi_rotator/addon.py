@@ -322,8 +322,8 @@ class KimiRotate:
             flow.marked = MARK_FAILOVER
         if activity.log.isEnabledFor(logging.INFO):
             status: int | str = flow.response.status_code if flow.response is not None else "no answer"
-            if flow.error is not None:
-                status = f"{status}, then {flow.error.msg}"
+            if flow.error is not None:  # mitmproxy's words for a cut ("Client disconnected."), never Kimi's
+                status = f"{status} ({flow.error.msg.rstrip('.')})"
             activity.log.info(activity.request_line(job, status, time.time() - flow.request.timestamp_start))
 
     def _warn_no_keys(self, surface: Surface) -> None:

@@ -88,11 +88,12 @@ class LivePool:
         """Apply an attempt's outcome now; it reaches the store within POLL_SECONDS."""
         before = self.roster
         updates = engine.apply_outcome(before, key_id, outcome, now, self.settings.auto_refresh_health)
-        changes = activity.changes([before.get(u.id) for u in updates], updates, now)
         self.roster = before.with_updates(updates)
-        if changes:
-            activity.emit(changes)
-            self._watch_cooldowns(_earliest_cooldown(updates, now))
+        if outcome.kind in engine.DISABLING or outcome.kind in engine.DEFAULT_COOLDOWN:  # never a success
+            changes = activity.changes([before.get(u.id) for u in updates], updates, now)
+            if changes:
+                activity.emit(changes)
+                self._watch_cooldowns(_earliest_cooldown(updates, now))
         self._seq += 1
         pending = _Pending(self._seq, Attempt(key_id, outcome, now))
         self._unflushed.append(pending)

@@ -168,7 +168,7 @@ async def test_options_of_addons_left_out_load_them_when_set(built: Callable[...
     plain = built()
     m = built(sets=[f"{name}={value}" for name, value in samples.items()])
     names = [type(a).__name__ for a in m.addons.chain]
-    for module, cls, before in ON_DEMAND.values():
+    for _module, cls, before in ON_DEMAND.values():
         assert names.count(cls) == 1 and cls not in [type(a).__name__ for a in plain.addons.chain]
         assert (names.index(cls) < names.index("KimiRotate")) is before, cls
     assert m.options.flow_detail == 2 and m.options.save_stream_filter == "~q"
