@@ -19,12 +19,12 @@ import ipaddress
 import logging
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import addonmanager, exceptions, hooks, master, options
+from mitmproxy import addonmanager, ctx, exceptions, hooks, master, options
 from mitmproxy.addons import (
     block,
     core,
@@ -101,13 +101,16 @@ REFUSED: dict[str, str] = {
 }
 
 
-def option_addons(sets: Sequence[str]) -> tuple[list[Any], list[Any]]:
-    """The addons the `--set` options ask for, (before ours, after ours); ProxyError for a refused option."""
+def option_addons(sets: Sequence[str], known: Collection[str] = ()) -> tuple[list[Any], list[Any]]:
+    """The addons the `--set` options ask for, (before ours, after ours), but for options `known` already;
+    ProxyError for a refused option."""
     before: list[Any] = []
     after: list[Any] = []
     loaded: set[tuple[str, str]] = set()
     for spec in sets:
         name = spec.partition("=")[0].strip()
+        if name in known:
+            continue
         if name in REFUSED:
             raise ProxyError(f"--set {name} does not work with kimi-rotate proxy: {REFUSED[name]}")
         found = ON_DEMAND.get(name)
@@ -187,8 +190,6 @@ class Banner:
             if not pool.roster.keys:
                 lines.append("No keys yet: add one with `kimi-rotate add-key` (it is picked up without a restart).")
         lines.append(f"CA certificate: {self.ca.cert}   (trust it once: `kimi-rotate ca`, see certs-howto.md)")
-        from mitmproxy import ctx
-
         web = web_address(ctx.master)
         if web is not None:
             lines.append(f"Web interface: {web}")
@@ -236,8 +237,6 @@ class StartupCheck(errorcheck.ErrorCheck):
         for instance in server.servers if server is not None else ():
             error = instance.last_exception
             if error is not None:
-                from mitmproxy import ctx
-
                 port = instance.mode.listen_port(ctx.options.listen_port) or 0
                 raise ProxyError(listen_error(instance.mode.listen_host(ctx.options.listen_host), port, error))
         await super().shutdown_if_errored()
@@ -294,8 +293,6 @@ class CachedAddonManager(addonmanager.AddonManager):
 
 
 def _proxyserver() -> proxyserver.Proxyserver | None:
-    from mitmproxy import ctx
-
     found = ctx.master.addons.get("proxyserver")
     return found if isinstance(found, proxyserver.Proxyserver) else None
 
@@ -312,7 +309,8 @@ def build_master(config: ProxyConfig, loop: asyncio.AbstractEventLoop) -> master
         stock = m.addons.get("errorcheck")
         stock.finish()
         m.addons.remove(stock)
-        m.addons.add(rotate, StartupCheck())
+        before, after = option_addons(sets, known=set(m.options.keys()))  # mitmweb has all but the flow printer
+        m.addons.add(*before, rotate, *after, StartupCheck())
         m.options.update(web_open_browser=False)
     else:
         before, after = option_addons(sets)

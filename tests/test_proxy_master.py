@@ -189,7 +189,8 @@ def test_a_refused_option_says_why_and_what_to_use(name: str) -> None:
 
 
 async def test_web_prints_the_interface_address_with_what_it_asks_for(built: Callable[..., master.Master]) -> None:
-    m = built(web=True, sets=["web_port=18181"])
+    m = built(web=True, sets=["web_port=18181", "flow_detail=2"])  # mitmweb has no flow printer: it is loaded
+    assert m.options.flow_detail == 2
     address = web_address(m)
     assert address is not None
     if int(mitmproxy_version.VERSION.split(".")[0]) >= 12:  # mitmweb 12 wants the token it made up
