@@ -25,9 +25,10 @@ import certifi
 from mitmproxy import command, connection, ctx, exceptions, http, tls
 from mitmproxy.proxy import server_hooks
 
-from . import engine
+from . import activity, engine
+from .activity import describe
 from .envelopes import INTERNAL_ERROR, error_response
-from .failover import Failover, Final, Job, broke_off, describe
+from .failover import Failover, Final, Job, broke_off
 from .models import Surface
 from .pool import LivePool
 from .relay import TOKEN_HEADER, Relay
@@ -311,13 +312,19 @@ class KimiRotate:
 
     def _annotate(self, flow: http.HTTPFlow, job: Job) -> None:
         """Name the attempts in the flow's comment, and put the placeholder of the key that served where the
-        client's credential was: views and saved flows then show which key answered, and never a credential."""
+        client's credential was: views and saved flows then show which key answered, and never a credential.
+        Both deliveries end here (a streamed one when its stream has), so this is where its line is logged."""
         if job.key is not None:
             hide_credential(flow.request.headers, job.key.fingerprint)
         if job.trail:
             flow.comment = " → ".join(job.trail)
         if job.failed_over:
             flow.marked = MARK_FAILOVER
+        if activity.log.isEnabledFor(logging.INFO):
+            status: int | str = flow.response.status_code if flow.response is not None else "no answer"
+            if flow.error is not None:  # mitmproxy's words for a cut ("Client disconnected."), never Kimi's
+                status = f"{status} ({flow.error.msg.rstrip('.')})"
+            activity.log.info(activity.request_line(job, status, time.time() - flow.request.timestamp_start))
 
     def _warn_no_keys(self, surface: Surface) -> None:
         if surface not in self._warned:

@@ -32,14 +32,19 @@ def proxy(
         bool, typer.Option("--allow-remote", help="Listen beyond this machine without a token or proxy auth.")
     ] = False,
     confdir: ConfdirOption = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No line per request; only warnings (a key disabled) and errors.")
+    ] = False,
 ) -> None:
-    """Start the rotating proxy and print the lines to paste into your agent's shell."""
+    """Start the rotating proxy and print the lines to paste into your agent's shell, then a line per request."""
+    if not 1 <= port <= 65535:
+        raise SetupError(f"--port {port} is not a port number; pick one from 1 to 65535, e.g. --port 8080")
     from .proxy import ProxyConfig, ProxyError, run  # mitmproxy loads only for this command
 
     sets = [f"confdir={confdir}"] if confdir else []
     sets += set_ or []
     try:
-        run(ProxyConfig(host=host, port=port, web=web, sets=sets, allow_remote=allow_remote))
+        run(ProxyConfig(host=host, port=port, web=web, sets=sets, allow_remote=allow_remote, quiet=quiet))
     except ProxyError as e:
         raise SetupError(str(e)) from None
 

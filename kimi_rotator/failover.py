@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from . import engine
+from .activity import describe, wait
 from .classify import Verdict, classify, classify_connection_error, decode_body
-from .keys import mask
 from .models import KeyRecord, OutcomeKind, Scope, Surface
 from .pool import LivePool
 from .routing import HOP_BY_HOP, with_credential
@@ -91,17 +91,13 @@ class Final:
         return headers
 
 
-def describe(key: KeyRecord) -> str:
-    return f"{key.name} {mask(key.secret.get_secret_value())}"
-
-
 def trail_entry(key: KeyRecord, status: int | str, verdict: Verdict, now: float) -> str:
     o = verdict.outcome
     # The classifier's reason starts with the status ("429 rate_limit_reached_error").
     text = f"{describe(key)}: {o.reason or status}"
     if o.until is not None and o.kind not in (OutcomeKind.SUCCESS, OutcomeKind.SERVER_ERROR):
         scope = " account" if o.scope is Scope.ACCOUNT else ""
-        text += f",{scope} cooling {max(0, round(o.until - now))} s"
+        text += f",{scope} cooling {wait(o.until - now)}"
     elif o.kind in (OutcomeKind.INVALID_KEY, OutcomeKind.ACCESS_DENIED):
         text += ", disabled"
     return text

@@ -13,10 +13,10 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
-from . import engine
+from . import activity, engine
 from .models import KeyRecord, Outcome, PoolSettings, Surface
 from .roster import Roster
 from .store import BUSY_TIMEOUT, Attempt, Snapshot, Store, StoreBusy, StoreError
@@ -59,6 +59,11 @@ class LivePool:
     on_recover: Callable[[], None] | None = None  # the store works again after on_error
     _failing: bool = field(default=False, init=False)  # the last pass of the thread met a StoreError
     _pass_failed: bool = field(default=False, init=False)
+    # "Key back" needs no timer per key: one loop timer waits for the earliest cooldown deadline, and when it
+    # fires, every key whose cooldown ended since the last check is reported, once.
+    _back_timer: asyncio.TimerHandle | None = field(default=None, init=False)
+    _back_at: float | None = field(default=None, init=False)
+    _back_checked: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
         # Read the version first: a commit between the two reads is then seen again, never missed.
@@ -81,8 +86,14 @@ class LivePool:
 
     def record(self, key_id: int, outcome: Outcome, now: float) -> list[KeyRecord]:
         """Apply an attempt's outcome now; it reaches the store within POLL_SECONDS."""
-        updates = engine.apply_outcome(self.roster, key_id, outcome, now, self.settings.auto_refresh_health)
-        self.roster = self.roster.with_updates(updates)
+        before = self.roster
+        updates = engine.apply_outcome(before, key_id, outcome, now, self.settings.auto_refresh_health)
+        self.roster = before.with_updates(updates)
+        if outcome.kind in engine.DISABLING or outcome.kind in engine.DEFAULT_COOLDOWN:  # never a success
+            changes = activity.changes([before.get(u.id) for u in updates], updates, now)
+            if changes:
+                activity.emit(changes)
+                self._watch_cooldowns(_earliest_cooldown(updates, now))
         self._seq += 1
         pending = _Pending(self._seq, Attempt(key_id, outcome, now))
         self._unflushed.append(pending)
@@ -104,11 +115,14 @@ class LivePool:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self._back_checked = time.time()
+        self._rewatch(self._back_checked)
         self._thread = threading.Thread(target=self._run, name="kimi-rotate-store", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         """Write everything still pending, then stop the thread."""
+        self._stop_watching()
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -200,7 +214,13 @@ class LivePool:
             if p.seq > flushed:
                 a = p.attempt
                 roster = roster.with_updates(engine.apply_outcome(roster, a.key_id, a.outcome, a.at, recover))
-        self.roster = roster
+        if self._loop is None:  # the first snapshot, or one before the proxy runs
+            self.roster = roster
+        else:  # say what other processes changed (a key disabled with the CLI, ...)
+            now = time.time()
+            old, self.roster = self.roster, roster
+            activity.emit(activity.changes([old.get(k.id) for k in roster.keys], roster.keys, now))
+            self._rewatch(now)  # deadlines may have moved either way
         # Keys change surface only through a new snapshot, so the per-request count is kept here.
         self._counts = Counter(k.surface for k in roster.keys)
         if settings_changed:
@@ -210,6 +230,40 @@ class LivePool:
                 self._active_to_save = None
         elif self.settings.active_key_id is not None and roster.get(self.settings.active_key_id) is None:
             self.settings = self.settings.model_copy(update={"active_key_id": None})
+
+    def _watch_cooldowns(self, deadline: float | None) -> None:
+        """Have the timer fire at `deadline` if that is sooner than it would."""
+        if deadline is None or self._loop is None or (self._back_at is not None and self._back_at <= deadline):
+            return
+        if self._back_timer is not None:
+            self._back_timer.cancel()
+        self._back_at = deadline
+        self._back_timer = self._loop.call_later(max(0.0, deadline - time.time()), self._cooldowns_ended)
+
+    def _rewatch(self, now: float) -> None:
+        """Point the timer at the earliest cooldown running at `now` (one scan of the keys)."""
+        self._stop_watching()
+        self._watch_cooldowns(_earliest_cooldown(self.roster.keys, now))
+
+    def _stop_watching(self) -> None:
+        if self._back_timer is not None:
+            self._back_timer.cancel()
+        self._back_timer = self._back_at = None
+
+    def _cooldowns_ended(self) -> None:
+        now = time.time()
+        since, self._back_checked = self._back_checked, now
+        back = [k for k in self.roster.keys if k.disabled_reason is None and k.cooldown_until is not None
+                and since < k.cooldown_until <= now]
+        activity.emit((logging.INFO, line) for line in activity.back_lines(back))
+        self._back_timer = self._back_at = None
+        self._rewatch(now)
+
+
+def _earliest_cooldown(keys: Iterable[KeyRecord], now: float) -> float | None:
+    """The first deadline among the cooldowns running at `now` on keys that are not disabled."""
+    return min((k.cooldown_until for k in keys
+                if k.disabled_reason is None and k.cooldown_until is not None and k.cooldown_until > now), default=None)
 
 
 def _prepared(snapshot: Snapshot) -> Roster:

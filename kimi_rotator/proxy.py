@@ -3,22 +3,28 @@
 Stock mitmdump walks every event through 35 addons; dispatch, not TLS, is where its time goes.
 The slim master keeps what a rotating proxy needs (proxy server, layer selection, TLS, proxy
 authentication, upstream proxy credentials, the global-client block) and drops the rest. `--web`
-runs mitmweb's full master instead, for debugging.
+runs mitmweb's full master instead, for debugging. Options of the addons left out either load their
+addon when set (`--set flow_detail=1` loads mitmdump's flow printer) or are refused with what to use
+instead. Failing to listen ends in one line of ours, never in mitmproxy's advice about its own flags.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import importlib
 import inspect
+import io
 import ipaddress
+import logging
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import addonmanager, exceptions, hooks, master, options
+from mitmproxy import addonmanager, ctx, exceptions, hooks, master, options
 from mitmproxy.addons import (
     block,
     core,
@@ -48,6 +54,94 @@ class ProxyConfig:
     web: bool = False
     sets: Sequence[str] = ()
     allow_remote: bool = False
+    quiet: bool = False  # termlog_verbosity=warn: no request lines, only what needs the user
+
+
+# Options of mitmproxy addons the slim master leaves out. Setting one loads its addon (once): before ours when
+# mitmdump's chain has it before scripts, else after. The rest are refused: each says what to use instead.
+ON_DEMAND: dict[str, tuple[str, str, bool]] = {
+    "block_list": ("blocklist", "BlockList", True),
+    "anticache": ("anticache", "AntiCache", True),
+    "anticomp": ("anticomp", "AntiComp", True),
+    "map_remote": ("mapremote", "MapRemote", False),
+    "map_local": ("maplocal", "MapLocal", False),
+    "modify_body": ("modifybody", "ModifyBody", False),
+    "modify_headers": ("modifyheaders", "ModifyHeaders", False),
+    "stickyauth": ("stickyauth", "StickyAuth", False),
+    "stickycookie": ("stickycookie", "StickyCookie", False),
+    "save_stream_file": ("save", "Save", False),
+    "save_stream_filter": ("save", "Save", False),
+    "hardump": ("savehar", "SaveHar", False),
+    "keep_alt_svc_header": ("update_alt_svc", "UpdateAltSvc", False),
+    "flow_detail": ("dumper", "Dumper", False),
+    "dumper_filter": ("dumper", "Dumper", False),
+    "dumper_default_contentview": ("dumper", "Dumper", False),
+}
+_REPLAY = "replaying flows is not part of the rotating proxy: use `mitmdump -s kimi_rotate.py` (-C or -S FILE)"
+_DNS = "kimi-rotate proxy has no DNS mode: use `mitmdump -s kimi_rotate.py --mode dns`"
+_ONBOARDING = "kimi-rotate proxy has no onboarding app (mitm.it): `kimi-rotate ca` shows the CA and how to trust it"
+REFUSED: dict[str, str] = {
+    "scripts": "kimi-rotate proxy loads no other scripts: use `mitmdump -s kimi_rotate.py -s YOUR_SCRIPT.py`",
+    "rfile": "kimi-rotate proxy does not read saved flows: to look at them, use `mitmweb -s kimi_rotate.py -r FILE`",
+    "readfile_filter": "kimi-rotate proxy does not read saved flows: use `mitmdump -s kimi_rotate.py -r FILE`",
+    "command_history": "it belongs to mitmproxy's console: use `mitmproxy -s kimi_rotate.py`",
+    "export_preserve_original_ip": "flows are exported from mitmproxy's interfaces: use `kimi-rotate proxy --web`",
+    "keepserving": _REPLAY,
+    "client_replay": _REPLAY,
+    "client_replay_concurrency": _REPLAY,
+    "server_replay": _REPLAY,
+    **{f"server_replay_{name}": _REPLAY for name in (
+        "extra", "ignore_content", "ignore_host", "ignore_params", "ignore_payload_params", "ignore_port",
+        "kill_extra", "nopop", "refresh", "reuse", "use_headers")},
+    "dns_name_servers": _DNS,
+    "dns_use_hosts_file": _DNS,
+    "strip_ech": _DNS,
+    "onboarding": _ONBOARDING,
+    "onboarding_host": _ONBOARDING,
+}
+
+
+def option_addons(sets: Sequence[str], known: Collection[str] = ()) -> tuple[list[Any], list[Any]]:
+    """The addons the `--set` options ask for, (before ours, after ours), but for options `known` already;
+    ProxyError for a refused option."""
+    before: list[Any] = []
+    after: list[Any] = []
+    loaded: set[tuple[str, str]] = set()
+    for spec in sets:
+        name = spec.partition("=")[0].strip()
+        if name in known:
+            continue
+        if name in REFUSED:
+            raise ProxyError(f"--set {name} does not work with kimi-rotate proxy: {REFUSED[name]}")
+        found = ON_DEMAND.get(name)
+        if found is None or found[:2] in loaded:
+            continue
+        module, cls, first = found
+        loaded.add((module, cls))
+        (before if first else after).append(getattr(importlib.import_module(f"mitmproxy.addons.{module}"), cls)())
+    return before, after
+
+
+def listen_error(host: str, port: int, error: BaseException, web: bool = False) -> str:
+    """One line for a server that could not listen: what happened, and the flag that fixes it."""
+    address = f"{'0.0.0.0' if not host else f'[{host}]' if ':' in host else host}:{port}"
+    head = f"could not listen on {address}" + (" for the web interface" if web else "")
+    port_flag = "--set web_port=" if web else "--port "
+    other = port + 1 if port < 65535 else port - 1
+    code = error.errno if isinstance(error, OSError) else None
+    if not 0 < port <= 65535:
+        return f"{head}: {port} is not a port number; pick one from 1 to 65535, e.g. {port_flag}{8081 if web else 8080}"
+    if code == errno.EADDRINUSE:
+        return (f"{head}: the port is in use (another {'mitmweb' if web else 'kimi-rotate proxy'}?); "
+                f"stop that, or pick another port with {port_flag}{other}")
+    if code in (errno.EACCES, errno.EPERM):
+        return (f"{head}: permission denied (ports below 1024 need administrator rights); "
+                f"pick another port with {port_flag}{8081 if web else 8080}")
+    if code == errno.EADDRNOTAVAIL:
+        host_flag = "--set web_host=" if web else "--host "
+        return f"{head}: that address is not one of this machine's; pick one that is with {host_flag}127.0.0.1"
+    detail = (error.strerror if isinstance(error, OSError) else None) or str(error).splitlines()[0]
+    return f"{head} ({detail}); pick another port with {port_flag}{other}"
 
 
 def is_loopback(host: str) -> bool:
@@ -96,9 +190,62 @@ class Banner:
             if not pool.roster.keys:
                 lines.append("No keys yet: add one with `kimi-rotate add-key` (it is picked up without a restart).")
         lines.append(f"CA certificate: {self.ca.cert}   (trust it once: `kimi-rotate ca`, see certs-howto.md)")
+        web = web_address(ctx.master)
+        if web is not None:
+            lines.append(f"Web interface: {web}")
         lines.append("Paste into the shell that runs your agent:")
         lines += [f"  {line}" for line in env_lines(url, self.ca)]
         print("\n".join(lines), flush=True)
+
+
+def web_address(m: master.Master) -> str | None:
+    """Where mitmweb's interface answers (None: no web interface). mitmproxy 12 asks for a token, made up at
+    start unless web_password is set: its URL carries the token; with a password of one's own, that is to use."""
+    opts = m.options
+    if "web_port" not in opts:
+        return None
+    url = getattr(m, "web_url", None)  # mitmproxy 12
+    if not isinstance(url, str):
+        host = opts.web_host
+        url = f"http://{f'[{host}]' if ':' in host else host}:{opts.web_port}/"
+    if getattr(opts, "web_password", ""):
+        url += "   (log in with your web_password)"
+    return url
+
+
+class StartupCheck(errorcheck.ErrorCheck):
+    """mitmproxy's start-up check, with our line for a server that could not listen.
+
+    mitmproxy logs such a failure with advice about its own flags (`--mode regular@8082`), then
+    "Error logged during startup, exiting...". Here its log line is held back while starting, and a
+    failed server ends the start with a ProxyError naming the address and kimi-rotate's flag.
+    """
+
+    name = "errorcheck"  # the name the master looks for
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._hold = _HoldErrors()
+        logging.getLogger(proxyserver.__name__).addFilter(self._hold)
+
+    def finish(self) -> None:  # started: from here on, mitmproxy's lines are shown as they come
+        logging.getLogger(proxyserver.__name__).removeFilter(self._hold)
+        super().finish()
+
+    async def shutdown_if_errored(self) -> None:
+        server = _proxyserver()
+        for instance in server.servers if server is not None else ():
+            error = instance.last_exception
+            if error is not None:
+                port = instance.mode.listen_port(ctx.options.listen_port) or 0
+                raise ProxyError(listen_error(instance.mode.listen_host(ctx.options.listen_host), port, error))
+        await super().shutdown_if_errored()
+
+
+class _HoldErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        # The proxy server logs errors only when a server fails to start or stop; StartupCheck reports those.
+        return record.levelno < logging.ERROR
 
 
 class CachedAddonManager(addonmanager.AddonManager):
@@ -146,8 +293,6 @@ class CachedAddonManager(addonmanager.AddonManager):
 
 
 def _proxyserver() -> proxyserver.Proxyserver | None:
-    from mitmproxy import ctx
-
     found = ctx.master.addons.get("proxyserver")
     return found if isinstance(found, proxyserver.Proxyserver) else None
 
@@ -155,17 +300,25 @@ def _proxyserver() -> proxyserver.Proxyserver | None:
 def build_master(config: ProxyConfig, loop: asyncio.AbstractEventLoop) -> master.Master:
     opts = options.Options(listen_host=config.host, listen_port=config.port)
     rotate = KimiRotate()
+    sets = ["termlog_verbosity=warn", *config.sets] if config.quiet else list(config.sets)
     m: master.Master
     if config.web:
         from mitmproxy.tools.web.master import WebMaster
 
         m = WebMaster(opts, with_termlog=True)
-        m.addons.add(rotate)
+        stock = m.addons.get("errorcheck")
+        stock.finish()
+        m.addons.remove(stock)
+        before, after = option_addons(sets, known=set(m.options.keys()))  # mitmweb has all but the flow printer
+        m.addons.add(*before, rotate, *after, StartupCheck())
         m.options.update(web_open_browser=False)
     else:
+        before, after = option_addons(sets)
         m = master.Master(opts, event_loop=loop)
         m.addons = CachedAddonManager(m)
         m._termlog_addon = termlog.TermLog()  # where with_termlog=True would put it: `done` uninstalls it
+        # Each log line would also become an `add_log` event walked through every addon; none here wants it.
+        m._legacy_log_events.uninstall()
         m.addons.add(
             m._termlog_addon,
             core.Core(),
@@ -176,11 +329,13 @@ def build_master(config: ProxyConfig, loop: asyncio.AbstractEventLoop) -> master
             next_layer.NextLayer(),
             tlsconfig.TlsConfig(),
             upstream_auth.UpstreamAuth(),
+            *before,
             rotate,
-            errorcheck.ErrorCheck(),
+            *after,
+            StartupCheck(),
         )
     try:
-        m.options.set(*config.sets)
+        m.options.set(*sets)
     except exceptions.OptionsError as e:
         raise ProxyError(f"bad --set option: {e}; see `mitmdump --options` for names") from None
     # As mitmdump's script loader does for a `-s` addon: ours sees every option once, not only those set here.
@@ -202,21 +357,44 @@ def run(config: ProxyConfig) -> int:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         m = build_master(config, loop)
+        show_logs(m.options.termlog_verbosity)
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 loop.add_signal_handler(sig, m.shutdown)
             except (NotImplementedError, RuntimeError):  # Windows' event loop
                 signal.signal(sig, lambda *_: loop.call_soon_threadsafe(m.shutdown))
-        await m.run()
+        try:
+            await m.run()
+        except OSError as e:
+            if not config.web:
+                raise
+            # The proxy server logs its failures (StartupCheck words them); mitmweb's own server raises.
+            raise ProxyError(listen_error(m.options.web_host, m.options.web_port, e, web=True)) from None
 
+    if isinstance(sys.stdout, io.TextIOWrapper):  # a line as it happens, also into a pipe or a service's journal
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         asyncio.run(main())
     except ProxyError:
         raise
-    except OSError as e:
-        raise ProxyError(f"could not listen on {config.host}:{config.port} ({e.strerror}); "
-                         "pick another --port or stop what uses it") from None
+    except OSError as e:  # a confdir that cannot be written, ...
+        where = f" ({e.filename})" if e.filename else ""
+        raise ProxyError(f"could not start the proxy: {e.strerror or e}{where}; check that path and its "
+                         "permissions") from None
     return 0
+
+
+def show_logs(verbosity: str) -> None:
+    """Show kimi-rotate's lines at termlog's verbosity, as mitmdump does. mitmproxy's own INFO lines (a line per
+    client connection) stay hidden unless `termlog_verbosity=debug` asks for everything: a line per request
+    says what matters, and records nobody shows are never made."""
+    level = logging.getLevelName(verbosity.upper())
+    for name in ("kimi_rotate", "kimi_rotator"):
+        logging.getLogger(name).setLevel(level)
+    if level <= logging.DEBUG:
+        logging.getLogger().setLevel(logging.DEBUG)
+        for name in ("tornado", "asyncio", "hpack", "quic"):  # as mitmproxy's own tools quiet them
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 if __name__ == "__main__":  # pragma: no cover

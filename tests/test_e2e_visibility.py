@@ -149,6 +149,23 @@ def test_no_key_in_the_proxy_output(run: dict[str, Any]) -> None:
     assert leaked("\n".join(run["proxy"].guard_hits()).encode()) == []
 
 
+def test_the_proxy_prints_a_line_per_kimi_request_and_per_key_state_change(run: dict[str, Any]) -> None:
+    """The same lines as `kimi-rotate proxy` prints (tests/test_setup_commands.py), here under `mitmdump -s`."""
+    output = run["proxy"].log_text()
+    one, two, three = (f"{name} sk-kimi-…{secret[-4:]}" for name, secret in (("one", ONE), ("two", TWO),
+                                                                             ("three", THREE)))
+    ms = r"\d+ (ms|\.\d s)"
+    assert re.search(rf"\] kimi-code POST /coding/v1/messages {two} 200 {ms} \({one}: 429 rate_limit_reached_error, "
+                     rf"account cooling (59|60) s → {two}: 200\)\n", output), output
+    assert re.search(rf"\] kimi-code POST /coding/v1/messages {three} 200 {ms} \({two}: 401 \w+, disabled → "
+                     rf"{three}: 200\)\n", output), output
+    assert re.search(rf"\] kimi-code POST /coding/v1/chat/completions {one} 200 {ms}\n", output), output
+    assert re.search(rf"\] key {one} cooling until \d\d:\d\d:\d\d \((59|60) s\): 429 rate_limit_reached_error\n",
+                     output), output
+    assert re.search(rf"\] key {two} disabled: 401 \w+; once it works again, `kimi-rotate enable two` puts it back\n",
+                     output), output
+
+
 def test_failed_over_flows_are_commented_and_marked(run: dict[str, Any]) -> None:
     by_comment = {f.comment: f for f in kimi_flows(run)}
     masks = {name: f"sk-kimi-…{secret[-4:]}" for name, secret in

@@ -1,17 +1,35 @@
-"""The slim master's addon manager: the same dispatch as mitmproxy's, with each event's handlers looked up once."""
+"""The slim master: its addon manager (mitmproxy's dispatch, each event's handlers looked up once), the options its
+`--set` takes or refuses, the web interface's address, and the line for a server that cannot listen."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
 from mitmproxy import exceptions, hooks, master, options
+from mitmproxy import version as mitmproxy_version
 from mitmproxy.proxy.layers.http import HttpRequestHook
 from mitmproxy.test import tflow
+from mitmproxy.tools.dump import DumpMaster
 
-from kimi_rotator.proxy import CachedAddonManager
+from kimi_rotator.proxy import (
+    ON_DEMAND,
+    REFUSED,
+    CachedAddonManager,
+    ProxyConfig,
+    ProxyError,
+    build_master,
+    listen_error,
+    option_addons,
+    web_address,
+)
 
 
 @dataclass
@@ -109,3 +127,109 @@ async def test_handlers_are_looked_up_once_per_event_name(manager: CachedAddonMa
     event = HttpRequestHook(tflow.tflow())
     assert manager.handlers(event) is manager.handlers(event)
     assert manager.handlers(hooks.UpdateHook([])) == []  # nobody listens: each flow event's follow-up costs nothing
+
+
+# -- what `kimi-rotate proxy` builds: the options it takes, the lines it prints on failing to listen ---------------
+
+
+@pytest.fixture
+def built(kimi_home: Path, mitm_confdir: Path) -> Iterator[Callable[..., master.Master]]:
+    """`build_master(ProxyConfig(...))` on the running loop, with the test's store and the session's CA."""
+    made: list[master.Master] = []
+
+    def build(**config: Any) -> master.Master:
+        sets = [f"confdir={mitm_confdir}", *config.pop("sets", ())]
+        m = build_master(ProxyConfig(port=0, sets=sets, **config), asyncio.get_running_loop())
+        made.append(m)
+        return m
+
+    yield build
+    for m in made:
+        m.addons.get("errorcheck").finish()  # its log filter and handler go, as once a proxy has started
+        m.addons.get("kimirotate").done()
+
+
+async def test_every_option_of_mitmdump_is_taken_or_refused(built: Callable[..., master.Master]) -> None:
+    """The README says `--set` takes mitmproxy's options: each one mitmdump has either works here or is refused."""
+    full = DumpMaster(options.Options(), with_termlog=False, with_dumper=True)
+    slim = built()
+    assert set(full.options.keys()) - set(slim.options.keys()) == set(ON_DEMAND) | set(REFUSED)
+
+
+async def test_options_of_addons_left_out_load_them_when_set(built: Callable[..., master.Master], tmp_path: Path
+                                                              ) -> None:
+    samples = {"block_list": ":~d example.com:404", "anticache": "true", "anticomp": "true",
+               "map_remote": "|example.com|example.org", "map_local": f"|example.com/x|{tmp_path}",
+               "modify_body": "/~q/foo/bar", "modify_headers": "/~q/x-a/b", "stickyauth": ".", "stickycookie": ".",
+               "save_stream_file": str(tmp_path / "flows"), "save_stream_filter": "~q",
+               "hardump": str(tmp_path / "flows.har"), "keep_alt_svc_header": "true", "flow_detail": "2",
+               "dumper_filter": "~q", "dumper_default_contentview": "raw"}
+    assert set(samples) == set(ON_DEMAND)
+    plain = built()
+    m = built(sets=[f"{name}={value}" for name, value in samples.items()])
+    names = [type(a).__name__ for a in m.addons.chain]
+    for _module, cls, before in ON_DEMAND.values():
+        assert names.count(cls) == 1 and cls not in [type(a).__name__ for a in plain.addons.chain]
+        assert (names.index(cls) < names.index("KimiRotate")) is before, cls
+    assert m.options.flow_detail == 2 and m.options.save_stream_filter == "~q"
+
+
+async def test_quiet_turns_termlog_down_to_warnings(built: Callable[..., master.Master]) -> None:
+    assert built().options.termlog_verbosity == "info"
+    assert built(quiet=True).options.termlog_verbosity == "warn"
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_a_refused_option_says_why_and_what_to_use(name: str) -> None:
+    with pytest.raises(ProxyError) as refused:
+        option_addons(["flow_detail=1", f"{name}=x"])
+    message = str(refused.value)
+    assert message.startswith(f"--set {name} does not work with kimi-rotate proxy: ")
+    assert re.search(r"use `[^`]+`|`kimi-rotate ca`", message), message
+
+
+async def test_web_prints_the_interface_address_with_what_it_asks_for(built: Callable[..., master.Master]) -> None:
+    m = built(web=True, sets=["web_port=18181", "flow_detail=2"])  # mitmweb has no flow printer: it is loaded
+    assert m.options.flow_detail == 2
+    address = web_address(m)
+    assert address is not None
+    if int(mitmproxy_version.VERSION.split(".")[0]) >= 12:  # mitmweb 12 wants the token it made up
+        assert re.fullmatch(r"http://127\.0\.0\.1:18181/\?token=[0-9a-f]{32}", address), address
+        m.options.update(web_password="mine")
+        assert web_address(m) == "http://127.0.0.1:18181/   (log in with your web_password)"
+    else:
+        assert address == "http://127.0.0.1:18181/"
+    assert web_address(built()) is None
+
+
+@pytest.mark.parametrize(("host", "port", "error", "web", "line"), [
+    ("127.0.0.1", 8080, OSError(errno.EADDRINUSE, "in use"), False,
+     "could not listen on 127.0.0.1:8080: the port is in use (another kimi-rotate proxy?); stop that, or pick "
+     "another port with --port 8081"),
+    ("127.0.0.1", 8081, OSError(errno.EADDRINUSE, "in use"), True,
+     "could not listen on 127.0.0.1:8081 for the web interface: the port is in use (another mitmweb?); stop that, "
+     "or pick another port with --set web_port=8082"),
+    ("::1", 65535, OSError(errno.EADDRINUSE, "in use"), False,
+     "could not listen on [::1]:65535: the port is in use (another kimi-rotate proxy?); stop that, or pick another "
+     "port with --port 65534"),
+    ("", 80, OSError(errno.EACCES, "denied"), False,
+     "could not listen on 0.0.0.0:80: permission denied (ports below 1024 need administrator rights); pick another "
+     "port with --port 8080"),
+    ("10.9.9.9", 8080, OSError(errno.EADDRNOTAVAIL, "not here"), False,
+     "could not listen on 10.9.9.9:8080: that address is not one of this machine's; pick one that is with --host "
+     "127.0.0.1"),
+    ("127.0.0.1", 99999, OverflowError("bind(): port must be 0-65535."), False,
+     "could not listen on 127.0.0.1:99999: 99999 is not a port number; pick one from 1 to 65535, e.g. --port 8080"),
+    ("127.0.0.1", 8080, OSError(errno.ENOBUFS, "No buffer space available"), False,
+     "could not listen on 127.0.0.1:8080 (No buffer space available); pick another port with --port 8081"),
+])
+def test_a_server_that_cannot_listen_is_one_line_with_the_flag_to_use(
+    host: str, port: int, error: BaseException, web: bool, line: str
+) -> None:
+    assert listen_error(host, port, error, web=web) == line
+
+
+def test_the_readme_troubleshooting_row_is_what_a_port_in_use_prints() -> None:
+    line = listen_error("127.0.0.1", 8080, OSError(errno.EADDRINUSE, "in use"))
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"| **`error: {line}`** |" in readme

@@ -3,17 +3,35 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
-from harness import KIMI_ROTATE, KeySpec, _clean_env, cli_keys, curl, kimi_key, reset_store, upstream_options
+from fakekimi import Reply
+from harness import (
+    KC_CHAT,
+    KC_MESSAGES,
+    KIMI_ROTATE,
+    MESSAGES_BODY,
+    KeySpec,
+    _clean_env,
+    cli_keys,
+    curl,
+    kimi_key,
+    prepare_pool,
+    reset_store,
+    stream_request,
+    upstream_options,
+)
 from mitmproxy import version as mitmproxy_version
 
 from kimi_rotator.store import HOME_ENV
@@ -71,6 +89,16 @@ class CliProxy:
                 self.proc.wait()
         return int(self.proc.returncode)
 
+    def output_after_banner(self) -> str:
+        """Everything printed after the banner, once stopped (the lines are few: the pipe never fills)."""
+        self.stop()
+        assert self.proc.stdout is not None
+        return self.proc.stdout.read().decode()
+
+    def client(self, ca: Path) -> httpx.Client:
+        return httpx.Client(proxy=self.url, verify=ssl.create_default_context(cafile=str(ca)), trust_env=False,
+                            timeout=30)
+
 
 @pytest.fixture
 def cli_proxy(tmp_path: Path, pki, fake_kimi_server) -> Iterator[tuple[CliProxy, Path, Path]]:
@@ -127,6 +155,153 @@ def test_proxy_with_web_shows_kimi_flows_in_mitmweb(tmp_path: Path, pki, fake_ki
     headers = dict((k.lower(), v) for k, v in flow["request"]["headers"])
     assert headers["authorization"].startswith("Bearer kimi-rotate:")  # the placeholder, never the key
     assert KEY not in json.dumps(flows)
+
+
+def test_proxy_with_web_prints_the_address_of_the_web_interface(tmp_path: Path):
+    """On mitmproxy 12 the interface wants the token it made up at start: the printed address carries it."""
+    web_port = _free_port()
+    proxy = CliProxy(tmp_path / "home", tmp_path / "conf", {"web_port": web_port}, extra=("--web",))
+    try:
+        [url] = re.findall(r"^Web interface: (\S+)$", proxy.banner, re.MULTILINE)
+        assert url.startswith(f"http://127.0.0.1:{web_port}/")
+        with urllib.request.urlopen(url, timeout=10) as answer:  # a 403 would raise
+            assert answer.status == 200
+        if int(mitmproxy_version.VERSION.split(".")[0]) >= 12:
+            assert re.fullmatch(rf"http://127\.0\.0\.1:{web_port}/\?token=\w+", url)
+    finally:
+        assert proxy.stop() == 0
+
+
+ONE, TWO, THREE = kimi_key("0a01"), kimi_key("0a02"), kimi_key("0a03")
+TRIO = [KeySpec(ONE, "first", account="acct-1"), KeySpec(TWO, "second", account="acct-2"),
+        KeySpec(THREE, "third", account="acct-3")]
+MASKED = {spec.secret: f"{spec.name} sk-kimi-…{spec.secret[-4:]}" for spec in TRIO}
+
+
+def _leaks(output: str) -> list[str]:
+    return [s.name for s in TRIO if s.secret in output or s.secret.split("-", 2)[-1] in output]
+
+
+def test_proxy_prints_a_line_per_request_and_per_key_state_change(tmp_path: Path, pki, fake_kimi_server):
+    fake = fake_kimi_server
+    fake.reset()
+    home, confdir = tmp_path / "home", tmp_path / "conf"
+    options = prepare_pool(fake, pki.ca_cert, home, TRIO)
+    proxy = CliProxy(home, confdir, {**options, "kimi_max_wait": 0})
+    ca = confdir / "mitmproxy-ca-cert.pem"
+    fake.script(ONE, [Reply.rate_limit(retry_after=60)])
+    assert curl(proxy.url, KC_CHAT + "?secret=query", ca=ca, headers={"authorization": "Bearer placeholder"},
+                body={"model": "kimi-for-coding", "messages": [{"role": "user", "content": "private words"}]}
+                ).status == 200  # one: 429 → two: 200
+    fake.script(TWO, [Reply.invalid()])
+    started = time.monotonic()
+    with proxy.client(ca) as client:
+        streamed = stream_request(client, KC_MESSAGES, body={**MESSAGES_BODY, "stream": True},
+                                  headers={"x-api-key": "placeholder"})  # two: 401 → three: 200, streamed
+    stream_took = time.monotonic() - started
+    assert streamed.status == 200 and len(streamed.data_lines) >= 5
+    output = proxy.output_after_banner()
+    one, two, three = MASKED[ONE], MASKED[TWO], MASKED[THREE]
+
+    lines = output.splitlines()
+    assert any(re.fullmatch(rf"\[[\d:.]+\] kimi-code POST /coding/v1/chat/completions {two} 200 \d+ ms "
+                            rf"\({one}: 429 rate_limit_reached_error, account cooling (59|60) s → {two}: 200\)", line)
+               for line in lines), output
+    [stream_line] = [line for line in lines if "/coding/v1/messages" in line]
+    found = re.fullmatch(rf"\[[\d:.]+\] kimi-code POST /coding/v1/messages {three} 200 (\d+) ms "
+                         rf"\({two}: 401 \w+, disabled → {three}: 200\)", stream_line)
+    assert found, stream_line
+    assert 0.4 <= int(found.group(1)) / 1000 <= stream_took + 0.05  # the whole stream (5 events 0.1 s apart)
+    assert any(re.fullmatch(rf"\[[\d:.]+\] key {one} cooling until \d\d:\d\d:\d\d \((59|60) s\): "
+                            r"429 rate_limit_reached_error", line) for line in lines), output
+    assert any(re.fullmatch(rf"\[[\d:.]+\] key {two} disabled: 401 \w+; once it works again, "
+                            r"`kimi-rotate enable second` puts it back", line) for line in lines), output
+    assert "secret=query" not in output and "private words" not in output and "ok third" not in output
+    assert _leaks(output) == []
+    assert "client connect" not in output  # mitmproxy's own lines per connection stay out of the way
+
+
+def test_proxy_quiet_keeps_only_what_needs_the_user(tmp_path: Path, pki, fake_kimi_server):
+    fake = fake_kimi_server
+    fake.reset()
+    home, confdir = tmp_path / "home", tmp_path / "conf"
+    options = prepare_pool(fake, pki.ca_cert, home, TRIO)
+    proxy = CliProxy(home, confdir, {**options, "kimi_max_wait": 0}, extra=("--quiet",))
+    fake.script(ONE, [Reply.invalid()])
+    fake.script(TWO, [Reply.rate_limit(retry_after=60)])
+    assert curl(proxy.url, KC_CHAT, ca=confdir / "mitmproxy-ca-cert.pem", headers={"authorization": "Bearer x"},
+                body={"model": "kimi-for-coding", "messages": []}).status == 200  # one: 401 → two: 429 → three
+    output = proxy.output_after_banner()
+    assert re.search(rf"\] key {MASKED[ONE]} disabled: 401 \w+; once it works again", output), output
+    assert "kimi-code POST" not in output and "cooling until" not in output, output
+
+
+def test_proxy_set_flow_detail_loads_mitmproxy_flow_printer(tmp_path: Path, pki, fake_kimi_server):
+    fake = fake_kimi_server
+    fake.reset()
+    home, confdir = tmp_path / "home", tmp_path / "conf"
+    options = prepare_pool(fake, pki.ca_cert, home, TRIO[:1])
+    saved = tmp_path / "flows.mitm"
+    proxy = CliProxy(home, confdir, {**options, "flow_detail": 1, "save_stream_file": saved})
+    assert curl(proxy.url, KC_CHAT, ca=confdir / "mitmproxy-ca-cert.pem", headers={"authorization": "Bearer x"},
+                body={"model": "kimi-for-coding", "messages": []}).status == 200
+    output = proxy.output_after_banner()
+    flow_printed = r"POST https://api\.kimi\.com/coding/v1/chat/completions[^\n]*\n\s+<< [^\n]*200 OK"
+    assert re.search(flow_printed, output), output
+    assert saved.stat().st_size > 0 and _leaks(saved.read_text("latin-1")) == [] and _leaks(output) == []
+
+
+def test_proxy_refuses_an_option_it_has_no_part_for_and_says_what_to_use(tmp_path: Path):
+    env = _clean_env({HOME_ENV: str(tmp_path / "home")})
+    r = subprocess.run([str(KIMI_ROTATE), "proxy", "--port", str(_free_port()), "--set", "server_replay=flows.mitm"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr == ("error: --set server_replay does not work with kimi-rotate proxy: replaying flows is not part "
+                        "of the rotating proxy: use `mitmdump -s kimi_rotate.py` (-C or -S FILE)\n")
+
+
+def _start_error(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = _clean_env({HOME_ENV: str(tmp_path / "home")})
+    return subprocess.run([str(KIMI_ROTATE), "proxy", "--confdir", str(tmp_path / "conf"), *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_port_in_use_ends_in_one_line_naming_the_port_and_the_flag(tmp_path: Path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = _start_error(tmp_path, "--port", str(port))
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == (f"error: could not listen on 127.0.0.1:{port}: the port is in use (another kimi-rotate "
+                        f"proxy?); stop that, or pick another port with --port {port + 1}\n")
+
+
+def test_the_proxy_started_twice_says_so_in_one_line(cli_proxy, tmp_path: Path):
+    proxy, _home, _confdir = cli_proxy
+    r = _start_error(tmp_path, "--port", str(proxy.port))
+    assert r.returncode == 1
+    assert r.stderr == (f"error: could not listen on 127.0.0.1:{proxy.port}: the port is in use (another "
+                        f"kimi-rotate proxy?); stop that, or pick another port with --port {proxy.port + 1}\n")
+    assert "--mode" not in r.stdout + r.stderr and "Error logged during startup" not in r.stderr
+
+
+def test_a_web_port_in_use_names_the_web_option(tmp_path: Path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        web_port = taken.getsockname()[1]
+        r = _start_error(tmp_path, "--web", "--port", str(_free_port()), "--set", f"web_port={web_port}")
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == (f"error: could not listen on 127.0.0.1:{web_port} for the web interface: the port is in use "
+                        f"(another mitmweb?); stop that, or pick another port with --set web_port={web_port + 1}\n")
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "-1"])
+def test_a_port_out_of_range_is_refused_before_anything_starts(tmp_path: Path, port: str):
+    r = _start_error(tmp_path, "--port", port)
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == f"error: --port {port} is not a port number; pick one from 1 to 65535, e.g. --port 8080\n"
 
 
 def test_proxy_with_no_keys_starts_and_says_how_to_add_one(tmp_path: Path):
