@@ -14,7 +14,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import engine
 from .models import KeyRecord, Outcome, PoolSettings, Surface
@@ -209,7 +209,7 @@ class LivePool:
             with self._queue_lock:  # a command moved the current key: our older choice must not undo it
                 self._active_to_save = None
         elif self.settings.active_key_id is not None and roster.get(self.settings.active_key_id) is None:
-            self.settings = self.settings.model_copy(update={"active_key_id": None})
+            self.settings = replace(self.settings, active_key_id=None)
 
 
 def _prepared(snapshot: Snapshot) -> Roster:

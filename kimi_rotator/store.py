@@ -8,7 +8,9 @@ makes a kill -9 at any moment harmless. A file that is not a healthy store is ne
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import json
 import os
 import random
 import sqlite3
@@ -17,16 +19,16 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import platformdirs
-from pydantic import BaseModel, ValidationError
 
 from . import engine
 from .keys import fingerprint
-from .models import KeyRecord, Outcome, OutcomeKind, PoolSettings, Surface
+from .models import KeyRecord, Outcome, OutcomeKind, PoolSettings, Secret, Strategy, Surface
 from .roster import Roster
 
 HOME_ENV = "KIMI_ROTATE_HOME"
@@ -71,7 +73,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
 )
-_KEY_COLUMNS = tuple(KeyRecord.model_fields)
+_KEY_COLUMNS = tuple(f.name for f in dataclasses.fields(KeyRecord))
 
 
 class StoreError(Exception):
@@ -90,7 +92,8 @@ class DuplicateKey(StoreError):
     pass
 
 
-class NewKey(BaseModel):
+@dataclass(frozen=True, kw_only=True)
+class NewKey:
     """A key to add, with optional history (imports carry health, counters and cooldowns)."""
 
     secret: str
@@ -364,8 +367,7 @@ class Store:
             by_surface = {s: k for s, k in settings.current_by_surface.items() if k != key_id}
             if settings.active_key_id == key_id or by_surface != settings.current_by_surface:
                 active = None if settings.active_key_id == key_id else settings.active_key_id
-                update = {"active_key_id": active, "current_by_surface": by_surface}
-                _save_settings(db, settings.model_copy(update=update), bump=True)
+                _save_settings(db, replace(settings, active_key_id=active, current_by_surface=by_surface), bump=True)
         return key
 
     def set_disabled(self, key_id: int, reason: str | None) -> KeyRecord:
@@ -373,9 +375,9 @@ class Store:
         with self._write() as db:
             key = _one_key(db, key_id)
             if reason is None:
-                changed = engine.clear_limits(key).model_copy(update={"disabled_reason": None})
+                changed = replace(engine.clear_limits(key), disabled_reason=None)
             else:
-                changed = key.model_copy(update={"disabled_reason": reason})
+                changed = replace(key, disabled_reason=reason)
             _save_keys(db, [changed])
         return changed
 
@@ -411,10 +413,7 @@ class Store:
         """Change pool settings (strategy, auto_refresh_health, health_refresh_cooldown_minutes)."""
         with self._write() as db:
             settings = _load_settings(db)
-            try:
-                updated = PoolSettings.model_validate({**settings.model_dump(), **changes})
-            except ValidationError as e:
-                raise StoreError(f"invalid setting: {e.errors()[0]['msg']}") from None
+            updated = _settings_from(dict(_settings_fields(settings), **changes))
             _save_settings(db, updated, bump=True)
         return updated
 
@@ -479,8 +478,11 @@ class Store:
 _SELECT_KEYS = f"SELECT {', '.join(_KEY_COLUMNS)} FROM keys"
 
 
-def _row_to_key(row: Sequence[object]) -> KeyRecord:
-    return KeyRecord.model_validate(dict(zip(_KEY_COLUMNS, row, strict=True)))
+def _row_to_key(row: Sequence[Any]) -> KeyRecord:
+    fields = dict(zip(_KEY_COLUMNS, row, strict=True))
+    fields["secret"] = Secret(fields["secret"])
+    fields["surface"] = Surface(fields["surface"])
+    return KeyRecord(**fields)
 
 
 def _load_keys(db: sqlite3.Connection) -> list[KeyRecord]:
@@ -514,14 +516,51 @@ _UPDATE_KEY = f"UPDATE keys SET {', '.join(f'{c} = ?' for c in _MUTABLE_COLUMNS)
 def _save_keys(db: sqlite3.Connection, keys: Iterable[KeyRecord]) -> None:
     rows = []
     for k in keys:
-        data = k.model_dump(mode="json", include=set(_MUTABLE_COLUMNS))
-        rows.append((*(data[c] for c in _MUTABLE_COLUMNS), k.id))
+        values = [getattr(k, c) for c in _MUTABLE_COLUMNS]
+        rows.append((*(v.value if isinstance(v, Surface) else v for v in values), k.id))
     db.executemany(_UPDATE_KEY, rows)
 
 
 def _load_settings(db: sqlite3.Connection) -> PoolSettings:
     row = db.execute("SELECT value FROM meta WHERE name = 'settings'").fetchone()
-    return PoolSettings.model_validate_json(row[0]) if row else PoolSettings()
+    return _settings_from(json.loads(row[0])) if row else PoolSettings()
+
+
+def _settings_fields(settings: PoolSettings) -> dict[str, Any]:
+    """The settings as the JSON the store keeps (enum values as strings)."""
+    return {
+        "strategy": settings.strategy.value,
+        "active_key_id": settings.active_key_id,
+        "serve_active_next": settings.serve_active_next,
+        "current_by_surface": {s.value: i for s, i in settings.current_by_surface.items()},
+        "auto_refresh_health": settings.auto_refresh_health,
+        "health_refresh_cooldown_minutes": settings.health_refresh_cooldown_minutes,
+    }
+
+
+def _settings_from(data: dict[str, Any]) -> PoolSettings:
+    """Settings from their stored JSON or from `update_settings`; unknown names are ignored, as before."""
+    try:
+        active = data.get("active_key_id")
+        minutes = data.get("health_refresh_cooldown_minutes", 30)
+        flags = (data.get("serve_active_next", False), data.get("auto_refresh_health", True))
+        if (active is not None and type(active) is not int) or type(minutes) is not int:
+            raise ValueError("key ids and minutes must be whole numbers")
+        if not all(isinstance(f, bool) for f in flags):
+            raise ValueError("serve_active_next and auto_refresh_health must be true or false")
+        by_surface = {Surface(s): i for s, i in dict(data.get("current_by_surface") or {}).items()}
+        if not all(type(i) is int for i in by_surface.values()):
+            raise ValueError("current keys must be key ids")
+        return PoolSettings(
+            strategy=Strategy(data.get("strategy", Strategy.HEALTH_BASED)),
+            active_key_id=active,
+            serve_active_next=flags[0],
+            current_by_surface=by_surface,
+            auto_refresh_health=flags[1],
+            health_refresh_cooldown_minutes=minutes,
+        )
+    except (TypeError, ValueError) as e:
+        raise StoreError(f"invalid setting: {e}") from None
 
 
 def _load_rev(db: sqlite3.Connection) -> int:
@@ -533,7 +572,7 @@ def _save_settings(db: sqlite3.Connection, settings: PoolSettings, bump: bool) -
     db.execute(
         "INSERT INTO meta (name, value) VALUES ('settings', ?) "
         "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-        (settings.model_dump_json(),),
+        (json.dumps(_settings_fields(settings), separators=(",", ":")),),
     )
     if bump:
         db.execute(

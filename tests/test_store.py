@@ -47,7 +47,7 @@ def secret(i: int, tag: str = "") -> str:
 def new_key(i: int, **changes: object) -> NewKey:
     fields: dict[str, object] = {"secret": secret(i), "name": f"key {i}", "surface": Surface.KIMI_CODE}
     fields.update(changes)
-    return NewKey.model_validate(fields)
+    return NewKey(**fields)  # type: ignore[arg-type]
 
 
 def fill(store: Store, n: int) -> list[int]:
