@@ -5,6 +5,10 @@ command changes nothing) and prints. Problems the user can fix are raised as exc
 into one `error: <what happened>; <what to do>` line and exit code 1 in a single place
 (`_Group.invoke`); usage errors keep typer's exit code 2. No command prints a key: only masked
 forms (`keys.mask`) and fingerprints.
+
+Every command loads this module, so it imports only what most commands need: the backups
+(cryptography), the importer and the setup commands' libraries load inside the commands that use
+them (benchmarks/bench_cli.py measures the start-up).
 """
 
 from __future__ import annotations
@@ -17,34 +21,27 @@ import math
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
-from . import backup, cli_setup, engine, opencode
+from . import cli_setup, engine
+from .errors import UserError
 from .keys import KeyFormatError, default_surface, mask, validate_key, validate_name
 from .models import KeyRecord, KeyState, PoolSettings, Strategy, Surface
-from .store import KeyNotFound, NewKey, Store, StoreError, utc_day
+from .store import KeyNotFound, NewKey, Store, utc_day
+
+if TYPE_CHECKING:
+    from . import opencode
 
 
-class CliError(Exception):
+class CliError(UserError):
     """A mistake the user can fix; the message reads `<what happened>; <what to do>`."""
-
-
-# Everything foreseeable ends as one line on stderr and exit code 1 (see _Group.invoke).
-USER_ERRORS: tuple[type[Exception], ...] = (
-    CliError,
-    StoreError,
-    KeyFormatError,
-    backup.BackupError,
-    opencode.OpencodeError,
-    cli_setup.SetupError,
-)
 
 KIMI_CODE_WARNING = (
     "warning: Kimi Code membership is for personal use only. Rotating several membership accounts "
@@ -57,7 +54,22 @@ KIMI_CODE_WARNING = (
 _CLICK_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
-class _Group(TyperGroup):
+class _PlainHelpFlag:
+    """Gives `-h/--help` the default False. Unset, it would be None, which typer reads through a pydantic
+    validator that it builds on first use: about 40 ms at every start-up, for nothing."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None and option.default is None:
+            option.default = False
+        return option
+
+
+class _Command(_PlainHelpFlag, TyperCommand):
+    pass
+
+
+class _Group(_PlainHelpFlag, TyperGroup):
     """Turns the user errors of any command (including ones added later) into `error: ...`, exit 1."""
 
     def invoke(self, ctx: Any) -> Any:
@@ -69,7 +81,7 @@ class _Group(TyperGroup):
             if isinstance(message, str):
                 e.message = scrub(message)  # type: ignore[attr-defined]
             raise
-        except USER_ERRORS as e:
+        except UserError as e:  # everything foreseeable: one line on stderr, exit code 1
             _fail(str(e))
         except OSError as e:
             if e.errno == errno.EPIPE:  # typer quiets a closed pipe (`kimi-rotate list-keys | head`)
@@ -91,12 +103,26 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(1)
 
 
-app = typer.Typer(
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class _App(typer.Typer):
+    """Every command gets the fast help flag, including commands added later."""
+
+    def command(
+        self, name: str | None = None, *, cls: type[TyperCommand] | None = None, **kwargs: Any
+    ) -> Callable[[_F], _F]:
+        return super().command(name, cls=cls or _Command, **kwargs)
+
+
+app = _App(
     cls=_Group,
     name="kimi-rotate",
     help="Pool Kimi / Moonshot API keys behind one local HTTPS proxy. Keys live in a local store "
     "(folder: $KIMI_ROTATE_HOME, else your user data folder).",
     no_args_is_help=True,
+    # Plain help and errors: rich's panels cost 150 ms to import and break lines mid-word in narrow terminals.
+    rich_markup_mode=None,
     add_completion=False,
     # A traceback with locals could print a key; genuine bugs still get a plain traceback.
     pretty_exceptions_enable=False,
@@ -161,6 +187,8 @@ def _read_passphrase(prompt: str) -> str:
 
 
 def _new_passphrase() -> str:
+    from . import backup
+
     first = _read_passphrase("Backup passphrase: ")
     backup.check_passphrase(first)
     if _read_passphrase("Repeat the passphrase: ") != first:
@@ -559,10 +587,16 @@ def _print_counts(indent: str, total: int, ok: int, limited: int, failed: int, p
 
 @app.command("export-keys")
 def export_keys(
-    file: Annotated[Path, typer.Argument(help="Where to write the encrypted backup.")] = Path(backup.DEFAULT_FILE),
+    file: Annotated[
+        Path | None,
+        typer.Argument(help="Where to write the encrypted backup.", show_default="kimi-keys-backup.json.enc"),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace FILE if it exists.")] = False,
 ) -> None:
     """Write every key to a passphrase-encrypted file (also readable by opencode-kimi-rotator)."""
+    from . import backup  # cryptography: only for the commands that encrypt or decrypt
+
+    file = file or Path(backup.DEFAULT_FILE)
     now = _now()
     with _store() as store:
         snap = store.snapshot()
@@ -581,6 +615,8 @@ def import_keys(
     file: Annotated[Path, typer.Argument(help="A backup from export-keys or opencode-kimi-rotator.")],
 ) -> None:
     """Add the keys of an encrypted backup (keys already present are skipped)."""
+    from . import backup  # cryptography: only for the commands that encrypt or decrypt
+
     envelope = backup.read_envelope(file)  # a wrong file is reported before asking for a passphrase
     passphrase = _read_passphrase("Backup passphrase: ")
     imported = backup.parse_plaintext(backup.decrypt(envelope, passphrase), _now())
@@ -590,11 +626,16 @@ def import_keys(
 @app.command("import-opencode")
 def import_opencode(
     path: Annotated[
-        Path, typer.Argument(help="opencode-kimi-rotator's store file.")
-    ] = opencode.DEFAULT_PATH,
+        Path | None,
+        typer.Argument(
+            help="opencode-kimi-rotator's store file.", show_default="~/.config/opencode/kimi-accounts.json"
+        ),
+    ] = None,
 ) -> None:
     """Import opencode-kimi-rotator's keys with names, health, counters and strategy (read only)."""
-    path = path.expanduser()
+    from . import opencode
+
+    path = (path or opencode.DEFAULT_PATH).expanduser()
     _add_imported(opencode.load(path, _now()))
     typer.echo(f"\nThe plaintext file {path} still holds your keys. Once opencode-kimi-rotator no longer "
                f"needs it, delete it: rm '{path}'")
@@ -616,7 +657,7 @@ def _add_imported(imported: opencode.Imported) -> None:
     _warn_kimi_code([k.surface for k in added])
 
 
-# The setup commands live in their own module; SetupError gets the same `error: ...` / exit 1 handling.
+# The setup commands live in their own module; SetupError is a UserError like the others.
 app.command("proxy")(cli_setup.proxy)
 app.command("ca")(cli_setup.ca)
 app.command("doctor")(cli_setup.doctor)

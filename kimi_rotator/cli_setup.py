@@ -1,4 +1,8 @@
-"""The setup commands: `proxy`, `ca` and `doctor` (registered in cli.py)."""
+"""The setup commands: `proxy`, `ca` and `doctor` (registered in cli.py).
+
+Each command imports what it uses (mitmproxy, ssl, certifi) when it runs: every other command
+loads this module too, only to list these in `--help`.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,14 @@ from typing import Annotated
 
 import typer
 
-from . import doctor as checks
-from .ca import default_confdir, ensure_ca, env_lines, trust_commands
-from .store import store_home
+from .errors import UserError
 
 ConfdirOption = Annotated[
     Path | None, typer.Option("--confdir", help="mitmproxy's folder for the CA (default: ~/.mitmproxy).")
 ]
 
 
-class SetupError(Exception):
+class SetupError(UserError):
     """Raised for problems the user can fix; cli.py prints them as `error: ...` with exit code 1."""
 
 
@@ -46,6 +48,8 @@ def proxy(
 
 def ca(confdir: ConfdirOption = None) -> None:
     """Create mitmproxy's CA if missing (no proxy needed) and show how to trust it."""
+    from .ca import default_confdir, ensure_ca, env_lines, trust_commands
+
     info = ensure_ca(confdir or default_confdir())
     typer.echo(f"{'Created' if info.created else 'Found'} the CA certificate: {info.cert}")
     typer.echo(f"Bundle for SSL_CERT_FILE (public CAs + this one): {info.bundle}")
@@ -64,6 +68,10 @@ def doctor(
     confdir: ConfdirOption = None,
 ) -> None:
     """Check the store, the keys, the CA, the running proxy and TLS through it."""
+    from . import doctor as checks
+    from .ca import default_confdir
+    from .store import store_home
+
     results = checks.run_checks(store_home(), confdir or default_confdir(), host, port)
     for c in results:
         mark = "✓" if c.ok else "✗"

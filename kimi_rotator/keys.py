@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 
+from .errors import UserError
 from .models import Surface
 
 KIMI_CODE_PREFIX = "sk-kimi-"
@@ -15,7 +16,7 @@ _KEY_CHARS = re.compile(r"^sk-[A-Za-z0-9_-]+$")
 _NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f]")
 
 
-class KeyFormatError(ValueError):
+class KeyFormatError(UserError, ValueError):
     """A key or a name that can't be stored; the message says why and never repeats the key."""
 
 

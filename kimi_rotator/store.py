@@ -27,6 +27,7 @@ from typing import Any
 import platformdirs
 
 from . import engine
+from .errors import UserError
 from .keys import fingerprint
 from .models import KeyRecord, Outcome, OutcomeKind, PoolSettings, Secret, Strategy, Surface
 from .roster import Roster
@@ -76,7 +77,7 @@ MIGRATIONS: tuple[str, ...] = (
 _KEY_COLUMNS = tuple(f.name for f in dataclasses.fields(KeyRecord))
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """A problem with the store that the user can act on; the message says what to do."""
 
 
