@@ -31,10 +31,12 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from . import cli_setup, engine
+from .cli_help import HelpLayout
 from .errors import UserError
 from .keys import KeyFormatError, default_surface, mask, validate_key, validate_name
 from .models import KeyRecord, KeyState, PoolSettings, Strategy, Surface
 from .store import KeyNotFound, NewKey, Store, utc_day
+from .symbols import PLAIN, symbols
 
 if TYPE_CHECKING:
     from . import opencode
@@ -54,22 +56,11 @@ KIMI_CODE_WARNING = (
 _CLICK_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
-class _PlainHelpFlag:
-    """Gives `-h/--help` the default False. Unset, it would be None, which typer reads through a pydantic
-    validator that it builds on first use: about 40 ms at every start-up, for nothing."""
-
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)  # type: ignore[misc]
-        if option is not None and option.default is None:
-            option.default = False
-        return option
-
-
-class _Command(_PlainHelpFlag, TyperCommand):
+class _Command(HelpLayout, TyperCommand):
     pass
 
 
-class _Group(_PlainHelpFlag, TyperGroup):
+class _Group(HelpLayout, TyperGroup):
     """Turns the user errors of any command (including ones added later) into `error: ...`, exit 1."""
 
     def invoke(self, ctx: Any) -> Any:
@@ -95,7 +86,12 @@ _KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_-]{6,}")
 
 def scrub(text: str) -> str:
     """Masks anything in `text` that looks like a key."""
-    return _KEY_LIKE.sub(lambda m: mask(m.group()), text)
+    return _KEY_LIKE.sub(lambda m: _masked(m.group()), text)
+
+
+def _masked(secret: str) -> str:
+    """A key as the CLI shows it: `keys.mask`, in characters the output can encode."""
+    return mask(secret, symbols().ellipsis)
 
 
 def _fail(message: str) -> NoReturn:
@@ -107,7 +103,7 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class _App(typer.Typer):
-    """Every command gets the fast help flag, including commands added later."""
+    """Every command gets the help layout, including commands added later."""
 
     def command(
         self, name: str | None = None, *, cls: type[TyperCommand] | None = None, **kwargs: Any
@@ -139,8 +135,9 @@ def _now() -> float:
 
 
 @contextlib.contextmanager
-def _store() -> Iterator[Store]:
-    store = Store()
+def _store(readonly: bool = False) -> Iterator[Store]:
+    """The store; commands that only read ask for it `readonly`, so they work on a store that cannot be written."""
+    store = Store(readonly=readonly)
     try:
         yield store
     finally:
@@ -212,7 +209,7 @@ def _pct(value: float) -> int:
 
 def health_bar(health: float) -> str:
     filled = max(0, min(10, math.floor(health / 10 + 0.5)))
-    return "█" * filled + "░" * (10 - filled)
+    return symbols().full * filled + symbols().empty * (10 - filled)
 
 
 def time_left(seconds: float) -> str:
@@ -251,18 +248,23 @@ def add_key(
     key: Annotated[
         str | None,
         typer.Argument(
+            metavar="KEY",
             help="The API key. Leave it out (or write -) to be prompted without echo, or pipe it on stdin, "
             "so it stays out of your shell history.",
             show_default=False,
         ),
     ] = None,
-    name: Annotated[str | None, typer.Argument(help="A name for the key (default: Account N).")] = None,
+    name: Annotated[str | None, typer.Argument(metavar="NAME", help="A name for the key (default: Account N).")] = None,
     surface: Annotated[
         Surface | None,
-        typer.Option(help="Where the key works. Default: kimi-code for sk-kimi- keys, else moonshot-cn."),
+        typer.Option(
+            metavar="SURFACE",
+            help="Where the key works: moonshot-cn, moonshot-ai or kimi-code. Default: kimi-code for sk-kimi- "
+            "keys, else moonshot-cn.",
+        ),
     ] = None,
     account: Annotated[
-        str | None, typer.Option(help="Account label: keys of one account share rate limits.")
+        str | None, typer.Option(metavar="ACCOUNT", help="Account label: keys of one account share rate limits.")
     ] = None,
 ) -> None:
     """Add an API key to the pool."""
@@ -296,7 +298,7 @@ def add_key(
                 raise CliError(f"a key named {clean_name!r} already exists; choose another name")
         record = store.add_key(NewKey(secret=secret, name=clean_name, surface=chosen, account=label), _now())
         index = _index(store.keys(), record.id)
-    typer.echo(f"✓ Added key: {record.name} ({mask(secret)}, {chosen.value})")
+    typer.echo(f"{symbols().ok} Added key: {record.name} ({_masked(secret)}, {chosen.value})")
     typer.echo(f"  Index: {index}")
     _warn_kimi_code([chosen])
 
@@ -339,29 +341,31 @@ def list_keys(
 ) -> None:
     """List the keys: index, name, masked key, health, requests and state."""
     now = _now()
-    with _store() as store:
+    with _store(readonly=True) as store:
         snap = store.snapshot()
     if as_json:
         rows = [key_json(i, k, snap.settings, now) for i, k in enumerate(snap.keys)]
-        typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        # \u escapes where the output cannot encode a character: the same JSON to any parser.
+        typer.echo(json.dumps(rows, indent=2, ensure_ascii=symbols() is PLAIN))
         return
     if not snap.keys:
         typer.echo("No keys configured.\nAdd one with: kimi-rotate add-key")
         return
+    sym = symbols()
     typer.echo(f"\nKimi API Keys ({len(snap.keys)} total, strategy: {snap.settings.strategy.value}):\n")
     for i, k in enumerate(snap.keys):
         health = engine.health_at(k, now, snap.settings.auto_refresh_health)
         state, reason = _state(k, now)
         if state is KeyState.DISABLED:
-            status = f"✗ Disabled ({reason})"
+            status = f"{sym.failed} Disabled ({reason})"
         elif state is KeyState.COOLING and k.cooldown_until is not None:
-            status = f"⏱ Cooling ({reason or 'cooldown'}, {time_left(k.cooldown_until - now)} left)"
+            status = f"{sym.cooling} Cooling ({reason or 'cooldown'}, {time_left(k.cooldown_until - now)} left)"
         else:
-            status = "✓ Active"
+            status = f"{sym.ok} Active"
         where = k.surface.value + (f", account: {k.account}" if k.account else "")
-        marker = "●" if snap.settings.is_current(k) else "○"
+        marker = sym.current if snap.settings.is_current(k) else sym.other
         typer.echo(f"{marker} [{i}] {k.name}")
-        typer.echo(f"   Key: {mask(k.secret.get_secret_value())}  (fingerprint {k.fingerprint})")
+        typer.echo(f"   Key: {_masked(k.secret.get_secret_value())}  (fingerprint {k.fingerprint})")
         typer.echo(f"   Surface: {where}")
         typer.echo(f"   Health: {health_bar(health)} {_pct(health)}%")
         typer.echo(f"   Requests: {k.successful_requests}/{k.total_requests} successful")
@@ -374,7 +378,7 @@ def remove_key(ref: KeyRef) -> None:
     with _store() as store:
         index, key = _resolve(store, ref)
         store.remove_key(key.id)
-    typer.echo(f"✓ Removed key [{index}] {key.name} ({mask(key.secret.get_secret_value())})")
+    typer.echo(f"{symbols().ok} Removed key [{index}] {key.name} ({_masked(key.secret.get_secret_value())})")
 
 
 @app.command("enable")
@@ -384,13 +388,13 @@ def enable(ref: KeyRef) -> None:
         index, key = _resolve(store, ref)
         store.set_disabled(key.id, None)
     note = "" if key.disabled_reason else " (it was not disabled)"
-    typer.echo(f"✓ Enabled key: {key.name} (index {index}){note}")
+    typer.echo(f"{symbols().ok} Enabled key: {key.name} (index {index}){note}")
 
 
 @app.command("disable")
 def disable(
     ref: KeyRef,
-    reason: Annotated[str, typer.Option(help="Why, shown by list-keys.")] = "disabled by hand",
+    reason: Annotated[str, typer.Option(metavar="TEXT", help="Why, shown by list-keys.")] = "disabled by hand",
 ) -> None:
     """Take a key out of rotation until `enable`."""
     cleaned = reason.strip()
@@ -399,7 +403,7 @@ def disable(
     with _store() as store:
         index, key = _resolve(store, ref)
         store.set_disabled(key.id, cleaned)
-    typer.echo(f"✓ Disabled key: {key.name} (index {index}): {cleaned}")
+    typer.echo(f"{symbols().ok} Disabled key: {key.name} (index {index}): {cleaned}")
 
 
 # -- rotation -----------------------------------------------------------------------------------
@@ -425,7 +429,7 @@ def rotate() -> None:
             detail += f"; the first frees up in {time_left(result.next_free_at - now)}"
             todo = f"wait for it, or {todo}"
         raise CliError(f"no other {platform}key can serve now ({detail}); {todo}")
-    typer.echo("✓ Rotated to the next key")
+    typer.echo(f"{symbols().ok} Rotated to the next key")
     typer.echo(f"  Now using: {result.key.name} (index {_index(keys, result.key.id)})")
     typer.echo(f"  Reason: {result.reason}")
 
@@ -437,7 +441,7 @@ def use_key(ref: KeyRef) -> None:
     with _store() as store:
         index, key = _resolve(store, ref)
         store.use_key(key.id)
-    typer.echo(f"✓ Now using: {key.name} (index {index})")
+    typer.echo(f"{symbols().ok} Now using: {key.name} (index {index})")
     state, reason = _state(key, now)
     if state is KeyState.DISABLED:
         typer.echo(f"note: this key is disabled ({reason}); requests go to other keys until "
@@ -448,11 +452,15 @@ def use_key(ref: KeyRef) -> None:
 
 
 @app.command("set-strategy")
-def set_strategy(strategy: Annotated[Strategy, typer.Argument(help="How the next key is chosen.")]) -> None:
+def set_strategy(
+    strategy: Annotated[
+        Strategy, typer.Argument(metavar="health-based|round-robin|sticky", help="How the next key is chosen.")
+    ],
+) -> None:
     """Choose the rotation strategy: health-based (default), round-robin or sticky."""
     with _store() as store:
         store.update_settings(strategy=strategy)
-    typer.echo(f"✓ Rotation strategy set to: {strategy.value}")
+    typer.echo(f"{symbols().ok} Rotation strategy set to: {strategy.value}")
 
 
 class _OnOff(StrEnum):
@@ -461,21 +469,21 @@ class _OnOff(StrEnum):
 
 
 @app.command("set-auto-refresh")
-def set_auto_refresh(value: Annotated[_OnOff, typer.Argument(help="true or false.")]) -> None:
+def set_auto_refresh(setting: Annotated[_OnOff, typer.Argument(metavar="true|false", help="On or off.")]) -> None:
     """Turn time-based health recovery (and refresh-health) on or off."""
     with _store() as store:
-        store.update_settings(auto_refresh_health=value is _OnOff.TRUE)
-    typer.echo(f"✓ Auto-refresh health: {value.value}")
+        store.update_settings(auto_refresh_health=setting is _OnOff.TRUE)
+    typer.echo(f"{symbols().ok} Auto-refresh health: {setting.value}")
 
 
 @app.command("set-cooldown")
 def set_cooldown(
-    minutes: Annotated[int, typer.Argument(min=1, max=1440, help="1-1440 minutes.")],
+    minutes: Annotated[int, typer.Argument(metavar="MINUTES", min=1, max=1440, help="1-1440 minutes.")],
 ) -> None:
     """Set how long after its cooldown a key must rest before refresh-health raises it."""
     with _store() as store:
         store.update_settings(health_refresh_cooldown_minutes=minutes)
-    typer.echo(f"✓ Health refresh cooldown: {minutes} minutes")
+    typer.echo(f"{symbols().ok} Health refresh cooldown: {minutes} minutes")
 
 
 @app.command("clear-limits")
@@ -486,11 +494,11 @@ def clear_limits(
     with _store() as store:
         if ref.strip().lower() == "all":
             cleared = store.clear_limits(None)
-            typer.echo(f"✓ Cleared limits for all {len(cleared)} key(s)")
+            typer.echo(f"{symbols().ok} Cleared limits for all {len(cleared)} key(s)")
             return
         index, key = _resolve(store, ref)
         store.clear_limits([key.id])
-    typer.echo(f"✓ Cleared limits for key: {key.name} (index {index})")
+    typer.echo(f"{symbols().ok} Cleared limits for key: {key.name} (index {index})")
     if key.disabled_reason:
         typer.echo(f"note: the key stays disabled; `kimi-rotate enable {index}` turns it back on", err=True)
 
@@ -511,10 +519,10 @@ def refresh_health() -> None:
         typer.echo(f"Keys must be enabled, below 100% health and {settings.health_refresh_cooldown_minutes} "
                    "minutes past their last cooldown.")
         return
-    typer.echo(f"✓ Refreshed health for {len(pairs)} key(s):")
+    typer.echo(f"{symbols().ok} Refreshed health for {len(pairs)} key(s):")
     for before, after in pairs:
         old = _pct(engine.health_at(before, now, True))
-        typer.echo(f"  {before.name}: {old}% → {_pct(after.health)}%")
+        typer.echo(f"  {before.name}: {old}% {symbols().arrow} {_pct(after.health)}%")
 
 
 # -- stats --------------------------------------------------------------------------------------
@@ -526,13 +534,13 @@ def stats() -> None:
     now = _now()
     today = utc_day(now)
     week_start = utc_day(now - timedelta(days=6).total_seconds())  # today and the 6 days before
-    with _store() as store:
+    with _store(readonly=True) as store:
         keys = store.keys()
         daily = store.daily(week_start)
     if not keys:
         typer.echo("No keys configured.\nAdd one with: kimi-rotate add-key")
         return
-    typer.echo("\n📊 Usage Statistics\n")
+    typer.echo(f"\n{symbols().stats}Usage Statistics\n")
     tot = ok = limited = failed = samples = today_n = week_n = 0
     latency_sum = 0.0
     lo: float | None = None
@@ -541,7 +549,7 @@ def stats() -> None:
         days = daily.get(k.id, {})
         k_today = days.get(today, (0, 0))[0]
         k_week = sum(req for req, _ in days.values())
-        typer.echo(f"[{i}] {k.name}  ({mask(k.secret.get_secret_value())})")
+        typer.echo(f"[{i}] {k.name}  ({_masked(k.secret.get_secret_value())})")
         _print_counts("   ", k.total_requests, k.successful_requests, k.rate_limited_requests, k.failed_requests)
         if k.latency_count:
             typer.echo(f"   Avg Response Time: {round(k.latency_sum_ms / k.latency_count)}ms")
@@ -562,8 +570,8 @@ def stats() -> None:
             lo = k.latency_min_ms if lo is None else min(lo, k.latency_min_ms)
         if k.latency_max_ms is not None:
             hi = k.latency_max_ms if hi is None else max(hi, k.latency_max_ms)
-    typer.echo("─" * 50)
-    typer.echo("📈 Aggregate Statistics")
+    typer.echo(symbols().rule * 50)
+    typer.echo(f"{symbols().totals}Aggregate Statistics")
     typer.echo(f"   Keys: {len(keys)}")
     _print_counts("   ", tot, ok, limited, failed, prefix="Overall ")
     if samples:
@@ -589,7 +597,9 @@ def _print_counts(indent: str, total: int, ok: int, limited: int, failed: int, p
 def export_keys(
     file: Annotated[
         Path | None,
-        typer.Argument(help="Where to write the encrypted backup.", show_default="kimi-keys-backup.json.enc"),
+        typer.Argument(
+            metavar="FILE", help="Where to write the encrypted backup.", show_default="kimi-keys-backup.json.enc"
+        ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace FILE if it exists.")] = False,
 ) -> None:
@@ -598,7 +608,7 @@ def export_keys(
 
     file = file or Path(backup.DEFAULT_FILE)
     now = _now()
-    with _store() as store:
+    with _store(readonly=True) as store:
         snap = store.snapshot()
     if not snap.keys:
         raise CliError("there are no keys to export; add keys first")
@@ -606,13 +616,13 @@ def export_keys(
         raise CliError(f"{file} already exists; choose another name, or pass --force to replace it")
     passphrase = _new_passphrase()
     backup.write_private(file, backup.export_text(snap.keys, snap.settings, passphrase, now), overwrite=force)
-    typer.echo(f"✓ Exported {len(snap.keys)} key(s) to: {file}")
+    typer.echo(f"{symbols().ok} Exported {len(snap.keys)} key(s) to: {file}")
     typer.echo("  Keep this file and your passphrase safe: together they are your keys.")
 
 
 @app.command("import-keys")
 def import_keys(
-    file: Annotated[Path, typer.Argument(help="A backup from export-keys or opencode-kimi-rotator.")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A backup from export-keys or opencode-kimi-rotator.")],
 ) -> None:
     """Add the keys of an encrypted backup (keys already present are skipped)."""
     from . import backup  # cryptography: only for the commands that encrypt or decrypt
@@ -628,7 +638,9 @@ def import_opencode(
     path: Annotated[
         Path | None,
         typer.Argument(
-            help="opencode-kimi-rotator's store file.", show_default="~/.config/opencode/kimi-accounts.json"
+            metavar="PATH",
+            help="opencode-kimi-rotator's store file.",
+            show_default="~/.config/opencode/kimi-accounts.json",
         ),
     ] = None,
 ) -> None:
@@ -649,7 +661,7 @@ def _add_imported(imported: opencode.Imported) -> None:
         # As the reference: the strategy comes along only when keys did.
         if added:
             store.update_settings(strategy=imported.strategy)
-    typer.echo("✓ Import complete:")
+    typer.echo(f"{symbols().ok} Import complete:")
     typer.echo(f"  Imported: {len(added)} key(s)")
     typer.echo(f"  Skipped (already present): {len(skipped)} key(s)")
     if added:

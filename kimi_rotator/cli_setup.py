@@ -12,9 +12,10 @@ from typing import Annotated
 import typer
 
 from .errors import UserError
+from .symbols import symbols
 
 ConfdirOption = Annotated[
-    Path | None, typer.Option("--confdir", help="mitmproxy's folder for the CA (default: ~/.mitmproxy).")
+    Path | None, typer.Option("--confdir", metavar="DIR", help="mitmproxy's folder for the CA (default: ~/.mitmproxy).")
 ]
 
 
@@ -23,12 +24,16 @@ class SetupError(UserError):
 
 
 def proxy(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    host: Annotated[str, typer.Option(metavar="HOST", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(metavar="PORT", help="Port to listen on.")] = 8080,
     web: Annotated[bool, typer.Option("--web", help="Open mitmweb's interface too (slower; for debugging).")] = False,
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="A mitmproxy or kimi_* option as name=value (repeatable), as with mitmdump."),
+        typer.Option(
+            "--set",
+            metavar="NAME=VALUE",
+            help="A mitmproxy or kimi_* option as name=value (repeatable), as with mitmdump.",
+        ),
     ] = None,
     allow_remote: Annotated[
         bool, typer.Option("--allow-remote", help="Listen beyond this machine without a token or proxy auth.")
@@ -63,8 +68,8 @@ def ca(confdir: ConfdirOption = None) -> None:
 
 
 def doctor(
-    host: Annotated[str, typer.Option(help="Where the proxy should listen.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="The proxy's port.")] = 8080,
+    host: Annotated[str, typer.Option(metavar="HOST", help="Where the proxy should listen.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(metavar="PORT", help="The proxy's port.")] = 8080,
     confdir: ConfdirOption = None,
 ) -> None:
     """Check the store, the keys, the CA, the running proxy and TLS through it."""
@@ -74,7 +79,7 @@ def doctor(
 
     results = checks.run_checks(store_home(), confdir or default_confdir(), host, port)
     for c in results:
-        mark = "✓" if c.ok else "✗"
+        mark = symbols().ok if c.ok else symbols().failed
         typer.echo(f"{mark} {c.name}: {c.detail}")
         if not c.ok and c.fix:
             typer.echo(f"    fix: {c.fix}")

@@ -59,12 +59,12 @@ def validate_name(name: str) -> str:
     return cleaned
 
 
-def mask(secret: str) -> str:
+def mask(secret: str, ellipsis: str = "…") -> str:
     """Prefix and the last 4 characters, never more: `sk-kimi-…a1b2`."""
     prefix = KIMI_CODE_PREFIX if secret.startswith(KIMI_CODE_PREFIX) else secret[:3]
     if len(secret) < len(prefix) + 12:
-        return prefix + "…"
-    return f"{prefix}…{secret[-4:]}"
+        return prefix + ellipsis
+    return f"{prefix}{ellipsis}{secret[-4:]}"
 
 
 def fingerprint(secret: str) -> str:

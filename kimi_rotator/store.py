@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import os
@@ -18,7 +19,7 @@ import stat
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -141,17 +142,20 @@ def _day_name(day: int) -> str:  # formatting a date costs more than the rest of
 
 
 class Store:
-    def __init__(self, home: Path | None = None) -> None:
+    def __init__(self, home: Path | None = None, *, readonly: bool = False) -> None:
+        """`readonly` is for commands that only read: such a store opens where nothing can be written (a read-only
+        folder, file or mount), creates nothing, and refuses to write."""
         self.home = home if home is not None else store_home()
         self.path = self.home / STORE_FILE
+        self.readonly = readonly
         self._lock = threading.Lock()
-        self._db = self._open()
+        self._db = self._open_readonly() if readonly else self._open()
 
     # -- opening -------------------------------------------------------------------------------
 
     def _open(self) -> sqlite3.Connection:
-        _private_dir(self.home)
-        fresh = _create_private_file(self.path)
+        _private_dir(self.home, self._read_only)
+        fresh = _create_private_file(self.path, self._read_only)
         if not fresh:
             self._check_header()
         try:
@@ -159,15 +163,7 @@ class Store:
         except sqlite3.Error as e:
             raise self._unreadable(e) from None
         try:
-            db.execute("PRAGMA foreign_keys = ON")
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path} was written by a newer kimi-rotate (schema {version}, this one knows "
-                    f"{SCHEMA_VERSION}); upgrade kimi-rotate. The file was left untouched."
-                )
-            if version > 0 and db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-                raise self._unreadable("the integrity check failed")
+            version = self._check(db)
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = NORMAL")
             if version < SCHEMA_VERSION:
@@ -175,10 +171,7 @@ class Store:
         except sqlite3.OperationalError as e:
             db.close()
             if "readonly" in str(e) or "unable to open" in str(e):
-                raise StoreError(
-                    f"cannot write the store {self.path} ({e}); make {self.home} writable, "
-                    f"or point {HOME_ENV} at a writable folder"
-                ) from None
+                raise self._read_only(str(e)) from None
             raise self._unreadable(e) from None
         except sqlite3.DatabaseError as e:
             db.close()
@@ -187,6 +180,61 @@ class Store:
             db.close()
             raise
         return db
+
+    def _open_readonly(self) -> sqlite3.Connection:
+        """SQLite opens a WAL database read-only only if it can open or create the -shm file beside it. Where it
+        cannot (a read-only folder or mount with no writer running, since a writer keeps that file), the file is
+        read as immutable, which is safe for the same reason. A store that does not exist yet reads as empty."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return self._empty()
+        self._check_header()
+        uri = self.path.absolute().as_uri()
+        for query in ("mode=ro", "mode=ro&immutable=1"):
+            try:
+                db = sqlite3.connect(f"{uri}?{query}", uri=True, timeout=BUSY_TIMEOUT, isolation_level=None,
+                                     check_same_thread=False)
+            except sqlite3.Error as e:
+                raise self._unreadable(e) from None
+            try:
+                if self._check(db) < SCHEMA_VERSION:
+                    db.close()
+                    return self._empty()  # created but never initialised (a crash right after creating it)
+                return db
+            except sqlite3.OperationalError as e:
+                db.close()
+                if e.sqlite_errorcode != sqlite3.SQLITE_CANTOPEN or "immutable" in query:
+                    raise self._unreadable(e) from None
+            except sqlite3.DatabaseError as e:
+                db.close()
+                raise self._unreadable(e) from None
+            except StoreError:
+                db.close()
+                raise
+        raise AssertionError("unreachable")
+
+    def _empty(self) -> sqlite3.Connection:
+        db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        self._migrate(db)
+        return db
+
+    def _check(self, db: sqlite3.Connection) -> int:
+        """The store's schema version, once the file is known to be a healthy store this kimi-rotate can read."""
+        db.execute("PRAGMA foreign_keys = ON")
+        version: int = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} was written by a newer kimi-rotate (schema {version}, this one knows "
+                f"{SCHEMA_VERSION}); upgrade kimi-rotate. The file was left untouched."
+            )
+        if version > 0 and db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            raise self._unreadable("the integrity check failed")
+        return version
+
+    def _read_only(self, why: str) -> StoreError:
+        return StoreError(
+            f"the store {self.path} is read-only ({why}); make it and {self.home} writable, or point {HOME_ENV} "
+            "at a writable folder. Reading commands (list-keys, stats) still work."
+        )
 
     def _check_header(self) -> None:
         try:
@@ -236,6 +284,8 @@ class Store:
 
     @contextlib.contextmanager
     def _write(self, wait: float = BUSY_TIMEOUT) -> Iterator[sqlite3.Connection]:
+        if self.readonly:
+            raise RuntimeError("this Store was opened with readonly=True")
         with self._lock:
             self._begin_immediate(wait)
             try:
@@ -270,8 +320,10 @@ class Store:
                     self._db.execute("BEGIN IMMEDIATE")
                     return
                 except sqlite3.OperationalError as e:
+                    if e.sqlite_errorcode == sqlite3.SQLITE_READONLY:
+                        raise self._read_only(str(e)) from None
                     if e.sqlite_errorcode != sqlite3.SQLITE_BUSY:
-                        raise StoreError(f"cannot write the store {self.path} ({e}); is it read-only?") from None
+                        raise StoreError(f"cannot write the store {self.path} ({e}); check the file") from None
                     if time.monotonic() >= deadline:
                         raise StoreBusy(f"the store {self.path} is busy (other kimi-rotate processes are writing); "
                                         "try again") from None
@@ -600,24 +652,32 @@ def _unique_name(wanted: str | None, taken: set[str]) -> str:
     return f"{base} {n}"
 
 
-def _private_dir(home: Path) -> None:
+def _private_dir(home: Path, read_only: Callable[[str], StoreError]) -> None:
     try:
-        home.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if stat.S_IMODE(home.stat().st_mode) & 0o077:
-            home.chmod(0o700)
+        if not home.is_dir():
+            home.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as e:
         raise StoreError(
             f"cannot create the store folder {home}: {e.strerror}; point {HOME_ENV} at a writable folder"
         ) from None
+    try:
+        if stat.S_IMODE(home.stat().st_mode) & 0o077:
+            home.chmod(0o700)
+    except OSError as e:
+        raise read_only(f"cannot tighten {home}'s permissions: {e.strerror}") from None
 
 
-def _create_private_file(path: Path) -> bool:
+def _create_private_file(path: Path, read_only: Callable[[str], StoreError]) -> bool:
     """Create the file 0600 from the first instant (no window where it is readable). True if new."""
+    if path.exists():
+        return path.stat().st_size == 0
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     except FileExistsError:
         return path.stat().st_size == 0
     except OSError as e:
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and path.parent.is_dir():
+            raise read_only(f"cannot create {path.name}: {e.strerror}") from None
         raise StoreError(
             f"cannot create the store {path}: {e.strerror}; point {HOME_ENV} at a writable folder"
         ) from None

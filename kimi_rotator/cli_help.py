@@ -1,0 +1,123 @@
+"""How `kimi-rotate` help reads: plain text that fits the terminal, 80 columns or 40.
+
+Click formats at no less than 50 columns, breaks long words and splits words at hyphens
+(`health-|based`); typer writes `{name}` and `<str>` where the README writes `NAME`. `HelpLayout`
+is mixed into the CLI's group and command classes (cli.py) and fixes that in one place.
+"""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+from typing import Any
+
+try:
+    from typer import _click  # typer >= 0.2x vendors click
+except ImportError:  # older typer uses the click package
+    import click as _click  # type: ignore[no-redef]
+
+
+def _wrap(text: str, width: int, first: str = "", rest: str = "") -> list[str]:
+    """Lines of `text` no wider than `width`, broken only between words."""
+    wrapper = textwrap.TextWrapper(max(width, 1), initial_indent=first, subsequent_indent=rest,
+                                   break_long_words=False, break_on_hyphens=False)
+    lines: list[str] = []
+    for paragraph in text.split("\n\n"):
+        if lines:
+            lines.append("")
+        lines += wrapper.wrap(" ".join(paragraph.split())) or [first.rstrip()]
+    return lines
+
+
+class HelpFormatter(_click.HelpFormatter):  # type: ignore[misc]
+    def __init__(self, indent_increment: int = 2, width: int | None = None, max_width: int | None = None) -> None:
+        super().__init__(indent_increment, width=1, max_width=max_width)
+        columns = width or shutil.get_terminal_size().columns
+        self.width = max(min(columns, max_width or 100) - 2, 20)
+
+    def write_usage(self, prog: str, args: str = "", prefix: str | None = None) -> None:
+        head = f"{' ' * self.current_indent}{prefix or 'Usage: '}{prog} "
+        indent = " " * min(len(head), 8)
+        self.write("\n".join(_wrap(f"{head}{args}", self.width, rest=indent)) + "\n")
+
+    def write_text(self, text: str) -> None:
+        indent = " " * self.current_indent
+        self.write("\n".join(_wrap(text, self.width, indent, indent)) + "\n")
+
+    def write_dl(self, rows: Any, col_max: int = 30, col_spacing: int = 2) -> None:
+        rows = list(rows)
+        # Narrow terminals put each description under its term, so that words keep room.
+        first_col = min(max((len(term) for term, _ in rows), default=0), col_max) + col_spacing
+        stacked = self.width - self.current_indent - first_col < 24
+        for term, help_text in rows:
+            lead = " " * self.current_indent + term
+            if stacked or len(term) > first_col - col_spacing:
+                self.write(lead + "\n")
+                if help_text:
+                    indent = " " * (self.current_indent + 4)
+                    self.write("\n".join(_wrap(help_text, self.width, indent, indent)) + "\n")
+                continue
+            indent = " " * (self.current_indent + first_col)
+            lines = _wrap(help_text, self.width, indent, indent) if help_text else [""]
+            self.write(lead.ljust(len(indent)) + lines[0].lstrip() + "\n")
+            for line in lines[1:]:
+                self.write(line + "\n")
+
+
+class HelpContext(_click.Context):  # type: ignore[misc]
+    formatter_class = HelpFormatter
+
+
+def _metavar(param: Any) -> str:
+    return str(param.metavar or param.name.upper())
+
+
+class HelpLayout:
+    """Mixed into the group and command classes, before typer's class."""
+
+    context_class: type[_click.Context] = HelpContext
+
+    def get_help_option(self, ctx: Any) -> Any:
+        """-h/--help defaults to False. Unset, it would be None, which typer reads through a pydantic validator it
+        builds on first use: about 40 ms at every start-up, for nothing."""
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None and option.default is None:
+            option.default = False
+        return option
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []  # type: ignore[attr-defined]
+        for param in self.get_params(ctx):  # type: ignore[attr-defined]
+            if param.param_type_name == "argument":
+                name = _metavar(param) + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+        subcommand = getattr(self, "subcommand_metavar", None)  # a group: COMMAND [ARGS]...
+        return pieces + ([subcommand] if subcommand else [])
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        arguments, options = [], []
+        for param in self.get_params(ctx):  # type: ignore[attr-defined]
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                arguments.append((_metavar(param), record[1]))  # typer adds `<str>` to the name
+            else:
+                options.append(record)
+        for title, rows in (("Arguments", arguments), ("Options", options)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+        if hasattr(self, "list_commands"):
+            self.format_commands(ctx, formatter)
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        """Each command's first sentence in full, however narrow the terminal (click cuts it to fit one line)."""
+        rows = []
+        for name in self.list_commands(ctx):  # type: ignore[attr-defined]
+            command = self.get_command(ctx, name)  # type: ignore[attr-defined]
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=1000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
