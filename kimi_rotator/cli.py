@@ -3,7 +3,7 @@
 Each command parses its arguments, calls the store (whose methods are transactions, so a failed
 command changes nothing) and prints. Problems the user can fix are raised as exceptions and turned
 into one `error: <what happened>; <what to do>` line and exit code 1 in a single place
-(`_Group.invoke`); usage errors keep typer's exit code 2. No command prints a key: only masked
+(`_Group`); usage errors become one such line too, with exit code 2. No command prints a key: only masked
 forms (`keys.mask`) and fingerprints.
 
 Every command loads this module, so it imports only what most commands need: the backups
@@ -14,6 +14,7 @@ them (benchmarks/bench_cli.py measures the start-up).
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import getpass
 import json
@@ -31,7 +32,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from . import cli_setup, engine
-from .cli_help import HelpLayout
+from .cli_help import HelpLayout, NoArgsIsHelp, UsageError, usage_message
 from .errors import UserError
 from .keys import KeyFormatError, default_surface, mask, validate_key, validate_name
 from .models import KeyRecord, KeyState, PoolSettings, Strategy, Surface
@@ -61,11 +62,28 @@ class _Command(HelpLayout, TyperCommand):
 
 
 class _Group(HelpLayout, TyperGroup):
-    """Turns the user errors of any command (including ones added later) into `error: ...`, exit 1."""
+    """Turns the user errors of any command (including ones added later) into `error: ...`, exit 1, and usage
+    errors into `error: ...`, exit 2."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        try:  # the group's own options (`kimi-rotate --bogus`)
+            return super().make_context(info_name, args, parent, **extra)
+        except UsageError as e:
+            _usage_fail(e)
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None and not ctx.resilient_parsing:
+            close = difflib.get_close_matches(name, self.list_commands(ctx), n=1)
+            hint = f"did you mean `{ctx.command_path} {close[0]}`?" if close else f"see `{ctx.command_path} --help`"
+            _fail(f"no command {name!r}; {hint}", code=2)
+        return super().resolve_command(ctx, args)
 
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
+        except UsageError as e:  # a command's arguments and options
+            _usage_fail(e)
         except _CLICK_ERROR as e:
             # Usage errors quote what was typed; a key pasted into the wrong place must not be echoed.
             message = getattr(e, "message", None)
@@ -94,9 +112,15 @@ def _masked(secret: str) -> str:
     return mask(secret, symbols().ellipsis)
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(f"error: {scrub(' '.join(message.split()))}", err=True)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
+
+
+def _usage_fail(error: Exception) -> NoReturn:
+    if NoArgsIsHelp is not None and isinstance(error, NoArgsIsHelp):
+        raise error  # `kimi-rotate` alone prints the help
+    _fail(usage_message(error), code=2)
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])

@@ -1,14 +1,19 @@
-"""How `kimi-rotate` help reads: plain text that fits the terminal, 80 columns or 40.
+"""How `kimi-rotate` help and usage errors read.
 
-Click formats at no less than 50 columns, breaks long words and splits words at hyphens
-(`health-|based`); typer writes `{name}` and `<str>` where the README writes `NAME`. `HelpLayout`
-is mixed into the CLI's group and command classes (cli.py) and fixes that in one place.
+Help: plain text that fits the terminal, 80 columns or 40. Click formats at no less than 50
+columns, breaks long words and splits words at hyphens (`health-|based`); typer writes `{name}` and
+`<str>` where the README writes `NAME`. `HelpLayout` is mixed into the CLI's group and command
+classes (cli.py) and fixes that in one place.
+
+Usage errors: `usage_message` words click's and typer's exceptions as one line in our terms
+(typer's own are a usage line, a hint and the validation library's message); cli.py prints it.
 """
 
 from __future__ import annotations
 
 import shutil
 import textwrap
+from enum import Enum
 from typing import Any
 
 try:
@@ -121,3 +126,52 @@ class HelpLayout:
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
+
+
+UsageError: type[Exception] = _click.exceptions.UsageError
+NoArgsIsHelp: type[Exception] | None = getattr(_click.exceptions, "NoArgsIsHelpError", None)  # click >= 8.2
+
+
+def usage_message(error: Any) -> str:
+    """`<what is wrong>; <what to do>` for a click UsageError (the caller masks keys in it)."""
+    ctx = getattr(error, "ctx", None)
+    where = ctx.command_path if ctx is not None else "kimi-rotate"
+    see = f"see `{where} --help`"
+    exceptions = _click.exceptions
+    param = getattr(error, "param", None)
+    if isinstance(error, exceptions.NoSuchOption):
+        close = sorted(error.possibilities or [])
+        return f"{where} has no option {error.option_name}; " + (f"did you mean {close[0]}?" if close else see)
+    if isinstance(error, exceptions.MissingParameter) and param is not None:
+        return f"{where} needs {_label(param)}; {see}"
+    if isinstance(error, exceptions.BadParameter) and param is not None:
+        return _bad_value(error, param, see)
+    text = str(error.message).strip().rstrip(".")
+    return f"{text[:1].lower()}{text[1:]}; {see}"
+
+
+def _label(param: Any) -> str:
+    opts = getattr(param, "opts", None)
+    return str(opts[0]) if param.param_type_name == "option" and opts else _metavar(param)
+
+
+def _bad_value(error: Any, param: Any, see: str) -> str:
+    # typer >= 0.2x converts with pydantic and chains its ValidationError, which holds what was typed.
+    errors = getattr(error.__cause__, "errors", None)
+    typed = errors()[0].get("input") if callable(errors) and errors() else None
+    got = f", not {typed!r}" if isinstance(typed, str) else ""
+    descriptor = getattr(param, "type_descriptor", None)
+    click_type = getattr(param, "type", None)
+    choices = getattr(descriptor, "choices", None) or getattr(click_type, "choices", None)
+    if choices:
+        names = [c.value if isinstance(c, Enum) else str(c) for c in choices]
+        listed = ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+        what = f"{typed!r} is not" if got else "that is not"
+        return f"{what} a valid {param.name.replace('_', ' ')}; choose {listed}"
+    numeric = getattr(descriptor, "annotation", None) is int or getattr(click_type, "name", "").startswith("integer")
+    if numeric:
+        low, high = getattr(param, "min", None), getattr(param, "max", None)
+        span = f" from {low} to {high}" if low is not None and high is not None else ""
+        return f"{_label(param)} must be a whole number{span}{got}; {see}"
+    text = str(error.message).strip().rstrip(".")
+    return f"invalid {_label(param)}: {text[:1].lower()}{text[1:]}; {see}"
