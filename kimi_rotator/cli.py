@@ -622,7 +622,7 @@ def export_keys(
     file: Annotated[
         Path | None,
         typer.Argument(
-            metavar="FILE", help="Where to write the encrypted backup.", show_default="kimi-keys-backup.json.enc"
+            metavar="FILE", help="Where to write the encrypted backup. Default: kimi-keys-backup.json.enc here."
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace FILE if it exists.")] = False,
@@ -663,8 +663,7 @@ def import_opencode(
         Path | None,
         typer.Argument(
             metavar="PATH",
-            help="opencode-kimi-rotator's store file.",
-            show_default="~/.config/opencode/kimi-accounts.json",
+            help="opencode-kimi-rotator's store file. Default: kimi-accounts.json in ~/.config/opencode.",
         ),
     ] = None,
 ) -> None:
