@@ -118,8 +118,8 @@ def main() -> None:
     print(f"kimi-rotate start-up: median of {args.runs} runs each, Python {sys.version.split()[0]}, "
           f"load average {load_before:.2f} -> {os.getloadavg()[0]:.2f}")
     print(f"baseline: python -c \"{BASELINE}\"; target: at most {TARGET}x the baseline\n")
-    print(f"| {'command':<10} | {'cached':>8} | {'ratio':>6} | {'no cache':>8} | {'ratio':>6} |")
-    print(f"|{'-' * 12}|{'-' * 10}|{'-' * 8}|{'-' * 10}|{'-' * 8}|")
+    print(f"| {'command':<10} | {'cached':>8} | {'ratio':>7} | {'no cache':>8} | {'ratio':>7} |")
+    print(f"|{'-' * 12}|{'-' * 10}|{'-' * 9}|{'-' * 10}|{'-' * 9}|")
     for name in cases:
         cells = []
         for mode in modes:
@@ -127,7 +127,7 @@ def main() -> None:
             ratio = ms / results[mode]["baseline"]
             mark = "" if name == "baseline" or ratio <= TARGET else " !"
             cells += [f"{ms:.0f} ms", f"{ratio:.2f}x{mark}"]
-        print(f"| {name:<10} | {cells[0]:>8} | {cells[1]:>6} | {cells[2]:>8} | {cells[3]:>6} |")
+        print(f"| {name:<10} | {cells[0]:>8} | {cells[1]:>7} | {cells[2]:>8} | {cells[3]:>7} |")
     print("\n! = above the target")
 
 
