@@ -232,8 +232,8 @@ class Store:
 
     def _read_only(self, why: str) -> StoreError:
         return StoreError(
-            f"the store {self.path} is read-only ({why}); make it and {self.home} writable, or point {HOME_ENV} "
-            "at a writable folder. Reading commands (list-keys, stats) still work."
+            f"cannot write the store {self.path}: it is read-only ({why}); make it and {self.home} writable, "
+            f"or point {HOME_ENV} at a writable folder. Reading commands (list-keys, stats) still work."
         )
 
     def _check_header(self) -> None:

@@ -177,7 +177,8 @@ def test_writing_commands_on_a_read_only_store_fail_in_one_line(read_only_home: 
     done = console(read_only_home, *args)
     lines = done.stderr.decode().strip().splitlines()
     assert done.returncode == 1 and len(lines) == 1, done.stderr
-    assert lines[0].startswith(f"error: the store {read_only_home / 'store.db'} is read-only"), lines[0]
+    store = read_only_home / "store.db"
+    assert lines[0].startswith(f"error: cannot write the store {store}: it is read-only"), lines[0]
     assert (read_only_home / "store.db").read_bytes() == before
 
 
