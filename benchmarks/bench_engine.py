@@ -23,10 +23,8 @@ import time
 import timeit
 from pathlib import Path
 
-from pydantic import SecretStr
-
 from kimi_rotator import engine
-from kimi_rotator.models import KeyRecord, Outcome, OutcomeKind, PoolSettings, Strategy, Surface
+from kimi_rotator.models import KeyRecord, Outcome, OutcomeKind, PoolSettings, Secret, Strategy, Surface
 from kimi_rotator.roster import REINDEX_AFTER, Roster
 from kimi_rotator.store import NewKey, Store
 
@@ -39,7 +37,7 @@ def roster(cooling: set[int]) -> Roster:
     keys = [
         KeyRecord(
             id=i + 1,
-            secret=SecretStr(f"sk-kimi-bench{i:020d}"),
+            secret=Secret(f"sk-kimi-bench{i:020d}"),
             fingerprint=f"{i:010x}",
             name=f"key {i}",
             surface=Surface.KIMI_CODE,

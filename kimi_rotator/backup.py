@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import ValidationError
 
 from . import engine, opencode
+from .errors import UserError
 from .models import KeyRecord, PoolSettings
 
 SALT_LEN = 32
@@ -41,7 +42,7 @@ DEFAULT_FILE = "kimi-keys-backup.json.enc"
 _MAX_FILE_BYTES = 16 * 1024 * 1024
 
 
-class BackupError(Exception):
+class BackupError(UserError):
     """A backup can't be written or read; the message says why and what to do."""
 
 

@@ -3,13 +3,18 @@
 Each command parses its arguments, calls the store (whose methods are transactions, so a failed
 command changes nothing) and prints. Problems the user can fix are raised as exceptions and turned
 into one `error: <what happened>; <what to do>` line and exit code 1 in a single place
-(`_Group.invoke`); usage errors keep typer's exit code 2. No command prints a key: only masked
+(`_Group`); usage errors become one such line too, with exit code 2. No command prints a key: only masked
 forms (`keys.mask`) and fingerprints.
+
+Every command loads this module, so it imports only what most commands need: the backups
+(cryptography), the importer and the setup commands' libraries load inside the commands that use
+them (benchmarks/bench_cli.py measures the start-up).
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import getpass
 import json
@@ -18,35 +23,30 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
-from . import backup, cli_setup, engine, opencode, views
+from . import cli_setup, engine, views
+from .cli_help import HelpLayout, NoArgsIsHelp, UsageError, usage_message
+from .errors import UserError
 from .keys import KeyFormatError, PastedHeader, SurfaceMismatch, default_surface, mask, validate_key, validate_name
 from .models import KeyRecord, KeyState, PoolSettings, Strategy, Surface
 from .roster import Roster
 from .store import DuplicateKey, KeyNotFound, NewKey, Snapshot, Store, StoreError, utc_day
+from .symbols import PLAIN, symbols
+
+if TYPE_CHECKING:
+    from . import opencode
 
 
-class CliError(Exception):
+class CliError(UserError):
     """A mistake the user can fix; the message reads `<what happened>; <what to do>`."""
-
-
-# Everything foreseeable ends as one line on stderr and exit code 1 (see _Group.invoke).
-USER_ERRORS: tuple[type[Exception], ...] = (
-    CliError,
-    StoreError,
-    KeyFormatError,
-    backup.BackupError,
-    opencode.OpencodeError,
-    cli_setup.SetupError,
-)
 
 KIMI_CODE_WARNING = (
     "warning: Kimi Code membership is for personal use only. Rotating several membership accounts "
@@ -59,19 +59,40 @@ KIMI_CODE_WARNING = (
 _CLICK_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
-class _Group(TyperGroup):
-    """Turns the user errors of any command (including ones added later) into `error: ...`, exit 1."""
+class _Command(HelpLayout, TyperCommand):
+    pass
+
+
+class _Group(HelpLayout, TyperGroup):
+    """Turns the user errors of any command (including ones added later) into `error: ...`, exit 1, and usage
+    errors into `error: ...`, exit 2."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        try:  # the group's own options (`kimi-rotate --bogus`)
+            return super().make_context(info_name, args, parent, **extra)
+        except UsageError as e:
+            _usage_fail(e)
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None and not ctx.resilient_parsing:
+            close = difflib.get_close_matches(name, self.list_commands(ctx), n=1)
+            hint = f"did you mean `{ctx.command_path} {close[0]}`?" if close else f"see `{ctx.command_path} --help`"
+            _fail(f"no command {name!r}; {hint}", code=2)
+        return super().resolve_command(ctx, args)
 
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
+        except UsageError as e:  # a command's arguments and options
+            _usage_fail(e)
         except _CLICK_ERROR as e:
             # Usage errors quote what was typed; a key pasted into the wrong place must not be echoed.
             message = getattr(e, "message", None)
             if isinstance(message, str):
                 e.message = scrub(message)  # type: ignore[attr-defined]
             raise
-        except USER_ERRORS as e:
+        except UserError as e:  # everything foreseeable: one line on stderr, exit code 1
             _fail(str(e))
         except OSError as e:
             if e.errno == errno.EPIPE:  # typer quiets a closed pipe (`kimi-rotate list-keys | head`)
@@ -85,20 +106,45 @@ _KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_-]{6,}")
 
 def scrub(text: str) -> str:
     """Masks anything in `text` that looks like a key."""
-    return _KEY_LIKE.sub(lambda m: mask(m.group()), text)
+    return _KEY_LIKE.sub(lambda m: _masked(m.group()), text)
 
 
-def _fail(message: str) -> NoReturn:
+def _masked(secret: str) -> str:
+    """A key as the CLI shows it: `keys.mask`, in characters the output can encode."""
+    return mask(secret, symbols().ellipsis)
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(f"error: {scrub(' '.join(message.split()))}", err=True)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
 
 
-app = typer.Typer(
+def _usage_fail(error: Exception) -> NoReturn:
+    if NoArgsIsHelp is not None and isinstance(error, NoArgsIsHelp):
+        raise error  # `kimi-rotate` alone prints the help
+    _fail(usage_message(error), code=2)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class _App(typer.Typer):
+    """Every command gets the help layout, including commands added later."""
+
+    def command(
+        self, name: str | None = None, *, cls: type[TyperCommand] | None = None, **kwargs: Any
+    ) -> Callable[[_F], _F]:
+        return super().command(name, cls=cls or _Command, **kwargs)
+
+
+app = _App(
     cls=_Group,
     name="kimi-rotate",
     help="Pool Kimi / Moonshot API keys behind one local HTTPS proxy. Keys live in a local store "
     "(folder: $KIMI_ROTATE_HOME, else your user data folder).",
     no_args_is_help=True,
+    # Plain help and errors: rich's panels cost 150 ms to import and break lines mid-word in narrow terminals.
+    rich_markup_mode=None,
     # A traceback with locals could print a key; genuine bugs still get a plain traceback.
     pretty_exceptions_enable=False,
     pretty_exceptions_show_locals=False,
@@ -139,8 +185,9 @@ def _now() -> float:
 
 
 @contextlib.contextmanager
-def _store() -> Iterator[Store]:
-    store = Store()
+def _store(readonly: bool = False) -> Iterator[Store]:
+    """The store; commands that only read ask for it `readonly`, so they work on a store that cannot be written."""
+    store = Store(readonly=readonly)
     try:
         yield store
     finally:
@@ -187,6 +234,8 @@ def _read_passphrase(prompt: str) -> str:
 
 
 def _new_passphrase() -> str:
+    from . import backup
+
     first = _read_passphrase("Backup passphrase: ")
     backup.check_passphrase(first)
     if _read_passphrase("Repeat the passphrase: ") != first:
@@ -210,7 +259,7 @@ def _pct(value: float) -> int:
 
 def health_bar(health: float) -> str:
     filled = max(0, min(10, math.floor(health / 10 + 0.5)))
-    return "█" * filled + "░" * (10 - filled)
+    return symbols().full * filled + symbols().empty * (10 - filled)
 
 
 def time_left(seconds: float) -> str:
@@ -265,18 +314,23 @@ def add_key(
     key: Annotated[
         str | None,
         typer.Argument(
+            metavar="KEY",
             help="The API key. Leave it out (or write -) to be prompted without echo, or pipe it on stdin, "
             "so it stays out of your shell history.",
             show_default=False,
         ),
     ] = None,
-    name: Annotated[str | None, typer.Argument(help="A name for the key (default: Account N).")] = None,
+    name: Annotated[str | None, typer.Argument(metavar="NAME", help="A name for the key (default: Account N).")] = None,
     surface: Annotated[
         Surface | None,
-        typer.Option(help="Where the key works. Default: kimi-code for sk-kimi- keys, else moonshot-cn."),
+        typer.Option(
+            metavar="SURFACE",
+            help="Where the key works: moonshot-cn, moonshot-ai or kimi-code. Default: kimi-code for sk-kimi- "
+            "keys, else moonshot-cn.",
+        ),
     ] = None,
     account: Annotated[
-        str | None, typer.Option(help="Account label: keys of one account share rate limits.")
+        str | None, typer.Option(metavar="ACCOUNT", help="Account label: keys of one account share rate limits.")
     ] = None,
 ) -> None:
     """Add an API key to the pool."""
@@ -307,7 +361,7 @@ def add_key(
     with _store() as store:  # refuses a key or a name already in the pool (DuplicateKey)
         record = store.add_key(NewKey(secret=secret, name=clean_name, surface=chosen, account=label), _now())
         index = _index(store.keys(), record.id)
-    typer.echo(f"✓ Added key: {record.name} ({mask(secret)}, {chosen.value})")
+    typer.echo(f"{symbols().ok} Added key: {record.name} ({_masked(secret)}, {chosen.value})")
     typer.echo(f"  Index: {index}")
     _warn_kimi_code([chosen])
 
@@ -325,9 +379,14 @@ def add_keys(
     ] = "-",
     surface: Annotated[
         Surface | None,
-        typer.Option(help="Where the keys work. Default, per key: kimi-code for sk-kimi- keys, else moonshot-cn."),
+        typer.Option(
+            metavar="SURFACE",
+            help="Where the keys work. Default, per key: kimi-code for sk-kimi- keys, else moonshot-cn.",
+        ),
     ] = None,
-    account: Annotated[str | None, typer.Option(help="Account label for every key of the file.")] = None,
+    account: Annotated[
+        str | None, typer.Option(metavar="ACCOUNT", help="Account label for every key of the file.")
+    ] = None,
 ) -> None:
     """Add several keys at once. Every line is checked first: if any is bad, nothing is added."""
     from . import bulk
@@ -363,9 +422,9 @@ def add_keys(
         total = len(bad | {line.number for line in lines})
         raise CliError(f"{len(bad)} of {total} key line(s) have problems (listed above), so nothing was added; "
                        "fix those lines and run the command again")
-    typer.echo(f"✓ Added {len(added)} key(s):")
+    typer.echo(f"{symbols().ok} Added {len(added)} key(s):")
     for k in added:
-        typer.echo(f"  [{index[k.id]}] {k.name} ({mask(k.secret.get_secret_value())}, {k.surface.value})")
+        typer.echo(f"  [{index[k.id]}] {k.name} ({_masked(k.secret.get_secret_value())}, {k.surface.value})")
     if source != "-":
         typer.echo(f"\nThe file {source} holds these keys in plain text; delete it once you no longer need it.")
     _warn_kimi_code([k.surface for k in added])
@@ -426,12 +485,16 @@ def list_keys(
             show_default=False,
         ),
     ] = None,
-    only_state: Annotated[KeyState | None, typer.Option("--state", help="Only keys in this state.")] = None,
-    only_surface: Annotated[Surface | None, typer.Option("--surface", help="Only keys of this surface.")] = None,
+    only_state: Annotated[
+        KeyState | None, typer.Option("--state", metavar="STATE", help="Only keys in this state.")
+    ] = None,
+    only_surface: Annotated[
+        Surface | None, typer.Option("--surface", metavar="SURFACE", help="Only keys of this surface.")
+    ] = None,
 ) -> None:
     """List the keys: index, name, masked key, health, requests and state; ● marks the key in use."""
     now = _now()
-    with _store() as store:
+    with _store(readonly=True) as store:
         snap = store.snapshot()
     marked = marked_current(snap, now)
     shown = [
@@ -440,7 +503,8 @@ def list_keys(
     ]
     if as_json:
         rows = [key_json(i, k, snap.settings, now, marked) for i, k in shown]
-        typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        # \u escapes where the output cannot encode a character: the same JSON to any parser.
+        typer.echo(json.dumps(rows, indent=2, ensure_ascii=symbols() is PLAIN))
         return
     if not snap.keys:
         typer.echo("No keys configured.\nAdd one with: kimi-rotate add-key")
@@ -462,20 +526,21 @@ def list_keys(
         for line in views.table(header, cells, width, right={5, 6}, caps={1: 24, 4: 16}, shrink=1, optional=(2, 4)):
             typer.echo(line)
         return
+    sym = symbols()
     for i, k in shown:
         health = engine.health_at(k, now, snap.settings.auto_refresh_health)
         state, reason = _state(k, now)
         if state is KeyState.DISABLED:
-            status = f"✗ Disabled ({reason})"
+            status = f"{sym.failed} Disabled ({reason})"
         elif state is KeyState.COOLING and k.cooldown_until is not None:
-            status = (f"⏱ Cooling ({reason or 'cooldown'}, {time_left(k.cooldown_until - now)} left) "
+            status = (f"{sym.cooling} Cooling ({reason or 'cooldown'}, {time_left(k.cooldown_until - now)} left) "
                       f"until {views.clock(k.cooldown_until, now)}")
         else:
-            status = "✓ Active"
+            status = f"{sym.ok} Active"
         where = k.surface.value + (f", account: {k.account}" if k.account else "")
-        marker = "●" if k.id in marked else "○"
+        marker = sym.current if k.id in marked else sym.other
         typer.echo(f"{marker} [{i}] {k.name}")
-        typer.echo(f"   Key: {mask(k.secret.get_secret_value())}  (fingerprint {k.fingerprint})")
+        typer.echo(f"   Key: {_masked(k.secret.get_secret_value())}  (fingerprint {k.fingerprint})")
         typer.echo(f"   Surface: {where}")
         typer.echo(f"   Health: {health_bar(health)} {_pct(health)}%")
         typer.echo(f"   Requests: {k.successful_requests}/{k.total_requests} successful")
@@ -494,7 +559,8 @@ def _table_row(
     else:
         status = "active"
     health = _pct(engine.health_at(k, now, settings.auto_refresh_health))
-    return (f"{'●' if marked else ' '} {i:>{digits}}", k.name, mask(k.secret.get_secret_value()), k.surface.value,
+    return (f"{symbols().current if marked else ' '} {i:>{digits}}", k.name, _masked(k.secret.get_secret_value()),
+            k.surface.value,
             k.account or "-", f"{health}%", f"{k.successful_requests}/{k.total_requests}", status)
 
 
@@ -512,14 +578,14 @@ def remove_key(
             typer.echo("Nothing was removed.")
             return
         store.remove_key(key.id)
-    typer.echo(f"✓ Removed key [{index}] {key.name} ({mask(key.secret.get_secret_value())})")
+    typer.echo(f"{symbols().ok} Removed key [{index}] {key.name} ({_masked(key.secret.get_secret_value())})")
 
 
 def _removal_confirmed(store: Store, index: int, key: KeyRecord) -> bool:
     """True when removing `key` needs no question or the user said yes; CliError when it can't be asked."""
     snap = store.snapshot()
     surface = key.surface.value
-    shown = f"{key.name} ({mask(key.secret.get_secret_value())})"
+    shown = f"{key.name} ({_masked(key.secret.get_secret_value())})"
     if sum(k.surface is key.surface for k in snap.keys) == 1:
         what = f"the last {surface} key"
         question = (f"Remove {shown}, the last {surface} key? Requests for {surface} will then pass "
@@ -548,7 +614,7 @@ def rename(
     with _store() as store:
         index, key = _resolve(store, ref)
         before, after = store.rename_key(key.id, clean_name)
-    typer.echo(f"✓ Renamed key [{index}]: {before.name} → {after.name}")
+    typer.echo(f"{symbols().ok} Renamed key [{index}]: {before.name} {symbols().arrow} {after.name}")
 
 
 @app.command("set-account")
@@ -567,7 +633,8 @@ def set_account(
     with _store() as store:
         index, key = _resolve(store, ref)
         before, after = store.set_account(key.id, label)
-    typer.echo(f"✓ Key [{index}] {key.name}: account {after.account or 'none'} (was: {before.account or 'none'})")
+    typer.echo(f"{symbols().ok} Key [{index}] {key.name}: account {after.account or 'none'} "
+               f"(was: {before.account or 'none'})")
 
 
 @app.command("enable")
@@ -577,13 +644,13 @@ def enable(ref: KeyRef) -> None:
         index, key = _resolve(store, ref)
         store.set_disabled(key.id, None)
     note = "" if key.disabled_reason else " (it was not disabled)"
-    typer.echo(f"✓ Enabled key: {key.name} (index {index}){note}")
+    typer.echo(f"{symbols().ok} Enabled key: {key.name} (index {index}){note}")
 
 
 @app.command("disable")
 def disable(
     ref: KeyRef,
-    reason: Annotated[str, typer.Option(help="Why, shown by list-keys.")] = "disabled by hand",
+    reason: Annotated[str, typer.Option(metavar="TEXT", help="Why, shown by list-keys.")] = "disabled by hand",
 ) -> None:
     """Take a key out of rotation until `enable`."""
     cleaned = reason.strip()
@@ -592,7 +659,7 @@ def disable(
     with _store() as store:
         index, key = _resolve(store, ref)
         store.set_disabled(key.id, cleaned)
-    typer.echo(f"✓ Disabled key: {key.name} (index {index}): {cleaned}")
+    typer.echo(f"{symbols().ok} Disabled key: {key.name} (index {index}): {cleaned}")
 
 
 # -- rotation -----------------------------------------------------------------------------------
@@ -618,7 +685,7 @@ def rotate() -> None:
             detail += f"; the first frees up in {time_left(result.next_free_at - now)}"
             todo = f"wait for it, or {todo}"
         raise CliError(f"no other {platform}key can serve now ({detail}); {todo}")
-    typer.echo("✓ Rotated to the next key")
+    typer.echo(f"{symbols().ok} Rotated to the next key")
     typer.echo(f"  Now using: {result.key.name} (index {_index(keys, result.key.id)})")
     typer.echo(f"  Reason: {result.reason}")
 
@@ -630,7 +697,7 @@ def use_key(ref: KeyRef) -> None:
     with _store() as store:
         index, key = _resolve(store, ref)
         store.use_key(key.id)
-    typer.echo(f"✓ Now using: {key.name} (index {index})")
+    typer.echo(f"{symbols().ok} Now using: {key.name} (index {index})")
     state, reason = _state(key, now)
     if state is KeyState.DISABLED:
         typer.echo(f"note: this key is disabled ({reason}); requests go to other keys until "
@@ -641,11 +708,15 @@ def use_key(ref: KeyRef) -> None:
 
 
 @app.command("set-strategy")
-def set_strategy(strategy: Annotated[Strategy, typer.Argument(help="How the next key is chosen.")]) -> None:
+def set_strategy(
+    strategy: Annotated[
+        Strategy, typer.Argument(metavar="health-based|round-robin|sticky", help="How the next key is chosen.")
+    ],
+) -> None:
     """Choose the rotation strategy: health-based (default), round-robin or sticky."""
     with _store() as store:
         store.update_settings(strategy=strategy)
-    typer.echo(f"✓ Rotation strategy set to: {strategy.value}")
+    typer.echo(f"{symbols().ok} Rotation strategy set to: {strategy.value}")
 
 
 class _OnOff(StrEnum):
@@ -654,21 +725,21 @@ class _OnOff(StrEnum):
 
 
 @app.command("set-auto-refresh")
-def set_auto_refresh(value: Annotated[_OnOff, typer.Argument(help="true or false.")]) -> None:
+def set_auto_refresh(setting: Annotated[_OnOff, typer.Argument(metavar="true|false", help="On or off.")]) -> None:
     """Turn time-based health recovery (and refresh-health) on or off."""
     with _store() as store:
-        store.update_settings(auto_refresh_health=value is _OnOff.TRUE)
-    typer.echo(f"✓ Auto-refresh health: {value.value}")
+        store.update_settings(auto_refresh_health=setting is _OnOff.TRUE)
+    typer.echo(f"{symbols().ok} Auto-refresh health: {setting.value}")
 
 
 @app.command("set-cooldown")
 def set_cooldown(
-    minutes: Annotated[int, typer.Argument(min=1, max=1440, help="1-1440 minutes.")],
+    minutes: Annotated[int, typer.Argument(metavar="MINUTES", min=1, max=1440, help="1-1440 minutes.")],
 ) -> None:
     """Set how long after its cooldown a key must rest before refresh-health raises it."""
     with _store() as store:
         store.update_settings(health_refresh_cooldown_minutes=minutes)
-    typer.echo(f"✓ Health refresh cooldown: {minutes} minutes")
+    typer.echo(f"{symbols().ok} Health refresh cooldown: {minutes} minutes")
 
 
 @app.command("clear-limits")
@@ -679,11 +750,11 @@ def clear_limits(
     with _store() as store:
         if ref.strip().lower() == "all":
             cleared = store.clear_limits(None)
-            typer.echo(f"✓ Cleared limits for all {len(cleared)} key(s)")
+            typer.echo(f"{symbols().ok} Cleared limits for all {len(cleared)} key(s)")
             return
         index, key = _resolve(store, ref)
         store.clear_limits([key.id])
-    typer.echo(f"✓ Cleared limits for key: {key.name} (index {index})")
+    typer.echo(f"{symbols().ok} Cleared limits for key: {key.name} (index {index})")
     if key.disabled_reason:
         typer.echo(f"note: the key stays disabled; `kimi-rotate enable {index}` turns it back on", err=True)
 
@@ -704,10 +775,10 @@ def refresh_health() -> None:
         typer.echo(f"Keys must be enabled, below 100% health and {settings.health_refresh_cooldown_minutes} "
                    "minutes past their last cooldown.")
         return
-    typer.echo(f"✓ Refreshed health for {len(pairs)} key(s):")
+    typer.echo(f"{symbols().ok} Refreshed health for {len(pairs)} key(s):")
     for before, after in pairs:
         old = _pct(engine.health_at(before, now, True))
-        typer.echo(f"  {before.name}: {old}% → {_pct(after.health)}%")
+        typer.echo(f"  {before.name}: {old}% {symbols().arrow} {_pct(after.health)}%")
 
 
 # -- stats --------------------------------------------------------------------------------------
@@ -721,7 +792,7 @@ def stats(
     now = _now()
     today = utc_day(now)
     week_start = utc_day(now - timedelta(days=6).total_seconds())  # today and the 6 days before
-    with _store() as store:
+    with _store(readonly=True) as store:
         keys = store.keys()
         daily = store.daily(week_start)
     if as_json:
@@ -730,7 +801,7 @@ def stats(
     if not keys:
         typer.echo("No keys configured.\nAdd one with: kimi-rotate add-key")
         return
-    typer.echo("\n📊 Usage Statistics\n")
+    typer.echo(f"\n{symbols().stats}Usage Statistics\n")
     tot = ok = limited = failed = samples = today_n = week_n = 0
     latency_sum = 0.0
     lo: float | None = None
@@ -739,7 +810,7 @@ def stats(
         days = daily.get(k.id, {})
         k_today = days.get(today, (0, 0))[0]
         k_week = sum(req for req, _ in days.values())
-        typer.echo(f"[{i}] {k.name}  ({mask(k.secret.get_secret_value())})")
+        typer.echo(f"[{i}] {k.name}  ({_masked(k.secret.get_secret_value())})")
         _print_counts("   ", k.total_requests, k.successful_requests, k.rate_limited_requests, k.failed_requests)
         if k.latency_count:
             typer.echo(f"   Avg Response Time: {round(k.latency_sum_ms / k.latency_count)}ms")
@@ -760,8 +831,8 @@ def stats(
             lo = k.latency_min_ms if lo is None else min(lo, k.latency_min_ms)
         if k.latency_max_ms is not None:
             hi = k.latency_max_ms if hi is None else max(hi, k.latency_max_ms)
-    typer.echo("─" * 50)
-    typer.echo("📈 Aggregate Statistics")
+    typer.echo(symbols().rule * 50)
+    typer.echo(f"{symbols().totals}Aggregate Statistics")
     typer.echo(f"   Keys: {len(keys)}")
     _print_counts("   ", tot, ok, limited, failed, prefix="Overall ")
     if samples:
@@ -785,27 +856,37 @@ def _print_counts(indent: str, total: int, ok: int, limited: int, failed: int, p
 
 @app.command("export-keys")
 def export_keys(
-    file: Annotated[Path, typer.Argument(help="Where to write the encrypted backup.")] = Path(backup.DEFAULT_FILE),
+    file: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="FILE", help="Where to write the encrypted backup. Default: kimi-keys-backup.json.enc here."
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace FILE if it exists.")] = False,
 ) -> None:
     """Write every key to a passphrase-encrypted file (also readable by opencode-kimi-rotator)."""
+    from . import backup  # cryptography: only for the commands that encrypt or decrypt
+
+    file = file or Path(backup.DEFAULT_FILE)
     now = _now()
-    with _store() as store:
+    with _store(readonly=True) as store:
         snap = store.snapshot()
     if not snap.keys:
         raise CliError("there are no keys to export; add keys first")
     backup.check_target(file, overwrite=force)  # before the passphrase is asked for, not after
     passphrase = _new_passphrase()
     backup.write_private(file, backup.export_text(snap.keys, snap.settings, passphrase, now), overwrite=force)
-    typer.echo(f"✓ Exported {len(snap.keys)} key(s) to: {file}")
+    typer.echo(f"{symbols().ok} Exported {len(snap.keys)} key(s) to: {file}")
     typer.echo("  Keep this file and your passphrase safe: together they are your keys.")
 
 
 @app.command("import-keys")
 def import_keys(
-    file: Annotated[Path, typer.Argument(help="A backup from export-keys or opencode-kimi-rotator.")],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A backup from export-keys or opencode-kimi-rotator.")],
 ) -> None:
     """Add the keys of an encrypted backup (keys already present are skipped)."""
+    from . import backup  # cryptography: only for the commands that encrypt or decrypt
+
     envelope = backup.read_envelope(file)  # a wrong file is reported before asking for a passphrase
     passphrase = _read_passphrase("Backup passphrase: ")
     imported = backup.parse_plaintext(backup.decrypt(envelope, passphrase), _now())
@@ -815,11 +896,17 @@ def import_keys(
 @app.command("import-opencode")
 def import_opencode(
     path: Annotated[
-        Path, typer.Argument(help="opencode-kimi-rotator's store file.")
-    ] = opencode.DEFAULT_PATH,
+        Path | None,
+        typer.Argument(
+            metavar="PATH",
+            help="opencode-kimi-rotator's store file. Default: kimi-accounts.json in ~/.config/opencode.",
+        ),
+    ] = None,
 ) -> None:
     """Import opencode-kimi-rotator's keys with names, health, counters and strategy (read only)."""
-    path = path.expanduser()
+    from . import opencode
+
+    path = (path or opencode.DEFAULT_PATH).expanduser()
     _add_imported(opencode.load(path, _now()))
     typer.echo(f"\nThe plaintext file {path} still holds your keys. Once opencode-kimi-rotator no longer "
                f"needs it, delete it: rm '{path}'")
@@ -840,9 +927,9 @@ def _add_imported(imported: opencode.Imported) -> None:
     for k in added:
         name = wanted[k.secret.get_secret_value()]
         if name is not None and name != k.name:
-            typer.echo(f"note: the name {name!r} is taken, so {mask(k.secret.get_secret_value())} was added as "
+            typer.echo(f"note: the name {name!r} is taken, so {_masked(k.secret.get_secret_value())} was added as "
                        f"{k.name!r}; `kimi-rotate rename` changes it", err=True)
-    typer.echo("✓ Import complete:")
+    typer.echo(f"{symbols().ok} Import complete:")
     typer.echo(f"  Imported: {len(added)} key(s)")
     typer.echo(f"  Skipped (already present): {len(skipped)} key(s)")
     if imported.invalid:
@@ -855,7 +942,7 @@ def _add_imported(imported: opencode.Imported) -> None:
     _warn_kimi_code([k.surface for k in added])
 
 
-# The setup commands live in their own module; SetupError gets the same `error: ...` / exit 1 handling.
+# The setup commands live in their own module; SetupError is a UserError like the others.
 app.command("proxy")(cli_setup.proxy)
 app.command("ca")(cli_setup.ca)
 app.command("doctor")(cli_setup.doctor)

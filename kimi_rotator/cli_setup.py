@@ -1,4 +1,8 @@
-"""The setup commands: `proxy`, `ca` and `doctor` (registered in cli.py)."""
+"""The setup commands: `proxy`, `ca` and `doctor` (registered in cli.py).
+
+Each command imports what it uses (mitmproxy, ssl, certifi) when it runs: every other command
+loads this module too, only to list these in `--help`.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +11,29 @@ from typing import Annotated
 
 import typer
 
-from . import doctor as checks
-from .ca import default_confdir, ensure_ca, env_lines, trust_commands
-from .store import store_home
+from .errors import UserError
+from .symbols import symbols
 
 ConfdirOption = Annotated[
-    Path | None, typer.Option("--confdir", help="mitmproxy's folder for the CA (default: ~/.mitmproxy).")
+    Path | None, typer.Option("--confdir", metavar="DIR", help="mitmproxy's folder for the CA (default: ~/.mitmproxy).")
 ]
 
 
-class SetupError(Exception):
+class SetupError(UserError):
     """Raised for problems the user can fix; cli.py prints them as `error: ...` with exit code 1."""
 
 
 def proxy(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    host: Annotated[str, typer.Option(metavar="HOST", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(metavar="PORT", help="Port to listen on.")] = 8080,
     web: Annotated[bool, typer.Option("--web", help="Open mitmweb's interface too (slower; for debugging).")] = False,
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="A mitmproxy or kimi_* option as name=value (repeatable), as with mitmdump."),
+        typer.Option(
+            "--set",
+            metavar="NAME=VALUE",
+            help="A mitmproxy or kimi_* option as name=value (repeatable), as with mitmdump.",
+        ),
     ] = None,
     allow_remote: Annotated[
         bool, typer.Option("--allow-remote", help="Listen beyond this machine without a token or proxy auth.")
@@ -51,6 +58,8 @@ def proxy(
 
 def ca(confdir: ConfdirOption = None) -> None:
     """Create mitmproxy's CA if missing (no proxy needed) and show how to trust it."""
+    from .ca import default_confdir, ensure_ca, env_lines, trust_commands
+
     info = ensure_ca(confdir or default_confdir())
     typer.echo(f"{'Created' if info.created else 'Found'} the CA certificate: {info.cert}")
     typer.echo(f"Bundle for SSL_CERT_FILE (public CAs + this one): {info.bundle}")
@@ -64,14 +73,18 @@ def ca(confdir: ConfdirOption = None) -> None:
 
 
 def doctor(
-    host: Annotated[str, typer.Option(help="Where the proxy should listen.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="The proxy's port.")] = 8080,
+    host: Annotated[str, typer.Option(metavar="HOST", help="Where the proxy should listen.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(metavar="PORT", help="The proxy's port.")] = 8080,
     confdir: ConfdirOption = None,
 ) -> None:
     """Check the store, the keys, the CA, the running proxy and TLS through it."""
+    from . import doctor as checks
+    from .ca import default_confdir
+    from .store import store_home
+
     results = checks.run_checks(store_home(), confdir or default_confdir(), host, port)
     for c in results:
-        mark = "✓" if c.ok else "✗"
+        mark = symbols().ok if c.ok else symbols().failed
         typer.echo(f"{mark} {c.name}: {c.detail}")
         if not c.ok and c.fix:
             typer.echo(f"    fix: {c.fix}")

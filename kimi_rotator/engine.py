@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
+from typing import Any
 
 from .models import KeyRecord, Outcome, OutcomeKind, PoolSettings, Scope, Strategy, Surface
 from .roster import KeyIndex, Roster
@@ -305,7 +306,7 @@ def after_selection(settings: PoolSettings, selection: Selection) -> PoolSetting
         if settings.current_by_surface.get(key.surface) == key.id:
             return settings
         by_surface = {**settings.current_by_surface, key.surface: key.id}
-        return settings.model_copy(update={"current_by_surface": by_surface})
+        return replace(settings, current_by_surface=by_surface)
     if settings.active_key_id == key.id and not settings.serve_active_next and settings.is_current(key):
         return settings
     return settings.with_current(key)
@@ -320,7 +321,7 @@ def apply_outcome(
     if key is None:
         return []
     kind = outcome.kind
-    update: dict[str, object] = {
+    update: dict[str, Any] = {
         "last_used": now,
         "total_requests": key.total_requests + 1,
         "health": max(0.0, min(MAX_HEALTH, health_at(key, now, recover) + HEALTH_DELTA.get(kind, 0.0))),
@@ -340,7 +341,7 @@ def apply_outcome(
         update["failed_requests"] = key.failed_requests + 1
     if outcome.account_hint and not key.account:
         update["account"] = outcome.account_hint
-    changed = key.model_copy(update=update)
+    changed = replace(key, **update)
 
     penalty = _penalty(changed, outcome, now)
     if not penalty:
@@ -349,10 +350,10 @@ def apply_outcome(
     if outcome.scope is Scope.ACCOUNT and changed.account_group is not None:
         group = changed.account_group
         targets += [k for k in roster.keys if k.id != key_id and k.account_group == group]
-    return [k.model_copy(update=penalty(k)) for k in targets]
+    return [replace(k, **penalty(k)) for k in targets]
 
 
-_Penalty = Callable[[KeyRecord], dict[str, object]]
+_Penalty = Callable[[KeyRecord], dict[str, Any]]
 
 
 def _penalty(key: KeyRecord, outcome: Outcome, now: float) -> _Penalty | None:
@@ -367,7 +368,7 @@ def _penalty(key: KeyRecord, outcome: Outcome, now: float) -> _Penalty | None:
     return lambda k: cooldown_update(k, until, reason)
 
 
-def cooldown_update(key: KeyRecord, until: float, reason: str) -> dict[str, object]:
+def cooldown_update(key: KeyRecord, until: float, reason: str) -> dict[str, Any]:
     """Max semantics: a new cooldown never shortens a longer one already running."""
     if key.cooldown_until is not None and key.cooldown_until >= until:
         return {}
@@ -375,7 +376,7 @@ def cooldown_update(key: KeyRecord, until: float, reason: str) -> dict[str, obje
 
 
 def clear_limits(key: KeyRecord) -> KeyRecord:
-    return key.model_copy(update={"cooldown_until": None, "cooldown_reason": None})
+    return replace(key, cooldown_until=None, cooldown_reason=None)
 
 
 def refresh_health(
@@ -390,6 +391,6 @@ def refresh_health(
             continue
         if k.cooldown_until is not None and now - k.cooldown_until < cooldown_minutes * 60:
             continue
-        after = k.model_copy(update={"health": min(MAX_HEALTH, h + MANUAL_REFRESH_STEP), "health_at": now})
+        after = replace(k, health=min(MAX_HEALTH, h + MANUAL_REFRESH_STEP), health_at=now)
         out.append((k, after))
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 
+from .errors import UserError
 from .models import Surface
 
 KIMI_CODE_PREFIX = "sk-kimi-"
@@ -18,7 +19,7 @@ _HEADER = re.compile(r"^(?:(?:authorization|x-api-key)\s*:\s*(?:bearer(?:\s+|$))
 _KEY_IN_NAME = re.compile(r"sk-[A-Za-z0-9_-]{12,}")
 
 
-class KeyFormatError(ValueError):
+class KeyFormatError(UserError, ValueError):
     """A key or a name that can't be stored; the message says why and never repeats the key."""
 
 
@@ -81,12 +82,12 @@ def validate_name(name: str) -> str:
     return cleaned
 
 
-def mask(secret: str) -> str:
+def mask(secret: str, ellipsis: str = "…") -> str:
     """Prefix and the last 4 characters, never more: `sk-kimi-…a1b2`."""
     prefix = KIMI_CODE_PREFIX if secret.startswith(KIMI_CODE_PREFIX) else secret[:3]
     if len(secret) < len(prefix) + 12:
-        return prefix + "…"
-    return f"{prefix}…{secret[-4:]}"
+        return prefix + ellipsis
+    return f"{prefix}{ellipsis}{secret[-4:]}"
 
 
 def fingerprint(secret: str) -> str:

@@ -1,13 +1,14 @@
 """Typed records shared by the engine, the store, the addon and the CLI.
 
-Times are epoch seconds (float) everywhere; nothing here reads the clock.
+Times are epoch seconds (float) everywhere; nothing here reads the clock. Frozen dataclasses, not
+pydantic models: every CLI command loads them, and building pydantic validators cost more than a
+command's whole work (the store converts its rows itself; `dataclasses.replace` makes changed copies).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
-
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 
 class Surface(StrEnum):
@@ -53,14 +54,28 @@ class OutcomeKind(StrEnum):
     SERVER_ERROR = "server_error"
 
 
-class Outcome(BaseModel):
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """A key that no repr, str or log line shows; `get_secret_value()` is the one way to read it."""
+
+    _value: str
+
+    def get_secret_value(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
     """What one upstream attempt with one key came to.
 
     `until` is the cooldown deadline for the cooling kinds; `scope` says whether the
     cooldown or the disabling covers only this key or every key of its account.
     """
-
-    model_config = ConfigDict(frozen=True)
 
     kind: OutcomeKind
     scope: Scope = Scope.KEY
@@ -70,13 +85,12 @@ class Outcome(BaseModel):
     account_hint: str | None = None
 
 
-class KeyRecord(BaseModel):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyRecord:
     """One pooled key and everything the engine and `stats` need about it."""
 
-    model_config = ConfigDict(frozen=True)
-
     id: int
-    secret: SecretStr = Field(repr=False)
+    secret: Secret = field(repr=False)
     fingerprint: str
     name: str
     surface: Surface
@@ -110,7 +124,8 @@ class KeyRecord(BaseModel):
         return (self.surface, self.account) if self.account else None
 
 
-class PoolSettings(BaseModel):
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolSettings:
     """Pool-wide settings.
 
     Each surface has its own current key (`current_by_surface`): a request for one platform must
@@ -118,12 +133,10 @@ class PoolSettings(BaseModel):
     `rotate` picked; `serve_active_next` makes that key serve the next request of its surface.
     """
 
-    model_config = ConfigDict(frozen=True)
-
     strategy: Strategy = Strategy.HEALTH_BASED
     active_key_id: int | None = None
     serve_active_next: bool = False
-    current_by_surface: dict[Surface, int] = Field(default_factory=dict)
+    current_by_surface: dict[Surface, int] = field(default_factory=dict)
     # As in the reference tool: gates the manual `refresh-health`; here it also gates the
     # time-based recovery.
     auto_refresh_health: bool = True
@@ -140,6 +153,4 @@ class PoolSettings(BaseModel):
     def with_current(self, key: KeyRecord, serve_next: bool = False) -> PoolSettings:
         """These settings with `key` current for its surface (and, with serve_next, served next)."""
         by_surface = {**self.current_by_surface, key.surface: key.id}
-        return self.model_copy(
-            update={"active_key_id": key.id, "serve_active_next": serve_next, "current_by_surface": by_surface}
-        )
+        return replace(self, active_key_id=key.id, serve_active_next=serve_next, current_by_surface=by_surface)

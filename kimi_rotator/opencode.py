@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .errors import UserError
 from .keys import KeyFormatError, default_surface, mask, validate_key, validate_name
 from .models import Strategy, Surface
 from .store import NewKey
@@ -22,7 +23,7 @@ from .store import NewKey
 DEFAULT_PATH = Path("~/.config/opencode/kimi-accounts.json")
 
 
-class OpencodeError(Exception):
+class OpencodeError(UserError):
     """The reference tool's file can't be imported; the message says why and what to do."""
 
 

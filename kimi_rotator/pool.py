@@ -14,7 +14,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import activity, engine
 from .models import KeyRecord, Outcome, PoolSettings, Surface
@@ -229,7 +229,7 @@ class LivePool:
             with self._queue_lock:  # a command moved the current key: our older choice must not undo it
                 self._active_to_save = None
         elif self.settings.active_key_id is not None and roster.get(self.settings.active_key_id) is None:
-            self.settings = self.settings.model_copy(update={"active_key_id": None})
+            self.settings = replace(self.settings, active_key_id=None)
 
     def _watch_cooldowns(self, deadline: float | None) -> None:
         """Have the timer fire at `deadline` if that is sooner than it would."""

@@ -8,7 +8,10 @@ makes a kill -9 at any moment harmless. A file that is not a healthy store is ne
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import functools
+import json
 import os
 import random
 import sqlite3
@@ -16,17 +19,18 @@ import stat
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import platformdirs
-from pydantic import BaseModel, ValidationError
 
 from . import engine
+from .errors import UserError
 from .keys import fingerprint
-from .models import KeyRecord, Outcome, OutcomeKind, PoolSettings, Surface
+from .models import KeyRecord, Outcome, OutcomeKind, PoolSettings, Secret, Strategy, Surface
 from .roster import Roster
 
 HOME_ENV = "KIMI_ROTATE_HOME"
@@ -71,10 +75,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
 )
-_KEY_COLUMNS = tuple(KeyRecord.model_fields)
+_KEY_COLUMNS = tuple(f.name for f in dataclasses.fields(KeyRecord))
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """A problem with the store that the user can act on; the message says what to do."""
 
 
@@ -106,7 +110,8 @@ class DuplicateKey(StoreError):
         super().__init__(f"{first.problem}{more}; {first.advice}")
 
 
-class NewKey(BaseModel):
+@dataclass(frozen=True, kw_only=True)
+class NewKey:
     """A key to add, with optional history (imports carry health, counters and cooldowns)."""
 
     secret: str
@@ -153,17 +158,20 @@ def _day_name(day: int) -> str:  # formatting a date costs more than the rest of
 
 
 class Store:
-    def __init__(self, home: Path | None = None) -> None:
+    def __init__(self, home: Path | None = None, *, readonly: bool = False) -> None:
+        """`readonly` is for commands that only read: such a store opens where nothing can be written (a read-only
+        folder, file or mount), creates nothing, and refuses to write."""
         self.home = home if home is not None else store_home()
         self.path = self.home / STORE_FILE
+        self.readonly = readonly
         self._lock = threading.Lock()
-        self._db = self._open()
+        self._db = self._open_readonly() if readonly else self._open()
 
     # -- opening -------------------------------------------------------------------------------
 
     def _open(self) -> sqlite3.Connection:
-        _private_dir(self.home)
-        fresh = _create_private_file(self.path)
+        _private_dir(self.home, self._read_only)
+        fresh = _create_private_file(self.path, self._read_only)
         if not fresh:
             self._check_header()
         try:
@@ -171,15 +179,7 @@ class Store:
         except sqlite3.Error as e:
             raise self._unreadable(e) from None
         try:
-            db.execute("PRAGMA foreign_keys = ON")
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path} was written by a newer kimi-rotate (schema {version}, this one knows "
-                    f"{SCHEMA_VERSION}); upgrade kimi-rotate. The file was left untouched."
-                )
-            if version > 0 and db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-                raise self._unreadable("the integrity check failed")
+            version = self._check(db)
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = NORMAL")
             if version < SCHEMA_VERSION:
@@ -187,10 +187,7 @@ class Store:
         except sqlite3.OperationalError as e:
             db.close()
             if "readonly" in str(e) or "unable to open" in str(e):
-                raise StoreError(
-                    f"cannot write the store {self.path} ({e}); make {self.home} writable, "
-                    f"or point {HOME_ENV} at a writable folder"
-                ) from None
+                raise self._read_only(str(e)) from None
             raise self._unreadable(e) from None
         except sqlite3.DatabaseError as e:
             db.close()
@@ -199,6 +196,62 @@ class Store:
             db.close()
             raise
         return db
+
+    def _open_readonly(self) -> sqlite3.Connection:
+        """SQLite opens a WAL database read-only only if it can open or create the -shm file beside it. Where it
+        cannot (a read-only folder or mount with no writer running, since a writer keeps that file), the file is
+        read as immutable, which is safe for the same reason. A store that does not exist yet reads as empty."""
+        _check_home_path(self.home)
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return self._empty()
+        self._check_header()
+        uri = self.path.absolute().as_uri()
+        for query in ("mode=ro", "mode=ro&immutable=1"):
+            try:
+                db = sqlite3.connect(f"{uri}?{query}", uri=True, timeout=BUSY_TIMEOUT, isolation_level=None,
+                                     check_same_thread=False)
+            except sqlite3.Error as e:
+                raise self._unreadable(e) from None
+            try:
+                if self._check(db) < SCHEMA_VERSION:
+                    db.close()
+                    return self._empty()  # created but never initialised (a crash right after creating it)
+                return db
+            except sqlite3.OperationalError as e:
+                db.close()
+                if e.sqlite_errorcode != sqlite3.SQLITE_CANTOPEN or "immutable" in query:
+                    raise self._unreadable(e) from None
+            except sqlite3.DatabaseError as e:
+                db.close()
+                raise self._unreadable(e) from None
+            except StoreError:
+                db.close()
+                raise
+        raise AssertionError("unreachable")
+
+    def _empty(self) -> sqlite3.Connection:
+        db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        self._migrate(db)
+        return db
+
+    def _check(self, db: sqlite3.Connection) -> int:
+        """The store's schema version, once the file is known to be a healthy store this kimi-rotate can read."""
+        db.execute("PRAGMA foreign_keys = ON")
+        version: int = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} was written by a newer kimi-rotate (schema {version}, this one knows "
+                f"{SCHEMA_VERSION}); upgrade kimi-rotate. The file was left untouched."
+            )
+        if version > 0 and db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            raise self._unreadable("the integrity check failed")
+        return version
+
+    def _read_only(self, why: str) -> StoreError:
+        return StoreError(
+            f"cannot write the store {self.path}: it is read-only ({why}); make it and {self.home} writable, "
+            f"or point {HOME_ENV} at a writable folder. Reading commands (list-keys, stats) still work."
+        )
 
     def _check_header(self) -> None:
         try:
@@ -253,6 +306,8 @@ class Store:
 
     @contextlib.contextmanager
     def _write(self, wait: float = BUSY_TIMEOUT) -> Iterator[sqlite3.Connection]:
+        if self.readonly:
+            raise RuntimeError("this Store was opened with readonly=True")
         with self._lock:
             self._begin_immediate(wait)
             try:
@@ -287,8 +342,10 @@ class Store:
                     self._db.execute("BEGIN IMMEDIATE")
                     return
                 except sqlite3.OperationalError as e:
+                    if e.sqlite_errorcode == sqlite3.SQLITE_READONLY:
+                        raise self._read_only(str(e)) from None
                     if e.sqlite_errorcode != sqlite3.SQLITE_BUSY:
-                        raise StoreError(f"cannot write the store {self.path} ({e}); is it read-only?") from None
+                        raise StoreError(f"cannot write the store {self.path} ({e}); check the file") from None
                     if time.monotonic() >= deadline:
                         raise StoreBusy(f"the store {self.path} is busy (other kimi-rotate processes are writing); "
                                         "try again") from None
@@ -400,7 +457,7 @@ class Store:
             if row is not None:
                 problem = f"a key named {name!r} already exists ([{_position(db, row[0])}])"
                 raise DuplicateKey([Conflict(0, problem, "choose another name")])
-            changed = key.model_copy(update={"name": name})
+            changed = dataclasses.replace(key, name=name)
             _save_keys(db, [changed])
         return key, changed
 
@@ -408,7 +465,7 @@ class Store:
         """Puts a key in an account (None: in none). Returns (before, after)."""
         with self._write() as db:
             key = _one_key(db, key_id)
-            changed = key.model_copy(update={"account": account})
+            changed = dataclasses.replace(key, account=account)
             _save_keys(db, [changed])
         return key, changed
 
@@ -420,8 +477,7 @@ class Store:
             by_surface = {s: k for s, k in settings.current_by_surface.items() if k != key_id}
             if settings.active_key_id == key_id or by_surface != settings.current_by_surface:
                 active = None if settings.active_key_id == key_id else settings.active_key_id
-                update = {"active_key_id": active, "current_by_surface": by_surface}
-                _save_settings(db, settings.model_copy(update=update), bump=True)
+                _save_settings(db, replace(settings, active_key_id=active, current_by_surface=by_surface), bump=True)
         return key
 
     def set_disabled(self, key_id: int, reason: str | None) -> KeyRecord:
@@ -429,9 +485,9 @@ class Store:
         with self._write() as db:
             key = _one_key(db, key_id)
             if reason is None:
-                changed = engine.clear_limits(key).model_copy(update={"disabled_reason": None})
+                changed = replace(engine.clear_limits(key), disabled_reason=None)
             else:
-                changed = key.model_copy(update={"disabled_reason": reason})
+                changed = replace(key, disabled_reason=reason)
             _save_keys(db, [changed])
         return changed
 
@@ -467,10 +523,7 @@ class Store:
         """Change pool settings (strategy, auto_refresh_health, health_refresh_cooldown_minutes)."""
         with self._write() as db:
             settings = _load_settings(db)
-            try:
-                updated = PoolSettings.model_validate({**settings.model_dump(), **changes})
-            except ValidationError as e:
-                raise StoreError(f"invalid setting: {e.errors()[0]['msg']}") from None
+            updated = _settings_from(dict(_settings_fields(settings), **changes))
             _save_settings(db, updated, bump=True)
         return updated
 
@@ -535,8 +588,11 @@ class Store:
 _SELECT_KEYS = f"SELECT {', '.join(_KEY_COLUMNS)} FROM keys"
 
 
-def _row_to_key(row: Sequence[object]) -> KeyRecord:
-    return KeyRecord.model_validate(dict(zip(_KEY_COLUMNS, row, strict=True)))
+def _row_to_key(row: Sequence[Any]) -> KeyRecord:
+    fields = dict(zip(_KEY_COLUMNS, row, strict=True))
+    fields["secret"] = Secret(fields["secret"])
+    fields["surface"] = Surface(fields["surface"])
+    return KeyRecord(**fields)
 
 
 def _load_keys(db: sqlite3.Connection) -> list[KeyRecord]:
@@ -570,14 +626,51 @@ _UPDATE_KEY = f"UPDATE keys SET {', '.join(f'{c} = ?' for c in _MUTABLE_COLUMNS)
 def _save_keys(db: sqlite3.Connection, keys: Iterable[KeyRecord]) -> None:
     rows = []
     for k in keys:
-        data = k.model_dump(mode="json", include=set(_MUTABLE_COLUMNS))
-        rows.append((*(data[c] for c in _MUTABLE_COLUMNS), k.id))
+        values = [getattr(k, c) for c in _MUTABLE_COLUMNS]
+        rows.append((*(v.value if isinstance(v, Surface) else v for v in values), k.id))
     db.executemany(_UPDATE_KEY, rows)
 
 
 def _load_settings(db: sqlite3.Connection) -> PoolSettings:
     row = db.execute("SELECT value FROM meta WHERE name = 'settings'").fetchone()
-    return PoolSettings.model_validate_json(row[0]) if row else PoolSettings()
+    return _settings_from(json.loads(row[0])) if row else PoolSettings()
+
+
+def _settings_fields(settings: PoolSettings) -> dict[str, Any]:
+    """The settings as the JSON the store keeps (enum values as strings)."""
+    return {
+        "strategy": settings.strategy.value,
+        "active_key_id": settings.active_key_id,
+        "serve_active_next": settings.serve_active_next,
+        "current_by_surface": {s.value: i for s, i in settings.current_by_surface.items()},
+        "auto_refresh_health": settings.auto_refresh_health,
+        "health_refresh_cooldown_minutes": settings.health_refresh_cooldown_minutes,
+    }
+
+
+def _settings_from(data: dict[str, Any]) -> PoolSettings:
+    """Settings from their stored JSON or from `update_settings`; unknown names are ignored, as before."""
+    try:
+        active = data.get("active_key_id")
+        minutes = data.get("health_refresh_cooldown_minutes", 30)
+        flags = (data.get("serve_active_next", False), data.get("auto_refresh_health", True))
+        if (active is not None and type(active) is not int) or type(minutes) is not int:
+            raise ValueError("key ids and minutes must be whole numbers")
+        if not all(isinstance(f, bool) for f in flags):
+            raise ValueError("serve_active_next and auto_refresh_health must be true or false")
+        by_surface = {Surface(s): i for s, i in dict(data.get("current_by_surface") or {}).items()}
+        if not all(type(i) is int for i in by_surface.values()):
+            raise ValueError("current keys must be key ids")
+        return PoolSettings(
+            strategy=Strategy(data.get("strategy", Strategy.HEALTH_BASED)),
+            active_key_id=active,
+            serve_active_next=flags[0],
+            current_by_surface=by_surface,
+            auto_refresh_health=flags[1],
+            health_refresh_cooldown_minutes=minutes,
+        )
+    except (TypeError, ValueError) as e:
+        raise StoreError(f"invalid setting: {e}") from None
 
 
 def _load_rev(db: sqlite3.Connection) -> int:
@@ -589,7 +682,7 @@ def _save_settings(db: sqlite3.Connection, settings: PoolSettings, bump: bool) -
     db.execute(
         "INSERT INTO meta (name, value) VALUES ('settings', ?) "
         "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-        (settings.model_dump_json(),),
+        (json.dumps(_settings_fields(settings), separators=(",", ":")),),
     )
     if bump:
         db.execute(
@@ -648,34 +741,47 @@ def _unique_name(wanted: str | None, taken: set[str]) -> str:
     return f"{base} {n}"
 
 
-def _private_dir(home: Path) -> None:
-    if home.exists() and not home.is_dir():  # mkdir would only say "File exists"
+def _check_home_path(home: Path) -> None:
+    """The store folder's path must lead through folders: mkdir would only say "File exists"."""
+    if home.exists() and not home.is_dir():
         raise StoreError(
             f"{home} is a file, not a folder; the store is a folder holding {STORE_FILE}: point {HOME_ENV} "
             "at a folder (a new one is created), or move the file aside"
         )
-    try:
-        home.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if stat.S_IMODE(home.stat().st_mode) & 0o077:
-            home.chmod(0o700)
-    except NotADirectoryError:
+    if any(parent.exists() and not parent.is_dir() for parent in home.parents):
         raise StoreError(
             f"cannot create the store folder {home}: part of that path is a file, not a folder; point {HOME_ENV} "
             "at a folder"
-        ) from None
+        )
+
+
+def _private_dir(home: Path, read_only: Callable[[str], StoreError]) -> None:
+    _check_home_path(home)
+    try:
+        if not home.is_dir():
+            home.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as e:
         raise StoreError(
             f"cannot create the store folder {home}: {e.strerror}; point {HOME_ENV} at a writable folder"
         ) from None
+    try:
+        if stat.S_IMODE(home.stat().st_mode) & 0o077:
+            home.chmod(0o700)
+    except OSError as e:
+        raise read_only(f"cannot tighten {home}'s permissions: {e.strerror}") from None
 
 
-def _create_private_file(path: Path) -> bool:
+def _create_private_file(path: Path, read_only: Callable[[str], StoreError]) -> bool:
     """Create the file 0600 from the first instant (no window where it is readable). True if new."""
+    if path.exists():
+        return path.stat().st_size == 0
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     except FileExistsError:
         return path.is_file() and path.stat().st_size == 0  # a folder goes on to _check_header's message
     except OSError as e:
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and path.parent.is_dir():
+            raise read_only(f"cannot create {path.name}: {e.strerror}") from None
         raise StoreError(
             f"cannot create the store {path}: {e.strerror}; point {HOME_ENV} at a writable folder"
         ) from None

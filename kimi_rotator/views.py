@@ -12,10 +12,10 @@ from typing import Any
 
 from .keys import mask
 from .models import KeyRecord
+from .symbols import symbols
 
 MIN_SHRUNK_WIDTH = 8
 LAST_ROOM = 24
-ELLIPSIS = "…"
 
 
 def clock(ts: float, now: float) -> str:
@@ -29,7 +29,7 @@ def clock(ts: float, now: float) -> str:
 
 
 def cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: max(0, width - 1)].rstrip() + ELLIPSIS
+    return text if len(text) <= width else text[: max(0, width - len(symbols().ellipsis))].rstrip() + symbols().ellipsis
 
 
 def table(

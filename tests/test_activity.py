@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from pydantic import SecretStr
 
 from kimi_rotator import activity
 from kimi_rotator.failover import Job
 from kimi_rotator.keys import fingerprint
-from kimi_rotator.models import KeyRecord, Outcome, OutcomeKind, Scope, Surface
+from kimi_rotator.models import KeyRecord, Outcome, OutcomeKind, Scope, Secret, Surface
 from kimi_rotator.pool import LivePool
 from kimi_rotator.store import NewKey, Store
 
@@ -22,7 +22,7 @@ ONE, TWO, THREE = ("sk-kimi-" + "a" * 28 + tag for tag in ("a1b2", "c3d4", "e5f6
 
 
 def record(secret: str, name: str, **kw: object) -> KeyRecord:
-    return KeyRecord(id=hash(name) % 1000, secret=SecretStr(secret), fingerprint=fingerprint(secret), name=name,
+    return KeyRecord(id=hash(name) % 1000, secret=Secret(secret), fingerprint=fingerprint(secret), name=name,
                      surface=Surface.KIMI_CODE, **kw)  # type: ignore[arg-type]
 
 
@@ -67,7 +67,7 @@ def test_control_characters_in_a_path_are_escaped() -> None:
 
 def test_a_key_starting_to_cool_is_one_info_line_with_its_deadline() -> None:
     old = record(ONE, "Account 1")
-    new = old.model_copy(update={"cooldown_until": NOW + 58, "cooldown_reason": "429 rate_limit_reached_error"})
+    new = replace(old, cooldown_until=NOW + 58, cooldown_reason="429 rate_limit_reached_error")
     [(level, line)] = activity.changes([old], [new], NOW)
     assert level == logging.INFO
     assert line == (f"key Account 1 sk-kimi-…a1b2 cooling until {activity.clock(NOW + 58, NOW)} (58 s): "
@@ -76,7 +76,7 @@ def test_a_key_starting_to_cool_is_one_info_line_with_its_deadline() -> None:
 
 def test_keys_of_an_account_cooling_together_share_one_line() -> None:
     keys = [record(s, n, account="uid:7") for s, n in ((ONE, "one"), (TWO, "two"), (THREE, "three"))]
-    cooled = [k.model_copy(update={"cooldown_until": NOW + 3600, "cooldown_reason": "429 x"}) for k in keys]
+    cooled = [replace(k, cooldown_until=NOW + 3600, cooldown_reason="429 x") for k in keys]
     [(level, line)] = activity.changes(keys, cooled, NOW)
     assert level == logging.INFO
     assert line == (f"account uid:7 cooling until {activity.clock(NOW + 3600, NOW)} (60 min): 429 x; keys "
@@ -85,7 +85,7 @@ def test_keys_of_an_account_cooling_together_share_one_line() -> None:
 
 def test_a_disabled_key_is_a_warning_that_says_what_to_do() -> None:
     old = record(ONE, "Account 1")
-    new = old.model_copy(update={"disabled_reason": "401 invalid_authentication_error"})
+    new = replace(old, disabled_reason="401 invalid_authentication_error")
     [(level, line)] = activity.changes([old], [new], NOW)
     assert level == logging.WARNING
     assert line == ("key Account 1 sk-kimi-…a1b2 disabled: 401 invalid_authentication_error; once it works "
@@ -94,19 +94,19 @@ def test_a_disabled_key_is_a_warning_that_says_what_to_do() -> None:
 
 def test_no_line_for_a_success_a_longer_cooldown_a_new_key_or_a_key_still_disabled() -> None:
     plain = record(ONE, "one")
-    used = plain.model_copy(update={"total_requests": 1, "health": 99.0})
+    used = replace(plain, total_requests=1, health=99.0)
     cooling = record(TWO, "two", cooldown_until=NOW + 10)
-    longer = cooling.model_copy(update={"cooldown_until": NOW + 100})
+    longer = replace(cooling, cooldown_until=NOW + 100)
     off = record(THREE, "three", disabled_reason="401")
-    still_off = off.model_copy(update={"cooldown_until": NOW + 60})
+    still_off = replace(off, cooldown_until=NOW + 60)
     assert activity.changes([plain, cooling, None, off], [used, longer, plain, still_off], NOW) == []
 
 
 def test_a_key_put_back_by_the_cli_is_back() -> None:
     off = record(ONE, "one", disabled_reason="by hand")
     cooling = record(TWO, "two", cooldown_until=NOW + 60)
-    lines = activity.changes([off, cooling], [off.model_copy(update={"disabled_reason": None}),
-                                              cooling.model_copy(update={"cooldown_until": None})], NOW)
+    lines = activity.changes([off, cooling], [replace(off, disabled_reason=None),
+                                              replace(cooling, cooldown_until=None)], NOW)
     assert lines == [(logging.INFO, "key one sk-kimi-…a1b2 back"), (logging.INFO, "key two sk-kimi-…c3d4 back")]
 
 

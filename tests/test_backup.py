@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -117,7 +118,7 @@ def test_round_trip_keeps_name_surface_account_health_counters_cooldown(store: S
         NOW,
     )
     snap = store.snapshot()
-    settings = snap.settings.model_copy(update={"strategy": Strategy.ROUND_ROBIN})
+    settings = replace(snap.settings, strategy=Strategy.ROUND_ROBIN)
     text = backup.export_text(snap.keys, settings, PASS, NOW)
     imported = backup.parse_plaintext(backup.decrypt(backup.unpack(text.encode()), PASS), NOW)
     assert imported.strategy is Strategy.ROUND_ROBIN
@@ -240,10 +241,11 @@ def test_read_envelope_errors(tmp_path: Path) -> None:
 
 
 def test_payload_health_includes_time_recovery() -> None:
-    from kimi_rotator.models import KeyRecord
+    from kimi_rotator.models import KeyRecord, Secret
 
     key = KeyRecord(
-        id=1, secret=KEY_A, fingerprint="x", name="a", surface=Surface.KIMI_CODE, health=50.0, health_at=NOW - 3600
+        id=1, secret=Secret(KEY_A), fingerprint="x", name="a", surface=Surface.KIMI_CODE, health=50.0,
+        health_at=NOW - 3600,
     )
     doc = backup.build_payload([key], PoolSettings(), NOW)
     assert doc["accounts"][0]["healthScore"] == 60  # +10 per idle hour

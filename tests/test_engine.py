@@ -7,16 +7,26 @@ health-based. Key ids are 101, 102, ... on purpose, so that nothing works by con
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import SecretStr
 
 from kimi_rotator import engine
 from kimi_rotator.engine import NoEligibleKey, Selection
-from kimi_rotator.models import KeyRecord, KeyState, Outcome, OutcomeKind, PoolSettings, Scope, Strategy, Surface
+from kimi_rotator.models import (
+    KeyRecord,
+    KeyState,
+    Outcome,
+    OutcomeKind,
+    PoolSettings,
+    Scope,
+    Secret,
+    Strategy,
+    Surface,
+)
 from kimi_rotator.roster import Roster
 
 NOW = 1_750_000_000.0
@@ -36,7 +46,7 @@ def kid(i: int) -> int:
 def make_key(i: int, **changes: Any) -> KeyRecord:
     fields: dict[str, Any] = {
         "id": kid(i),
-        "secret": SecretStr(f"sk-kimi-test{kid(i):020d}"),
+        "secret": Secret(f"sk-kimi-test{kid(i):020d}"),
         "fingerprint": f"fp{kid(i)}",
         "name": f"k{i}",
         "surface": Surface.KIMI_CODE,
@@ -456,7 +466,7 @@ def test_disabled_keys_are_never_picked(strategy: Strategy) -> None:
     assert picks == [1, 1, 1, 1]
     all_gone = pool(k0=gone, k1=gone, k2=gone)
     assert engine.select(all_gone, settings, NOW) == NoEligibleKey(total=3, cooling=0, disabled=3, next_free_at=None)
-    enabled = all_gone.with_updates([all_gone.keys[2].model_copy(update={"disabled_reason": None})])
+    enabled = all_gone.with_updates([replace(all_gone.keys[2], disabled_reason=None)])
     assert index(enabled, engine.select(enabled, settings, NOW)) == 2
 
 
@@ -563,7 +573,7 @@ def test_no_key_is_excluded_forever() -> None:
     settings = conf(HB, active=None)
     assert index(roster, engine.select(roster, settings, NOW)) == 1
     later = NOW + 10 * HOUR
-    roster = roster.with_updates([roster.keys[1].model_copy(update={"last_used": later})])
+    roster = roster.with_updates([replace(roster.keys[1], last_used=later)])
     assert index(roster, engine.select(roster, settings, later)) == 0
     # Without recovery k0 still serves when it is the only eligible key (V11).
     only = pool(2, k0={"health": 0.0}, k1={"cooldown_until": NOW + 60})
@@ -631,7 +641,7 @@ def test_keys_used_after_the_ranking_are_ranked_by_their_last_use() -> None:
     roster = pool(2, k0={"last_used": T - HOUR}, k1={"last_used": T})
     settings_ = conf(HB, active=None)
     assert first_pick(roster, settings_) == 0
-    roster = roster.with_updates([roster.keys[0].model_copy(update={"last_used": T + 50})])
+    roster = roster.with_updates([replace(roster.keys[0], last_used=T + 50)])
     assert first_pick(roster, settings_, T + 100) == 1  # idle 100 s against 50 s
 
 
@@ -648,7 +658,7 @@ def test_keys_last_used_after_now_tie_at_no_idle_bonus_and_the_lower_index_wins(
     roster = pool(2, k0={"last_used": T - HOUR}, k1={"last_used": T - 2 * HOUR})
     settings_ = conf(HB, active=None)
     assert first_pick(roster, settings_) == 1
-    used_later = [k.model_copy(update={"last_used": T + 200 - 100 * i}) for i, k in enumerate(roster.keys)]
+    used_later = [replace(k, last_used=T + 200 - 100 * i) for i, k in enumerate(roster.keys)]
     roster = roster.with_updates(used_later)  # k0 at T + 200, k1 at T + 100
     assert first_pick(roster, settings_, T + 50) == 0
 
@@ -689,7 +699,7 @@ def key_lists(draw: st.DrawFn, min_size: int = 0, max_size: int = 8) -> list[Key
         keys.append(
             KeyRecord(
                 id=key_id,
-                secret=SecretStr("sk-test"),
+                secret=Secret("sk-test"),
                 fingerprint=f"fp{key_id}",
                 name=f"k{i}",
                 surface=draw(st.sampled_from(list(Surface))),
@@ -867,7 +877,7 @@ def crowded_pools(draw: st.DrawFn) -> list[KeyRecord]:
     return [
         KeyRecord(
             id=1000 + i,
-            secret=SecretStr("sk-test"),
+            secret=Secret("sk-test"),
             fingerprint=f"fp{i}",
             name=f"k{i}",
             surface=draw(st.sampled_from([Surface.KIMI_CODE, Surface.KIMI_CODE, Surface.MOONSHOT_CN])),
@@ -909,7 +919,7 @@ def test_property_select_matches_the_model_as_the_pool_changes(data: st.DataObje
                 "disable": {"disabled_reason": "disabled by hand"},
                 "enable": {"disabled_reason": None},
             }[data.draw(edits)]
-            roster = roster.with_updates([key.model_copy(update=change)])
+            roster = roster.with_updates([replace(key, **change)])
         else:
             settings_, surface, exclude, forced = data.draw(requests(ids))
             result = engine.select(roster, settings_, now, surface=surface, exclude=exclude, forced=forced)
