@@ -78,7 +78,7 @@ class KimiRotate:
         self._warned: set[Surface] = set()
         self._after_tlsconfig: AfterTlsConfig | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # set once running: pools opened later start at once
-        self._keeps_flows: bool | None = None  # whether the master shows or saves flows (looked up once)
+        self._master_keeps_flows: bool | None = None  # whether the master shows or saves flows (looked up once)
 
     # -- options -------------------------------------------------------------------------------
 
@@ -286,7 +286,7 @@ class KimiRotate:
         if state is None or flow.response is None:
             return
         self._restore_target(flow, state)  # show the real target again, and stream what arrives
-        if getattr(ctx.options, "store_streamed_bodies", False):  # mitmproxy 12 keeps it all itself
+        if not self._keeps_flows() or getattr(ctx.options, "store_streamed_bodies", False):  # 12 keeps it all
             flow.response.stream = True
         else:
             state.copy = flow.response.stream = StreamCopy()
@@ -341,15 +341,16 @@ class KimiRotate:
 
     def _show_attempts(self, flow: http.HTTPFlow, job: Job) -> None:
         """List each failed attempt as a flow of its own next to the client's, where flows are shown or saved."""
-        if not job.attempts:
-            return
-        if self._keeps_flows is None:
-            self._keeps_flows = keeps_flows()
-        if not self._keeps_flows:
+        if not job.attempts or not self._keeps_flows():
             return
         flows = attempt_flows(flow, job.attempts, len(job.tried))
         flow.comment += link_note(flow, len(flows), len(job.tried) - 1)
         _spawn(add_flows(flows))
+
+    def _keeps_flows(self) -> bool:
+        if self._master_keeps_flows is None:
+            self._master_keeps_flows = keeps_flows()
+        return self._master_keeps_flows
 
     def _warn_no_keys(self, surface: Surface) -> None:
         if surface not in self._warned:

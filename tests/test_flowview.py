@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from mitmproxy.test import tflow
+import asyncio
+from pathlib import Path
 
+from mitmproxy import options
+from mitmproxy.test import tflow
+from mitmproxy.tools.dump import DumpMaster
+from mitmproxy.tools.web.master import WebMaster
+
+from kimi_rotator.addon import KimiRotate
 from kimi_rotator.failover import ATTEMPT_BODY_LIMIT, Attempt
-from kimi_rotator.flowview import STREAM_COPY_LIMIT, StreamCopy, attempt_flows, link_note
+from kimi_rotator.flowview import STREAM_COPY_LIMIT, StreamCopy, attempt_flows, keeps_flows, link_note
+from kimi_rotator.proxy import ProxyConfig, build_master
 from kimi_rotator.routing import placeholder
 
 
@@ -58,3 +66,16 @@ def test_the_client_flows_note_names_it_and_says_how_many_attempts_are_shown() -
     assert link_note(client, 1, 1) == f" | flow {short}: its failed attempt is a flow of its own"
     assert link_note(client, 2, 2) == f" | flow {short}: its failed attempts are flows of their own"
     assert link_note(client, 10, 14).endswith("are flows of their own (the first 10 shown)")
+
+
+async def test_only_masters_that_show_or_save_flows_get_attempt_flows(tmp_path: Path, kimi_home: Path) -> None:
+    """`kimi-rotate proxy` (the slim master) keeps no flows, so it pays nothing for attempt flows or stream copies;
+    mitmdump (its save addon, for -w) and mitmweb (its view) do."""
+    slim = build_master(ProxyConfig(sets=(f"confdir={tmp_path / 'conf'}",)), asyncio.get_running_loop())
+    assert not keeps_flows()
+    rotate = next(a for a in slim.addons.chain if isinstance(a, KimiRotate))
+    rotate.done()
+    DumpMaster(options.Options(), with_termlog=False, with_dumper=False)
+    assert keeps_flows()
+    WebMaster(options.Options(), with_termlog=False)
+    assert keeps_flows()
