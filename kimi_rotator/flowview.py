@@ -17,7 +17,7 @@ from .routing import hide_credential
 STREAM_COPY_LIMIT = 1 << 20  # what a streamed answer's flow keeps of its body
 
 
-def _kib(size: int) -> str:
+def _size(size: int) -> str:
     return f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
 
 
@@ -43,7 +43,7 @@ class StreamCopy:
         return chunk
 
     def note(self) -> str:
-        return f" (stream copy cut at {_kib(STREAM_COPY_LIMIT)})" if self.cut else ""
+        return f" (stream copy cut at {_size(STREAM_COPY_LIMIT)})" if self.cut else ""
 
 
 def short_id(f: flow.Flow) -> str:
@@ -67,7 +67,7 @@ def attempt_flows(client: http.HTTPFlow, attempts: Sequence[Attempt], total: int
             headers = http.Headers(list(attempt.headers))
             if attempt.body_cut:  # the start of the body is kept decoded
                 headers.pop("content-encoding", None)
-                cut = f" (body cut at {_kib(ATTEMPT_BODY_LIMIT)})"
+                cut = f" (body cut at {_size(ATTEMPT_BODY_LIMIT)})"
             f.response = http.Response(b"HTTP/1.1", attempt.status, attempt.reason, headers, attempt.body, None,
                                        attempt.answered, attempt.answered)
         if attempt.error:
