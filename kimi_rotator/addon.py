@@ -29,6 +29,7 @@ from . import activity, engine
 from .activity import describe
 from .envelopes import INTERNAL_ERROR, error_response
 from .failover import Failover, Final, Job, broke_off
+from .flowview import StreamCopy, add_flows, attempt_flows, keeps_flows, link_note
 from .models import Surface
 from .pool import LivePool
 from .relay import TOKEN_HEADER, Relay
@@ -60,6 +61,7 @@ class RelayedFlow:
     job: Job
     token: str
     original: tuple[str, str, int, str] | None  # scheme, host, port, Host header before the relay
+    copy: StreamCopy | None = None  # what the flow keeps of the streamed answer
 
 
 class KimiRotate:
@@ -77,6 +79,7 @@ class KimiRotate:
         self._warned: set[Surface] = set()
         self._after_tlsconfig: AfterTlsConfig | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # set once running: pools opened later start at once
+        self._master_keeps_flows: bool | None = None  # whether the master shows or saves flows (looked up once)
 
     # -- options -------------------------------------------------------------------------------
 
@@ -240,6 +243,8 @@ class KimiRotate:
             return
         if self.pool.count(surface) == 0:
             self._warn_no_keys(surface)
+            flow.comment = (f"kimi-rotate: no {surface.value} key in the pool; passed through unchanged "
+                            f"(kimi-rotate add-key --surface {surface.value})")
             return
         host, _ = real_target((flow.request.host, flow.request.port), self.resolved_back, flow.client_conn.sni)
         job = Job(surface=surface, host=host, method=flow.request.method, path=flow.request.path,
@@ -259,6 +264,7 @@ class KimiRotate:
             log.exception("kimi-rotate: internal error while sending %s %s", job.method, job.path.split("?")[0])
             flow.response = error_response(502, INTERNAL_ERROR, job.path)
         self._annotate(flow, job)
+        self._show_attempts(flow, job)
 
     def _via_relay(self, flow: http.HTTPFlow, job: Job) -> None:
         assert self.relay is not None
@@ -281,12 +287,17 @@ class KimiRotate:
         if state is None or flow.response is None:
             return
         self._restore_target(flow, state)  # show the real target again, and stream what arrives
-        flow.response.stream = True
+        if not self._keeps_flows() or getattr(ctx.options, "store_streamed_bodies", False):  # 12 keeps it all
+            flow.response.stream = True
+        else:
+            state.copy = flow.response.stream = StreamCopy()
 
     def response(self, flow: http.HTTPFlow) -> None:
         state = self.relayed.pop(flow.id, None)
         if state is not None:
             self._annotate(flow, state.job)
+            self._keep_stream_copy(flow, state)
+            self._show_attempts(flow, state.job)
 
     def error(self, flow: http.HTTPFlow) -> None:
         state = self.relayed.pop(flow.id, None)
@@ -296,6 +307,8 @@ class KimiRotate:
         if self.relay is not None:
             self.relay.forget(state.token)
         self._annotate(flow, state.job)
+        self._keep_stream_copy(flow, state)
+        self._show_attempts(flow, state.job)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -325,6 +338,26 @@ class KimiRotate:
             if flow.error is not None:  # mitmproxy's words for a cut ("Client disconnected."), never Kimi's
                 status = f"{status} ({flow.error.msg.rstrip('.')})"
             activity.log.info(activity.request_line(job, status, time.time() - flow.request.timestamp_start))
+
+    def _keep_stream_copy(self, flow: http.HTTPFlow, state: RelayedFlow) -> None:
+        """Give a streamed flow the copy of its body, so views show the answer instead of "content missing"."""
+        if state.copy is None or flow.response is None:
+            return
+        flow.response.raw_content = bytes(state.copy.data)  # the body only: the headers stay as the client got them
+        flow.comment += state.copy.note()
+
+    def _show_attempts(self, flow: http.HTTPFlow, job: Job) -> None:
+        """List each failed attempt as a flow of its own next to the client's, where flows are shown or saved."""
+        if not job.attempts or not self._keeps_flows():
+            return
+        flows = attempt_flows(flow, job.attempts, len(job.tried))
+        flow.comment += link_note(flow, len(flows), len(job.tried) - 1)
+        _spawn(add_flows(flows))
+
+    def _keeps_flows(self) -> bool:
+        if self._master_keeps_flows is None:
+            self._master_keeps_flows = keeps_flows()
+        return self._master_keeps_flows
 
     def _warn_no_keys(self, surface: Surface) -> None:
         if surface not in self._warned:

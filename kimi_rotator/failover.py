@@ -8,6 +8,7 @@ written into the flow's trail.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,24 @@ from .upstream import Response, UpstreamClient, UpstreamError, UpstreamTimeout
 
 ERROR_BODY_LIMIT = 1 << 20  # error bodies are small; never buffer more than this to classify one
 SERVER_RETRIES = 1  # server-scope failures (5xx, no connection) are retried once, on another key
+ATTEMPT_BODY_LIMIT = 64 << 10  # what a failed attempt keeps of its body, for flow views
+ATTEMPTS_KEPT = 10  # failed attempts kept per request (kimi_max_attempts may be higher)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """An attempt whose answer the client never got (another key answered instead), kept for flow views."""
+
+    fingerprint: str  # of the key tried: views name it by its placeholder, never by the key
+    sent: float
+    answered: float
+    status: int | None = None  # None: no answer came (`error` says why)
+    reason: bytes = b""
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # as received, raw
+    body: bytes = b""  # raw (content encoding kept), or with `body_cut` its first ATTEMPT_BODY_LIMIT bytes decoded
+    body_cut: bool = False
+    error: str = ""  # why the answer is missing or incomplete
+    summary: str = ""  # its trail entry
 
 
 @dataclass
@@ -39,6 +58,7 @@ class Job:
     wait_deadline: float | None = None  # kimi_max_wait is for the whole request, however many attempts wait
     trail: list[str] = field(default_factory=list)
     server_failures: int = 0
+    attempts: list[Attempt] = field(default_factory=list)  # failed attempts the client did not get, oldest first
 
     @property
     def failed_over(self) -> bool:
@@ -54,6 +74,7 @@ class Final:
     status: int = 502
     message: str = ""
     retry_after: float | None = None
+    attempt: Attempt | None = None  # what a failed attempt received, kept in case another key answers instead
 
     async def aclose(self) -> None:
         if self.response is not None:
@@ -156,9 +177,13 @@ class Failover:
             job.tried.add(key.id)
             job.key = key
             if final is not None:
+                if final.attempt is not None and len(job.attempts) < ATTEMPTS_KEPT:
+                    job.attempts.append(final.attempt)
                 await final.aclose()
             final, verdict, status = await self._attempt(job, key)
             self.settle(job, key, status, verdict)
+            if final.attempt is not None:
+                final.attempt = dataclasses.replace(final.attempt, summary=job.trail[-1])
             if not self.may_retry(job, verdict):
                 return final
         if final is None:
@@ -170,28 +195,38 @@ class Failover:
     async def _attempt(self, job: Job, key: KeyRecord) -> tuple[Final, Verdict, int | str]:
         started = self.clock()
         headers = with_credential(job.headers, key.secret.get_secret_value(), job.path)
+        seen = Attempt(fingerprint=key.fingerprint, sent=started, answered=started)
         try:
             response = await self.upstream.send(job.method, job.host, job.path, headers, job.body)
         except UpstreamTimeout:
             message = "Kimi did not answer in time; kimi-rotate gave up waiting (kimi_upstream_timeout)"
-            return Final(status=504, message=message), classify_connection_error("timeout"), "timeout"
+            final = Final(status=504, message=message, attempt=_failed(seen, self.clock(), message))
+            return final, classify_connection_error("timeout"), "timeout"
         except UpstreamError as e:
             message = f"kimi-rotate could not reach Kimi: {e}. Check the network or try again"
-            return Final(status=502, message=message), classify_connection_error(type(e).__name__), "no response"
+            final = Final(status=502, message=message, attempt=_failed(seen, self.clock(), message))
+            return final, classify_connection_error(type(e).__name__), "no response"
         now = self.clock()
         latency = (now - started) * 1000
         if 200 <= response.status < 300:
             return Final(response=response), classify(response.status, _text(response.headers), b"", now, latency), 200
+        seen = dataclasses.replace(seen, answered=now, status=response.status, reason=response.reason,
+                                   headers=tuple(response.headers))
         try:
             raw = await response.read(limit=ERROR_BODY_LIMIT)
         except UpstreamError as e:
             # Classified on its status and headers; the client gets a clear 502, not a head whose body never comes.
             await response.aclose()
             verdict = classify(response.status, _text(response.headers), b"", now, latency)
-            return Final(status=502, message=broke_off(e)), verdict, response.status
+            return Final(status=502, message=broke_off(e), attempt=_failed(seen, now, broke_off(e))), verdict, \
+                response.status
         body = decode_body(raw, response.header("content-encoding"))
         verdict = classify(response.status, _text(response.headers), body, now, latency)
-        return Final(response=response, body_start=raw), verdict, response.status
+        if len(raw) <= ATTEMPT_BODY_LIMIT:
+            kept = dataclasses.replace(seen, body=raw)
+        else:  # the start of an encoded body would not decode: keep its start decoded
+            kept = dataclasses.replace(seen, body=body[:ATTEMPT_BODY_LIMIT], body_cut=True)
+        return Final(response=response, body_start=raw, attempt=kept), verdict, response.status
 
     def retry_after(self, surface: Surface) -> float | None:
         now = self.clock()
@@ -207,6 +242,10 @@ class Failover:
         if isinstance(result, engine.Selection):  # keys remain, but this request used its attempts
             return Final(status=429, message="kimi-rotate: every attempt for this request was refused", retry_after=1)
         return no_key_answer(surface, result, now)
+
+
+def _failed(seen: Attempt, now: float, error: str) -> Attempt:
+    return dataclasses.replace(seen, answered=now, error=error)
 
 
 def broke_off(error: UpstreamError) -> str:

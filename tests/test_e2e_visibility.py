@@ -172,14 +172,16 @@ def test_failed_over_flows_are_commented_and_marked(run: dict[str, Any]) -> None
              (("one", ONE), ("two", TWO), ("three", THREE))}
 
     buffered = next(f for c, f in by_comment.items() if c.startswith(f"one {masks['one']}: 429"))
+    link = rf" \| flow {buffered.id[:8]}: its failed attempt is a flow of its own"  # tests/test_e2e_flowview.py
     assert re.fullmatch(rf"one {masks['one']}: 429 rate_limit_reached_error, account cooling (59|60) s → "
-                        rf"two {masks['two']}: 200", buffered.comment), buffered.comment
+                        rf"two {masks['two']}: 200{link}", buffered.comment), buffered.comment
     assert buffered.marked == MARK
     assert buffered.response is not None and buffered.response.status_code == 200
 
     streamed = next(f for c, f in by_comment.items() if c.startswith(f"two {masks['two']}: 401"))
-    assert re.fullmatch(rf"two {masks['two']}: 401 \w+, disabled → three {masks['three']}: 200", streamed.comment), \
-        streamed.comment
+    link = rf" \| flow {streamed.id[:8]}: its failed attempt is a flow of its own"
+    assert re.fullmatch(rf"two {masks['two']}: 401 \w+, disabled → three {masks['three']}: 200{link}",
+                        streamed.comment), streamed.comment
     assert streamed.marked == MARK
     assert streamed.request.pretty_host == "api.kimi.com"  # the relay detour is not what the flow shows
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import gzip
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -11,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from kimi_rotator import failover as failover_module
 from kimi_rotator import pool as pool_module
-from kimi_rotator.failover import Failover, Job
+from kimi_rotator.failover import ATTEMPT_BODY_LIMIT, Failover, Job
+from kimi_rotator.keys import fingerprint
 from kimi_rotator.models import Outcome, OutcomeKind, Surface
 from kimi_rotator.pool import LivePool
 from kimi_rotator.store import NewKey, Store
@@ -134,3 +139,43 @@ async def test_unflushed_outcomes_are_bounded_while_the_store_cannot_be_written(
     assert len(live._unflushed) == 10
     assert [p.seq for p in live._unflushed] == list(range(16, 26))  # the newest are kept
     assert live.roster.keys[0].total_requests == 25  # the in-memory view has them all
+
+
+@pytest.fixture
+def ready(tmp_path: Path) -> LivePool:
+    """Three free keys on three accounts."""
+    store = Store(tmp_path / "home")
+    for name in ("one", "two", "three"):
+        store.add_key(NewKey(secret=key(name), name=name, surface=Surface.KIMI_CODE, account=name), time.time())
+    return LivePool(store)
+
+
+async def test_failed_attempts_are_kept_for_flow_views_with_their_bodies_bounded(ready: LivePool) -> None:
+    noise = base64.b64encode(os.urandom(ATTEMPT_BODY_LIMIT))  # compressed, still longer than an attempt keeps
+    long_text = b'{"error": {"type": "server_error", "message": "' + noise + b'"}}'
+    gzipped = [(b"content-type", b"application/json"), (b"content-encoding", b"gzip"), (b"msh-uid", b"acct")]
+    upstream = ScriptedUpstream({key("one").encode(): Answer(429, RATE_LIMITED, reason=b"Too Many Requests"),
+                                 key("two").encode(): Answer(500, gzip.compress(long_text), headers=gzipped),
+                                 key("three").encode(): Answer(200, b'{"ok": true}')})
+    failover = Failover(ready, upstream, max_attempts=5, max_wait=0)  # type: ignore[arg-type]
+    j = job()
+    final = await failover.run(j)
+    assert final.response is not None and final.response.status == 200
+    assert len(upstream.sent) == 3
+    first, second = j.attempts  # the answer the client got is not among them
+    assert (first.status, first.reason, first.body, first.body_cut) == (429, b"Too Many Requests", RATE_LIMITED, False)
+    assert first.fingerprint == fingerprint(upstream.sent[0].decode())
+    assert (first.summary, second.summary) == tuple(j.trail[:2])
+    assert first.sent <= first.answered and first.error == ""
+    assert second.status == 500 and second.body_cut and second.headers == tuple(gzipped)
+    assert second.body == long_text[:ATTEMPT_BODY_LIMIT]  # the start, decoded: a cut gzip stream would not decode
+
+
+async def test_the_attempts_kept_are_bounded(ready: LivePool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(failover_module, "ATTEMPTS_KEPT", 1)
+    upstream = ScriptedUpstream({key(n).encode(): Answer(429, RATE_LIMITED) for n in ("one", "two", "three")})
+    failover = Failover(ready, upstream, max_attempts=5, max_wait=0)  # type: ignore[arg-type]
+    j = job()
+    final = await failover.run(j)
+    assert final.response is not None and final.response.status == 429 and len(upstream.sent) == 3
+    assert [a.summary for a in j.attempts] == j.trail[:1]  # two were superseded; one is kept
