@@ -486,10 +486,14 @@ def list_keys(
         ),
     ] = None,
     only_state: Annotated[
-        KeyState | None, typer.Option("--state", metavar="STATE", help="Only keys in this state.")
+        KeyState | None,
+        typer.Option("--state", metavar="STATE", help="Only keys in this state: active, cooling or disabled."),
     ] = None,
     only_surface: Annotated[
-        Surface | None, typer.Option("--surface", metavar="SURFACE", help="Only keys of this surface.")
+        Surface | None,
+        typer.Option(
+            "--surface", metavar="SURFACE", help="Only keys of this surface: moonshot-cn, moonshot-ai or kimi-code."
+        ),
     ] = None,
 ) -> None:
     """List the keys: index, name, masked key, health, requests and state; ● marks the key in use."""
