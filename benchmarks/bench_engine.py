@@ -1,18 +1,22 @@
-"""Benchmarks for the two cores: engine.select among 1,000 keys, and the store's write rate.
+"""Benchmarks for the two cores: engine.select in pools of 10 to 1,000 keys, and the store's write rate.
 
-Run: python benchmarks/bench_engine.py   (about 25 s on a quiet machine; prints two small tables)
+Run: python benchmarks/bench_engine.py [--sizes 10,50,200,1000] [--no-store]   (about 25 s; prints small tables)
 
-Selection is timed with timeit on a ready Roster (what the addon holds in memory), for each strategy:
-  common          the current key is healthy and eligible (the usual request)
-  current cooling the current key is cooling, so the engine looks for another
-  forced rotate   `kimi-rotate rotate`: the current key is left out
-  999 cooling     every key but one is cooling
-Then what the index behind selection (kimi_rotator/roster.py) costs to build and to keep current.
+Selection is timed with timeit on a ready Roster (what the addon holds in memory), per strategy and pool size:
+  current fine    the current key is healthy and eligible (the usual request)
+  current cools   the current key is cooling, so the engine looks for another
+  rotate          `kimi-rotate rotate`: the current key is left out
+  most cooling    every key but one is cooling
+  busy pool       the current key cools and every other key is at full health and was used in the last hour, so
+                  all of them score within one point of the best
+twice: just after the index behind selection (kimi_rotator/roster.py) was built, and when it is about to be rebuilt
+(its bounds are loosest then). Then what the index costs to build and to keep current.
 The store is timed with writer processes that record outcomes through Store.record in batches, as the proxy does.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import statistics
@@ -21,6 +25,7 @@ import sys
 import tempfile
 import time
 import timeit
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from kimi_rotator import engine
@@ -28,12 +33,13 @@ from kimi_rotator.models import KeyRecord, Outcome, OutcomeKind, PoolSettings, S
 from kimi_rotator.roster import REINDEX_AFTER, Roster
 from kimi_rotator.store import NewKey, Store
 
-N_KEYS = 1000
 NOW = 1_750_000_000.0
-CURRENT = N_KEYS // 2
+SIZES = (10, 50, 200, 1000)
 
 
-def roster(cooling: set[int]) -> Roster:
+def roster(n: int, cooling: set[int], busy: bool = False) -> Roster:
+    """n keys of one surface with spread-out healths and idle times; `busy`: every key at full health and used in
+    the last hour, so that all scores sit within one point of the best."""
     keys = [
         KeyRecord(
             id=i + 1,
@@ -43,84 +49,76 @@ def roster(cooling: set[int]) -> Roster:
             surface=Surface.KIMI_CODE,
             account=f"acct-{i // 4}",
             added_at=NOW - 86_400,
-            last_used=NOW - (i % 97) * 60.0,
-            health=60.0 + (i % 41),
+            last_used=NOW - ((i % 60) if busy else (i % 97)) * 60.0,
+            health=100.0 if busy else 60.0 + (i % 41),
             health_at=NOW - (i % 13) * 600.0,
             cooldown_until=NOW + 60 if i in cooling else None,
         )
-        for i in range(N_KEYS)
+        for i in range(n)
     ]
     return Roster(keys)
 
 
-def time_select(r: Roster, settings: PoolSettings, forced: bool, at: float = NOW) -> float:
-    """Best-of-5 microseconds per engine.select call."""
-    result = engine.select(r, settings, at, surface=Surface.KIMI_CODE, forced=forced)
+def time_select(r: Roster, settings: PoolSettings, forced: bool, built_at: float) -> float:
+    """Best-of-5 microseconds per engine.select call at NOW, on an index built at `built_at`."""
+    engine.select(r, settings, built_at, surface=Surface.KIMI_CODE, forced=forced)
+    result = engine.select(r, settings, NOW, surface=Surface.KIMI_CODE, forced=forced)
     assert isinstance(result, engine.Selection), result
-    timer = timeit.Timer(lambda: engine.select(r, settings, at, surface=Surface.KIMI_CODE, forced=forced))
-    number, _ = timer.autorange()
-    number = max(number // 4, 1)  # autorange aims at 0.2 s; a quarter of that, five times, is plenty
+    timer = timeit.Timer(lambda: engine.select(r, settings, NOW, surface=Surface.KIMI_CODE, forced=forced))
+    number = max(int(0.04 / (timer.timeit(10) / 10)), 1)  # about 40 ms a round
     return min(timer.repeat(repeat=5, number=number)) / number * 1e6
 
 
-def bench_index_upkeep() -> None:
-    """What the index costs: building it (the first scan on a roster the pool has just loaded) and keeping it
-    current as each outcome replaces a key."""
-    settings = PoolSettings(strategy=Strategy.HEALTH_BASED, active_key_id=CURRENT + 1)
-    fresh = [roster({CURRENT}) for _ in range(20)]
-    builds = []
-    for r in fresh:
-        t = time.perf_counter()
-        engine.select(r, settings, NOW, surface=Surface.KIMI_CODE)
-        builds.append(time.perf_counter() - t)
+# name, which keys cool (of n, current key at n // 2), rotate?, busy pool?
+CASES: list[tuple[str, Callable[[int], set[int]], bool, bool]] = [
+    ("current fine", lambda n: set(), False, False),
+    ("current cools", lambda n: {n // 2}, False, False),
+    ("rotate", lambda n: set(), True, False),
+    ("most cooling", lambda n: set(range(n)) - {n // 2 - 1}, False, False),  # the one free key is read last
+    ("busy pool", lambda n: {n // 2}, False, True),
+]
+
+
+def bench_select(sizes: Sequence[int], index_age: float) -> None:
+    print(f"engine.select, index {index_age:.0f} s old (µs per selection, best of 5)")
+    print(f"{'strategy':<14}{'keys':>6}" + "".join(f"{name:>15}" for name, _, _, _ in CASES) + f"{'worst':>9}")
+    for strategy in Strategy:
+        for n in sizes:
+            settings = PoolSettings(strategy=strategy, active_key_id=n // 2 + 1)
+            row = [time_select(roster(n, cooling(n), busy), settings, forced, NOW - index_age)
+                   for _, cooling, forced, busy in CASES]
+            print(f"{strategy.value:<14}{n:>6}" + "".join(f"{us:>15.1f}" for us in row) + f"{max(row):>9.1f}")
+
+
+def bench_index_upkeep(sizes: Sequence[int]) -> None:
+    """What the index costs: building it (the first search on a roster the pool has just loaded) and keeping it
+    current as each outcome replaces a key (apply_outcome + with_updates, as the pool runs them)."""
+    settings = PoolSettings(strategy=Strategy.HEALTH_BASED)
     outcome = Outcome(kind=OutcomeKind.SUCCESS, latency_ms=5.0)
 
-    def per_outcome(r: Roster) -> float:
+    def per_outcome(r: Roster, n: int) -> float:
         t = time.perf_counter()
         for i in range(2000):
-            r = r.with_updates(engine.apply_outcome(r, (i * 7) % N_KEYS + 1, outcome, NOW + i))
+            r = r.with_updates(engine.apply_outcome(r, (i * 7) % n + 1, outcome, NOW + i))
         return (time.perf_counter() - t) / 2000 * 1e6
 
-    # The index is rebuilt once it is REINDEX_AFTER seconds old: just before that its bounds are loosest.
-    aged = roster({CURRENT})
-    engine.select(aged, settings, NOW - REINDEX_AFTER + 1, surface=Surface.KIMI_CODE)
-    aged_us = time_select(aged, settings, False, at=NOW)
-    # A busy pool: every key at full health and used within the last hour, so all scores sit within one point.
-    busy = Roster(k.model_copy(update={"health": 100.0, "last_used": NOW - (k.id % 60) * 60.0}) for k in aged.keys)
-    engine.select(busy, settings, NOW - REINDEX_AFTER + 1, surface=Surface.KIMI_CODE)
-    busy_us = time_select(busy, settings, False, at=NOW)
-    print(f"current cooling, index {REINDEX_AFTER - 1:.0f} s old: {aged_us:.1f} µs; the same in a busy pool "
-          f"(every key within one point of the best): {busy_us:.1f} µs")
-
-    indexed = roster(set())
-    engine.select(indexed, settings, NOW, surface=Surface.KIMI_CODE, forced=True)
-    build_ms = statistics.median(builds) * 1e3
-    print(f"first full scan on a new roster (builds the index): {build_ms:.2f} ms (median of 20)")
-    print(
-        f"one outcome (apply_outcome + with_updates): {per_outcome(indexed):.1f} µs with the index, "
-        f"{per_outcome(roster(set())):.1f} µs without"
-    )
-
-
-def bench_select() -> None:
-    scenarios = [
-        ("common", set(), False),
-        ("current cooling", {CURRENT}, False),
-        ("forced rotate", set(), True),
-        ("999 cooling", set(range(N_KEYS)) - {CURRENT - 1}, False),  # the only free key is the last one looked at
-    ]
-    rosters = {name: roster(cooling) for name, cooling, _ in scenarios}
-    print(f"engine.select among {N_KEYS:,} keys (µs per selection, best of 5)")
-    print(f"{'strategy':<14}" + "".join(f"{name:>17}" for name, _, _ in scenarios))
-    for strategy in Strategy:
-        settings = PoolSettings(strategy=strategy, active_key_id=CURRENT + 1)
-        row = [time_select(rosters[name], settings, forced) for name, _, forced in scenarios]
-        print(f"{strategy.value:<14}" + "".join(f"{us:>17.1f}" for us in row))
+    print(f"{'keys':>6} {'index build ms':>15} {'outcome µs':>11} {'(no index)':>11}")
+    for n in sizes:
+        builds = []
+        for r in [roster(n, set()) for _ in range(20)]:
+            t = time.perf_counter()
+            engine.select(r, settings, NOW, surface=Surface.KIMI_CODE, forced=True)
+            builds.append(time.perf_counter() - t)
+        indexed = roster(n, set())
+        engine.select(indexed, settings, NOW, surface=Surface.KIMI_CODE, forced=True)
+        print(f"{n:>6} {statistics.median(builds) * 1e3:>15.3f} {per_outcome(indexed, n):>11.1f} "
+              f"{per_outcome(roster(n, set()), n):>11.1f}")
 
 
 # A proxy's writer process: outcomes batched through Store.record, timing each transaction.
 WRITER = r"""
 import json, sys, time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from kimi_rotator.models import Outcome, OutcomeKind
 from kimi_rotator.store import Attempt, Store
@@ -182,9 +180,17 @@ def bench_store(writers: int, per_writer: int, batch: int, pool_size: int) -> tu
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description="Time key selection and the store's write rate.")
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="pool sizes, comma-separated")
+    parser.add_argument("--no-store", action="store_true", help="time selection only")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
     t0 = time.perf_counter()
-    bench_select()
-    bench_index_upkeep()
+    bench_select(sizes, 0.0)
+    bench_select(sizes, REINDEX_AFTER - 1)  # the index is rebuilt once it is REINDEX_AFTER seconds old
+    bench_index_upkeep(sizes)
+    if args.no_store:
+        return
     print()
     print("Store.record write rate (separate writer processes, one SQLite file in WAL mode)")
     print(
