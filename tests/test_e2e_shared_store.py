@@ -129,7 +129,7 @@ def test_keys_added_and_removed_with_the_cli_take_effect(
     assert ask(a) == ask(b) == 200
     assert names(fake) == ["fresh", "fresh"]
 
-    cli(home, "remove-key", "fresh")
+    cli(home, "remove-key", "fresh", "--yes")  # the last kimi-code key: a script confirms with --yes
     time.sleep(PROPAGATION)
     fake.clear_requests()
     assert ask(b) == 401

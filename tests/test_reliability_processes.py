@@ -128,14 +128,14 @@ def cli_loop(home: Path, stop: threading.Event, log: list[tuple[str, str, float]
 
     time.sleep(1.0)
     cli("disable", VICTIM_DISABLE.name, name=VICTIM_DISABLE.name)
-    cli("remove-key", VICTIM_REMOVE.name, name=VICTIM_REMOVE.name)
+    cli("remove-key", VICTIM_REMOVE.name, "--yes", name=VICTIM_REMOVE.name)  # it may be the current key
     for spec in EXTRAS:
         if stop.is_set():
             break
         cli("add-key", "-", spec.name, input=spec.secret, name=spec.name)
         cli("disable", TOGGLE.name, name=TOGGLE.name)
         cli("rotate", name="")
-        cli("remove-key", spec.name, name=spec.name)
+        cli("remove-key", spec.name, "--yes", name=spec.name)
         cli("enable", TOGGLE.name, name=TOGGLE.name)
 
 
