@@ -89,11 +89,13 @@ class LivePool:
         before = self.roster
         updates = engine.apply_outcome(before, key_id, outcome, now, self.settings.auto_refresh_health)
         self.roster = before.with_updates(updates)
+        changed_state = False
         if outcome.kind in engine.DISABLING or outcome.kind in engine.DEFAULT_COOLDOWN:  # never a success
             changes = activity.changes([before.get(u.id) for u in updates], updates, now)
             if changes:
                 activity.emit(changes)
                 self._watch_cooldowns(_earliest_cooldown(updates, now))
+                changed_state = True
         self._seq += 1
         pending = _Pending(self._seq, Attempt(key_id, outcome, now))
         self._unflushed.append(pending)
@@ -103,8 +105,9 @@ class LivePool:
             if backlog > MAX_PENDING:
                 del self._queue[0]
         # Writes go out in batches every POLL_SECONDS: one transaction per request would cost the
-        # proxy a core's worth of GIL time under load. A large backlog is written at once.
-        if backlog >= FLUSH_BATCH:
+        # proxy a core's worth of GIL time under load. A large backlog is written at once, and so is a key
+        # that started cooling or was disabled: other proxies and `list-keys` should know that at once.
+        if backlog >= FLUSH_BATCH or changed_state:
             self._wake.set()
         return updates
 
