@@ -119,7 +119,7 @@ def test_only_keys_is_enough(tmp_path: Path) -> None:
 
 
 def test_counters_are_made_consistent_and_health_clamped(tmp_path: Path) -> None:
-    # The reference's fallback could count more successes than requests (its bug #14).
+    # The reference's fallback could count more successes than requests (its fallback pick did not count the use).
     path = write(
         tmp_path / "k.json",
         store_file([full_account(KEY_A, "A", totalRequests=3, successfulRequests=5, healthScore=140)]),
