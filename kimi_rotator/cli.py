@@ -155,15 +155,9 @@ app = _App(
 def _print_version(wanted: bool) -> None:
     if not wanted:
         return
-    from importlib.metadata import PackageNotFoundError, version
+    from . import __version__  # also the package's version (pyproject.toml reads it)
 
-    from . import __version__
-
-    try:
-        number = version("kimi-rotator")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        number = __version__
-    typer.echo(f"kimi-rotate {number}")
+    typer.echo(f"kimi-rotate {__version__}")
     raise typer.Exit()
 
 
