@@ -35,7 +35,17 @@ from typer.core import TyperCommand, TyperGroup
 from . import cli_setup, engine, views
 from .cli_help import HelpLayout, NoArgsIsHelp, UsageError, usage_message
 from .errors import UserError
-from .keys import KeyFormatError, PastedHeader, SurfaceMismatch, default_surface, mask, validate_key, validate_name
+from .keys import (
+    KeyFormatError,
+    PastedHeader,
+    SurfaceMismatch,
+    default_surface,
+    mask,
+    validate_account,
+    validate_key,
+    validate_name,
+    validate_reason,
+)
 from .models import KeyRecord, KeyState, PoolSettings, Strategy, Surface
 from .roster import Roster
 from .store import DuplicateKey, KeyNotFound, NewKey, Snapshot, Store, StoreError, utc_day
@@ -240,10 +250,10 @@ def _new_passphrase() -> str:
 def _clean_account(text: str | None) -> str | None:
     if text is None:
         return None
-    cleaned = text.strip()
-    if not cleaned or len(cleaned) > 64 or not cleaned.isprintable():
-        raise CliError("the account label must be 1-64 printable characters; choose another one")
-    return cleaned
+    try:
+        return validate_account(text)
+    except KeyFormatError as e:
+        raise CliError(f"{e}; choose another one") from None
 
 
 def _pct(value: float) -> int:
@@ -647,9 +657,10 @@ def disable(
     reason: Annotated[str, typer.Option(metavar="TEXT", help="Why, shown by list-keys.")] = "disabled by hand",
 ) -> None:
     """Take a key out of rotation until `enable`."""
-    cleaned = reason.strip()
-    if not cleaned or len(cleaned) > 200 or not cleaned.isprintable():
-        raise CliError("the reason must be 1-200 printable characters; shorten or fix it")
+    try:
+        cleaned = validate_reason(reason)
+    except KeyFormatError as e:
+        raise CliError(f"{e}; shorten or fix it") from None
     with _store() as store:
         index, key = _resolve(store, ref)
         store.set_disabled(key.id, cleaned)
