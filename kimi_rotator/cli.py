@@ -806,54 +806,34 @@ def stats(
     if not keys:
         typer.echo("No keys configured.\nAdd one with: kimi-rotate add-key")
         return
+    usage = views.usage_stats(keys, daily, today)
     typer.echo(f"\n{symbols().stats}Usage Statistics\n")
-    tot = ok = limited = failed = samples = today_n = week_n = 0
-    latency_sum = 0.0
-    lo: float | None = None
-    hi: float | None = None
-    for i, k in enumerate(keys):
-        days = daily.get(k.id, {})
-        k_today = days.get(today, (0, 0))[0]
-        k_week = sum(req for req, _ in days.values())
+    for i, (k, u) in enumerate(zip(keys, usage.keys, strict=True)):
         typer.echo(f"[{i}] {k.name}  ({_masked(k.secret.get_secret_value())})")
-        _print_counts("   ", k.total_requests, k.successful_requests, k.rate_limited_requests, k.failed_requests)
-        if k.latency_count:
-            typer.echo(f"   Avg Response Time: {round(k.latency_sum_ms / k.latency_count)}ms")
-            typer.echo(f"   Response Time Range: {round(k.latency_min_ms or 0)}ms - {round(k.latency_max_ms or 0)}ms")
-        else:
-            typer.echo("   Avg Response Time: N/A")
-        typer.echo(f"   Requests Today: {k_today}")
-        typer.echo(f"   Requests Last 7 Days: {k_week}\n")
-        tot += k.total_requests
-        ok += k.successful_requests
-        limited += k.rate_limited_requests
-        failed += k.failed_requests
-        samples += k.latency_count
-        latency_sum += k.latency_sum_ms
-        today_n += k_today
-        week_n += k_week
-        if k.latency_min_ms is not None:
-            lo = k.latency_min_ms if lo is None else min(lo, k.latency_min_ms)
-        if k.latency_max_ms is not None:
-            hi = k.latency_max_ms if hi is None else max(hi, k.latency_max_ms)
+        _print_usage(u)
+        typer.echo("")
     typer.echo(symbols().rule * 50)
     typer.echo(f"{symbols().totals}Aggregate Statistics")
     typer.echo(f"   Keys: {len(keys)}")
-    _print_counts("   ", tot, ok, limited, failed, prefix="Overall ")
-    if samples:
-        typer.echo(f"   Overall Avg Response Time: {round(latency_sum / samples)}ms")
-        typer.echo(f"   Overall Response Time Range: {round(lo or 0)}ms - {round(hi or 0)}ms")
-    typer.echo(f"   Requests Today: {today_n}")
-    typer.echo(f"   Requests Last 7 Days: {week_n}\n")
+    _print_usage(usage.total, overall=True)
+    typer.echo("")
 
 
-def _print_counts(indent: str, total: int, ok: int, limited: int, failed: int, prefix: str = "") -> None:
-    typer.echo(f"{indent}Total Requests: {total}")
-    typer.echo(f"{indent}Successful: {ok}")
-    typer.echo(f"{indent}Rate Limited: {limited}")
-    typer.echo(f"{indent}Failed: {failed}")
-    if total:
-        typer.echo(f"{indent}{prefix}Success Rate: {ok / total * 100:.1f}%")
+def _print_usage(u: views.Usage, overall: bool = False) -> None:
+    prefix = "Overall " if overall else ""
+    typer.echo(f"   Total Requests: {u.total_requests}")
+    typer.echo(f"   Successful: {u.successful_requests}")
+    typer.echo(f"   Rate Limited: {u.rate_limited_requests}")
+    typer.echo(f"   Failed: {u.failed_requests}")
+    if u.success_rate is not None:
+        typer.echo(f"   {prefix}Success Rate: {u.success_rate:.1f}%")
+    if u.avg_response_ms is not None:
+        typer.echo(f"   {prefix}Avg Response Time: {u.avg_response_ms}ms")
+        typer.echo(f"   {prefix}Response Time Range: {u.min_response_ms or 0}ms - {u.max_response_ms or 0}ms")
+    elif not overall:
+        typer.echo("   Avg Response Time: N/A")
+    typer.echo(f"   Requests Today: {u.requests_today}")
+    typer.echo(f"   Requests Last 7 Days: {u.requests_last_7_days}")
 
 
 # -- backups and imports ------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Presentation helpers for large pools: the one-line-per-key table, clock times, and `stats --json`.
+"""Presentation helpers: the one-line-per-key table, clock times, and the figures `stats` shows.
 
 Nothing here reads the clock or the store: the CLI passes `now` and the records in.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -84,63 +85,93 @@ def table(
     return lines
 
 
+# The store's daily counts: {key id: {UTC day: (requests, successes)}}.
+Daily = Mapping[int, Mapping[str, tuple[int, int]]]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What `stats` shows of one key or of the pool; the field names are `stats --json`'s."""
+
+    total_requests: int
+    successful_requests: int
+    rate_limited_requests: int
+    failed_requests: int
+    success_rate: float | None  # percent, one decimal; None before the first request
+    avg_response_ms: int | None  # None while no response time was measured
+    min_response_ms: int | None
+    max_response_ms: int | None
+    requests_today: int
+    requests_last_7_days: int
+
+
+@dataclass(frozen=True)
+class UsageStats:
+    keys: list[Usage]  # in the order of the keys given
+    total: Usage
+
+
+def usage_stats(keys: Sequence[KeyRecord], daily: Daily, today: str) -> UsageStats:
+    """Per key and over the pool. `daily` holds the days that count as the last 7; `today` is the one of them
+    that counts as today."""
+    rows = [
+        _usage(
+            k.total_requests, k.successful_requests, k.rate_limited_requests, k.failed_requests,
+            k.latency_count, k.latency_sum_ms, k.latency_min_ms, k.latency_max_ms,
+            daily.get(k.id, {}).get(today, (0, 0))[0], sum(req for req, _ in daily.get(k.id, {}).values()),
+        )
+        for k in keys
+    ]
+    mins = [k.latency_min_ms for k in keys if k.latency_min_ms is not None]
+    maxes = [k.latency_max_ms for k in keys if k.latency_max_ms is not None]
+    total = _usage(
+        sum(k.total_requests for k in keys), sum(k.successful_requests for k in keys),
+        sum(k.rate_limited_requests for k in keys), sum(k.failed_requests for k in keys),
+        sum(k.latency_count for k in keys), sum(k.latency_sum_ms for k in keys),
+        min(mins, default=None), max(maxes, default=None),
+        sum(r.requests_today for r in rows), sum(r.requests_last_7_days for r in rows),
+    )
+    return UsageStats(rows, total)
+
+
+def _usage(
+    total: int, ok: int, limited: int, failed: int,
+    samples: int, latency_sum: float, lo: float | None, hi: float | None,
+    today: int, week: int,
+) -> Usage:
+    return Usage(
+        total_requests=total,
+        successful_requests=ok,
+        rate_limited_requests=limited,
+        failed_requests=failed,
+        success_rate=round(ok / total * 100, 1) if total else None,
+        avg_response_ms=round(latency_sum / samples) if samples else None,
+        min_response_ms=round(lo) if lo is not None else None,
+        max_response_ms=round(hi) if hi is not None else None,
+        requests_today=today,
+        requests_last_7_days=week,
+    )
+
+
 def stats_json(
-    keys: Sequence[KeyRecord], daily: dict[int, dict[str, tuple[int, int]]], today: str, week_start: str
+    keys: Sequence[KeyRecord], daily: Daily, today: str, week_start: str
 ) -> dict[str, Any]:
     """The document `stats --json` prints. Scripts rely on these names and types: only ever add fields.
 
-    keys: one object per key (index, name, masked_key, fingerprint, surface, account, the four request
-    counters, success_rate, avg/min/max_response_ms, requests_today, requests_last_7_days); total: the
-    same counts over the pool plus `keys`; today / week_start: the UTC days the daily counts cover.
+    keys: one object per key (index, name, masked_key, fingerprint, surface, account, then Usage's fields);
+    total: Usage's fields over the pool plus `keys`; today / week_start: the UTC days the daily counts cover.
     """
-    rows = []
-    for i, k in enumerate(keys):
-        days = daily.get(k.id, {})
-        row: dict[str, Any] = {
+    usage = usage_stats(keys, daily, today)
+    rows = [
+        {
             "index": i,
             "name": k.name,
             "masked_key": mask(k.secret.get_secret_value()),
             "fingerprint": k.fingerprint,
             "surface": k.surface.value,
             "account": k.account,
+            **asdict(u),
         }
-        row.update(
-            _counts(
-                k.total_requests, k.successful_requests, k.rate_limited_requests, k.failed_requests,
-                k.latency_count, k.latency_sum_ms, k.latency_min_ms, k.latency_max_ms,
-                days.get(today, (0, 0))[0], sum(req for req, _ in days.values()),
-            )
-        )
-        rows.append(row)
-    mins = [k.latency_min_ms for k in keys if k.latency_min_ms is not None]
-    maxes = [k.latency_max_ms for k in keys if k.latency_max_ms is not None]
-    total: dict[str, Any] = {"keys": len(keys)}
-    total.update(
-        _counts(
-            sum(k.total_requests for k in keys), sum(k.successful_requests for k in keys),
-            sum(k.rate_limited_requests for k in keys), sum(k.failed_requests for k in keys),
-            sum(k.latency_count for k in keys), sum(k.latency_sum_ms for k in keys),
-            min(mins, default=None), max(maxes, default=None),
-            sum(r["requests_today"] for r in rows), sum(r["requests_last_7_days"] for r in rows),
-        )
-    )
-    return {"today": today, "week_start": week_start, "keys": rows, "total": total}
-
-
-def _counts(
-    total: int, ok: int, limited: int, failed: int,
-    samples: int, latency_sum: float, lo: float | None, hi: float | None,
-    today: int, week: int,
-) -> dict[str, Any]:
-    return {
-        "total_requests": total,
-        "successful_requests": ok,
-        "rate_limited_requests": limited,
-        "failed_requests": failed,
-        "success_rate": round(ok / total * 100, 1) if total else None,
-        "avg_response_ms": round(latency_sum / samples) if samples else None,
-        "min_response_ms": round(lo) if lo is not None else None,
-        "max_response_ms": round(hi) if hi is not None else None,
-        "requests_today": today,
-        "requests_last_7_days": week,
-    }
+        for i, (k, u) in enumerate(zip(keys, usage.keys, strict=True))
+    ]
+    return {"today": today, "week_start": week_start, "keys": rows, "total": {"keys": len(keys), **asdict(usage.total)}}
