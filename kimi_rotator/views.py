@@ -1,6 +1,6 @@
-"""Presentation helpers: the one-line-per-key table, clock times, and the figures `stats` shows.
+"""Presentation: the key-status table (`list-keys`, `kimi.status`), clock times, and the figures `stats` shows.
 
-Nothing here reads the clock or the store: the CLI passes `now` and the records in.
+Nothing here reads the clock or the store, or imports mitmproxy: the CLI and the addon pass `now` and the records in.
 """
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
+from . import engine
 from .keys import mask
-from .models import KeyRecord
-from .symbols import symbols
+from .models import KeyRecord, KeyState, PoolSettings
+from .roster import Roster
+from .symbols import FANCY, Symbols, symbols
 
 MIN_SHRUNK_WIDTH = 8
 LAST_ROOM = 24
@@ -27,6 +29,21 @@ def clock(ts: float, now: float) -> str:
     if at.date() == datetime.fromtimestamp(now).date():
         return at.strftime("%H:%M")
     return at.strftime("%Y-%m-%d %H:%M")
+
+
+def pct(value: float) -> int:
+    # Round half up, as the reference (JS Math.round) does: 85 → 9 blocks, 25 → 3.
+    return math.floor(value + 0.5)
+
+
+def time_left(seconds: float) -> str:
+    minutes = max(1, math.ceil(seconds / 60))
+    if minutes < 60:
+        return f"~{minutes}m"
+    hours, rest = divmod(minutes, 60)
+    if hours < 48:
+        return f"~{hours}h{rest:02d}m" if rest else f"~{hours}h"
+    return f"~{math.ceil(seconds / 86400)}d"
 
 
 def cut(text: str, width: int) -> str:
@@ -84,6 +101,78 @@ def table(
         lines.append(cut(line, width) if width is not None else line)
     return lines
 
+
+# -- the key-status table ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyStatus:
+    """One key as `list-keys` and `kimi.status` show it at one moment."""
+
+    index: int  # in the pool's order, as the commands take it
+    key: KeyRecord
+    current: bool  # the key its surface is on (list-keys' ●)
+    health: float  # with the time-based recovery when the pool has it on
+    state: KeyState
+    reason: str | None  # why it is cooling or disabled
+
+    def state_text(self, now: float) -> str:
+        """`active`, `cooling until 14:05 (~5m): <why>` or `disabled: <why>`."""
+        if self.state is KeyState.COOLING and self.key.cooldown_until is not None:
+            until = self.key.cooldown_until
+            return f"cooling until {clock(until, now)} ({time_left(until - now)}): {self.reason or 'cooldown'}"
+        if self.state is KeyState.DISABLED:
+            return f"disabled: {self.reason}"
+        return "active"
+
+
+def key_status(index: int, key: KeyRecord, settings: PoolSettings, now: float, current: bool) -> KeyStatus:
+    state = key.state_at(now)
+    reason = {KeyState.DISABLED: key.disabled_reason, KeyState.COOLING: key.cooldown_reason}.get(state)
+    return KeyStatus(index, key, current, engine.health_at(key, now, settings.auto_refresh_health), state, reason)
+
+
+def key_statuses(roster: Roster, settings: PoolSettings, now: float) -> list[KeyStatus]:
+    """Every key of the pool, in order; `current` marks each surface's current key, or the one its next request
+    goes to (a fresh pool is on that key, not on none)."""
+    current = current_ids(roster, settings, now)
+    return [key_status(i, k, settings, now, k.id in current) for i, k in enumerate(roster.keys)]
+
+
+def current_ids(roster: Roster, settings: PoolSettings, now: float) -> set[int]:
+    return {k.id for k in engine.current_keys(roster, settings, now).values()}
+
+
+def status_row(s: KeyStatus, digits: int, now: float, sym: Symbols) -> tuple[str, ...]:
+    """One row of the key-status table, under status_header's columns."""
+    k = s.key
+    return (f"{sym.current if s.current else ' '} {s.index:>{digits}}", k.name,
+            mask(k.secret.get_secret_value(), sym.ellipsis), k.surface.value, k.account or "-",
+            f"{pct(s.health)}%", f"{k.successful_requests}/{k.total_requests}", s.state_text(now))
+
+
+def status_header(digits: int) -> tuple[str, ...]:
+    return (" " * (digits + 1) + "#", "NAME", "KEY", "SURFACE", "ACCOUNT", "HEALTH", "OK/ALL", "STATE")
+
+
+def status_table(statuses: Sequence[KeyStatus], width: int | None, now: float, sym: Symbols) -> list[str]:
+    """The key-status table, one line per key (list-keys --compact), fitted to `width` where it can be."""
+    digits = len(str(statuses[-1].index))
+    rows = [status_row(s, digits, now, sym) for s in statuses]
+    return table(status_header(digits), rows, width, right={5, 6}, caps={1: 24, 4: 16}, shrink=1, optional=(2, 4))
+
+
+def status_text(roster: Roster, settings: PoolSettings, now: float) -> str:
+    """What `kimi.status` answers at the mitmproxy prompt (always UTF-8): the strategy, then a line per key."""
+    lines = [f"strategy: {settings.strategy.value}"]
+    for s in key_statuses(roster, settings, now):
+        marker, k = FANCY.current if s.current else FANCY.other, s.key
+        lines.append(f"{marker} [{s.index}] {k.name} {mask(k.secret.get_secret_value())} {k.surface.value} "
+                     f"health {pct(s.health)} {s.state_text(now)}")
+    return "\n".join(lines)
+
+
+# -- stats --------------------------------------------------------------------------------------
 
 # The store's daily counts: {key id: {UTC day: (requests, successes)}}.
 Daily = Mapping[int, Mapping[str, tuple[int, int]]]
