@@ -386,12 +386,13 @@ def add_keys(
     new = [line.key for line in lines]
     added: list[KeyRecord] = []
     index: dict[int, int] = {}
-    with _store() as store:
-        if errors:  # report the clashes with the pool too, so one run shows every problem
-            errors += bulk.line_errors(lines, store.conflicts(new))
+    on_line = bulk.on_lines(lines)
+    with _store() as store:  # the store refuses a key or a name that is in the pool or twice in the file
+        if errors:  # report those clashes too, so one run shows every problem
+            errors += bulk.line_errors(lines, store.conflicts(new, on_line))
         else:
             try:
-                added, _ = store.add_keys(new, _now(), refuse_duplicates=True)
+                added, _ = store.add_keys(new, _now(), refuse_duplicates=True, where=on_line)
                 index = {k.id: i for i, k in enumerate(store.keys())}
             except DuplicateKey as e:
                 errors = bulk.line_errors(lines, e.conflicts)
