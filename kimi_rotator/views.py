@@ -143,23 +143,17 @@ def current_ids(roster: Roster, settings: PoolSettings, now: float) -> set[int]:
     return {k.id for k in engine.current_keys(roster, settings, now).values()}
 
 
-def status_row(s: KeyStatus, digits: int, now: float, sym: Symbols) -> tuple[str, ...]:
-    """One row of the key-status table, under status_header's columns."""
-    k = s.key
-    return (f"{sym.current if s.current else ' '} {s.index:>{digits}}", k.name,
-            mask(k.secret.get_secret_value(), sym.ellipsis), k.surface.value, k.account or "-",
-            f"{pct(s.health)}%", f"{k.successful_requests}/{k.total_requests}", s.state_text(now))
-
-
-def status_header(digits: int) -> tuple[str, ...]:
-    return (" " * (digits + 1) + "#", "NAME", "KEY", "SURFACE", "ACCOUNT", "HEALTH", "OK/ALL", "STATE")
-
-
 def status_table(statuses: Sequence[KeyStatus], width: int | None, now: float, sym: Symbols) -> list[str]:
     """The key-status table, one line per key (list-keys --compact), fitted to `width` where it can be."""
     digits = len(str(statuses[-1].index))
-    rows = [status_row(s, digits, now, sym) for s in statuses]
-    return table(status_header(digits), rows, width, right={5, 6}, caps={1: 24, 4: 16}, shrink=1, optional=(2, 4))
+    header = (" " * (digits + 1) + "#", "NAME", "KEY", "SURFACE", "ACCOUNT", "HEALTH", "OK/ALL", "STATE")
+    rows = [
+        (f"{sym.current if s.current else ' '} {s.index:>{digits}}", s.key.name,
+         mask(s.key.secret.get_secret_value(), sym.ellipsis), s.key.surface.value, s.key.account or "-",
+         f"{pct(s.health)}%", f"{s.key.successful_requests}/{s.key.total_requests}", s.state_text(now))
+        for s in statuses
+    ]
+    return table(header, rows, width, right={5, 6}, caps={1: 24, 4: 16}, shrink=1, optional=(2, 4))
 
 
 def status_text(roster: Roster, settings: PoolSettings, now: float) -> str:
