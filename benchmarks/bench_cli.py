@@ -14,7 +14,7 @@ Two modes, both for the baseline and the commands:
              read either: every module (standard library included) is compiled from source at every start. The
              folder is checked to be still empty afterwards.
 Neither mode writes into a source tree: the cached mode keeps its caches under a temporary PYTHONPYCACHEPREFIX too,
-so the script can measure another checkout (`/work/main/.venv/bin/python benchmarks/bench_cli.py`).
+so the script can measure another checkout (run it with that checkout's `.venv/bin/python`).
 """
 
 from __future__ import annotations

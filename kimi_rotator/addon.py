@@ -25,7 +25,7 @@ import certifi
 from mitmproxy import command, connection, ctx, exceptions, http, tls
 from mitmproxy.proxy import server_hooks
 
-from . import activity, engine
+from . import activity, engine, views
 from .activity import describe
 from .envelopes import INTERNAL_ERROR, error_response
 from .failover import Failover, Final, Job, broke_off
@@ -372,16 +372,7 @@ class KimiRotate:
         """The pooled keys and their state."""
         if self.pool is None:
             return f"kimi-rotate: no store ({self.store_error})"
-        now = time.time()
-        lines = [f"strategy: {self.pool.settings.strategy.value}"]
-        marked = {k.id for k in engine.current_keys(self.pool.roster, self.pool.settings, now).values()}
-        for i, k in enumerate(self.pool.roster.keys):
-            current = "●" if k.id in marked else "○"
-            state = k.state_at(now).value
-            why = k.disabled_reason or (k.cooldown_reason if state == "cooling" else "") or ""
-            lines.append(f"{current} [{i}] {describe(k)} {k.surface.value} health "
-                         f"{engine.health_at(k, now):.0f} {state} {why}".rstrip())
-        return "\n".join(lines)
+        return views.status_text(self.pool.roster, self.pool.settings, time.time())
 
     @command.command("kimi.rotate")
     def rotate(self) -> str:

@@ -12,7 +12,7 @@ from typing import TextIO
 
 from .keys import KeyFormatError, PastedHeader, default_surface, mask, validate_key, validate_name
 from .models import Surface
-from .store import Conflict, NewKey
+from .store import Conflict, NewKey, Where
 
 MAX_BYTES = 4 * 1024 * 1024  # about 40,000 lines: far above any pool, stops a wrong file from eating memory
 
@@ -34,12 +34,11 @@ class LineError:
 
 
 def parse(text: str, surface: Surface | None, account: str | None) -> tuple[list[Line], list[LineError]]:
-    """The keys of `text` and the problems of its bad lines (a duplicate within the text included).
-    `surface` (default: by each key's prefix) and `account` apply to every key."""
+    """The keys of `text` and the problems of its bad lines. `surface` (default: by each key's prefix) and
+    `account` apply to every key. A key or a name given twice is the store's to find, as it finds one already
+    in the pool (`Store.conflicts`, `on_lines`)."""
     lines: list[Line] = []
     errors: list[LineError] = []
-    first_with_secret: dict[str, int] = {}
-    first_with_name: dict[str, int] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -60,17 +59,13 @@ def parse(text: str, surface: Surface | None, account: str | None) -> tuple[list
         except KeyFormatError as e:
             errors.append(LineError(number, f"invalid name for {mask(secret)}: {e}"))
             continue
-        if secret in first_with_secret:
-            errors.append(LineError(number, f"{mask(secret)} is also on line {first_with_secret[secret]}"))
-            continue
-        if name is not None and name in first_with_name:
-            errors.append(LineError(number, f"the name {name!r} is also on line {first_with_name[name]}"))
-            continue
-        first_with_secret[secret] = number
-        if name is not None:
-            first_with_name[name] = number
         lines.append(Line(number, NewKey(secret=secret, name=name, surface=chosen, account=account)))
     return lines, errors
+
+
+def on_lines(lines: list[Line]) -> Where:
+    """Names an earlier key of the batch of `lines` in the store's messages by its line: `on line 2`."""
+    return lambda position: f"on line {lines[position].number}"
 
 
 def line_errors(lines: list[Line], conflicts: list[Conflict]) -> list[LineError]:

@@ -1,7 +1,8 @@
 """Turn one upstream answer (or the lack of one) into an Outcome the engine can act on.
 
-Pure: no I/O, no clock, no mitmproxy. RULES mirrors the error taxonomy of kimi-api.md §3. Message text is
-matched before `error.type` and status because Kimi reuses both across unrelated failures: one
+Pure: no I/O, no clock, no mitmproxy. RULES is Kimi's error taxonomy: for each documented status, `error.type`
+and message, who is at fault (the key, its account, the request, the client or the platform) and what to do.
+Message text is matched before `error.type` and status because Kimi reuses both across unrelated failures: one
 `access_terminated_error` is an account ban, another is a client-identity gate that every key would hit.
 """
 
@@ -27,7 +28,8 @@ RATE_LIMIT_DEFAULT: Final = 60.0
 BILLING_DEFAULT: Final = 5 * 3600.0  # Kimi Code's rolling window; /usages gives the real reset
 QUOTA_DEFAULT: Final = 6 * 3600.0
 MEMBERSHIP_COOLDOWN: Final = 24 * 3600.0
-NEXT_UTC_DAY: Final = "next-utc-day"  # TPD resets "the next day"; UTC is our best guess (kimi-api.md §2)
+# Moonshot says a TPD limit resets "the next day" and names no time zone; UTC is our best guess.
+NEXT_UTC_DAY: Final = "next-utc-day"
 
 _CLIENT_GATE = (
     "Kimi Code rejected the calling client's identity (User-Agent / X-Msh-Platform allowlist), not the key: "
@@ -87,7 +89,9 @@ RULES: Final[tuple[Rule, ...]] = (
     Rule(429, (), ("too many requests",), K.RATE_LIMITED, S.ACCOUNT, RATE_LIMIT_DEFAULT, True, True),
     Rule(401, (), (), K.INVALID_KEY, S.KEY, None, False, True),
     Rule(402, (), (), K.MEMBERSHIP, S.ACCOUNT, MEMBERSHIP_COOLDOWN, False, True),
-    Rule(429, (), (), K.RATE_LIMITED, S.KEY, RATE_LIMIT_DEFAULT, True, True),  # V27: every 429 cools something
+    # Every 429 cools something: one that no rule above names cools its key (opencode-kimi-rotator sent some,
+    # such as "Quota exceeded", back to the client with no cooldown, so the next request hit the same key).
+    Rule(429, (), (), K.RATE_LIMITED, S.KEY, RATE_LIMIT_DEFAULT, True, True),
     Rule(range(500, 600), (), (), K.SERVER_ERROR, S.SERVER, None, False, True),
     Rule(range(400, 500), (), (), K.REQUEST_ERROR, S.REQUEST, None, False, False, _REQUEST),
 )

@@ -35,10 +35,20 @@ from typer.core import TyperCommand, TyperGroup
 from . import cli_setup, engine, views
 from .cli_help import HelpLayout, NoArgsIsHelp, UsageError, usage_message
 from .errors import UserError
-from .keys import KeyFormatError, PastedHeader, SurfaceMismatch, default_surface, mask, validate_key, validate_name
+from .keys import (
+    KeyFormatError,
+    PastedHeader,
+    SurfaceMismatch,
+    default_surface,
+    mask,
+    validate_account,
+    validate_key,
+    validate_name,
+    validate_reason,
+)
 from .models import KeyRecord, KeyState, PoolSettings, Strategy, Surface
 from .roster import Roster
-from .store import DuplicateKey, KeyNotFound, NewKey, Snapshot, Store, StoreError, utc_day
+from .store import DuplicateKey, KeyNotFound, NewKey, Store, StoreError, utc_day
 from .symbols import PLAIN, symbols
 
 if TYPE_CHECKING:
@@ -155,15 +165,9 @@ app = _App(
 def _print_version(wanted: bool) -> None:
     if not wanted:
         return
-    from importlib.metadata import PackageNotFoundError, version
+    from . import __version__  # also the package's version (pyproject.toml reads it)
 
-    from . import __version__
-
-    try:
-        number = version("kimi-rotator")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        number = __version__
-    typer.echo(f"kimi-rotate {number}")
+    typer.echo(f"kimi-rotate {__version__}")
     raise typer.Exit()
 
 
@@ -246,39 +250,15 @@ def _new_passphrase() -> str:
 def _clean_account(text: str | None) -> str | None:
     if text is None:
         return None
-    cleaned = text.strip()
-    if not cleaned or len(cleaned) > 64 or not cleaned.isprintable():
-        raise CliError("the account label must be 1-64 printable characters; choose another one")
-    return cleaned
-
-
-def _pct(value: float) -> int:
-    # Round half up, as the reference (JS Math.round) does: 85 → 9 blocks, 25 → 3.
-    return math.floor(value + 0.5)
+    try:
+        return validate_account(text)
+    except KeyFormatError as e:
+        raise CliError(f"{e}; choose another one") from None
 
 
 def health_bar(health: float) -> str:
     filled = max(0, min(10, math.floor(health / 10 + 0.5)))
     return symbols().full * filled + symbols().empty * (10 - filled)
-
-
-def time_left(seconds: float) -> str:
-    minutes = max(1, math.ceil(seconds / 60))
-    if minutes < 60:
-        return f"~{minutes}m"
-    hours, rest = divmod(minutes, 60)
-    if hours < 48:
-        return f"~{hours}h{rest:02d}m" if rest else f"~{hours}h"
-    return f"~{math.ceil(seconds / 86400)}d"
-
-
-def _state(k: KeyRecord, now: float) -> tuple[KeyState, str | None]:
-    state = k.state_at(now)
-    if state is KeyState.DISABLED:
-        return state, k.disabled_reason
-    if state is KeyState.COOLING:
-        return state, k.cooldown_reason
-    return state, None
 
 
 def _warn_kimi_code(surfaces: list[Surface]) -> None:
@@ -406,12 +386,13 @@ def add_keys(
     new = [line.key for line in lines]
     added: list[KeyRecord] = []
     index: dict[int, int] = {}
-    with _store() as store:
-        if errors:  # report the clashes with the pool too, so one run shows every problem
-            errors += bulk.line_errors(lines, store.conflicts(new))
+    on_line = bulk.on_lines(lines)
+    with _store() as store:  # the store refuses a key or a name that is in the pool or twice in the file
+        if errors:  # report those clashes too, so one run shows every problem
+            errors += bulk.line_errors(lines, store.conflicts(new, on_line))
         else:
             try:
-                added, _ = store.add_keys(new, _now(), refuse_duplicates=True)
+                added, _ = store.add_keys(new, _now(), refuse_duplicates=True, where=on_line)
                 index = {k.id: i for i, k in enumerate(store.keys())}
             except DuplicateKey as e:
                 errors = bulk.line_errors(lines, e.conflicts)
@@ -442,7 +423,7 @@ def key_json(
     cooldown_until (epoch s|null, set while cooling), total_requests = successful_requests +
     rate_limited_requests + failed_requests (ints), last_used and added_at (epoch s|null).
     """
-    state, reason = _state(k, now)
+    s = views.key_status(index, k, settings, now, k.id in marked if marked is not None else settings.is_current(k))
     cooling = k.cooldown_until is not None and k.cooldown_until > now
     return {
         "index": index,
@@ -451,10 +432,10 @@ def key_json(
         "fingerprint": k.fingerprint,
         "surface": k.surface.value,
         "account": k.account,
-        "current": k.id in marked if marked is not None else settings.is_current(k),
-        "health": _pct(engine.health_at(k, now, settings.auto_refresh_health)),
-        "state": state.value,
-        "reason": reason,
+        "current": s.current,
+        "health": views.pct(s.health),
+        "state": s.state.value,
+        "reason": s.reason,
         "cooldown_until": k.cooldown_until if cooling else None,
         "total_requests": k.total_requests,
         "successful_requests": k.successful_requests,
@@ -467,11 +448,6 @@ def key_json(
 
 # Above this many keys list-keys prints one line per key instead of a block (--compact / --long choose).
 COMPACT_ABOVE = 10
-
-
-def marked_current(snap: Snapshot, now: float) -> set[int]:
-    """The ids of the keys list-keys marks ●: each surface's current key, or the one its next request goes to."""
-    return {k.id for k in engine.current_keys(Roster(snap.keys), snap.settings, now).values()}
 
 
 @app.command("list-keys")
@@ -500,13 +476,14 @@ def list_keys(
     now = _now()
     with _store(readonly=True) as store:
         snap = store.snapshot()
-    marked = marked_current(snap, now)
+    statuses = views.key_statuses(Roster(snap.keys), snap.settings, now)
     shown = [
-        (i, k) for i, k in enumerate(snap.keys)
-        if (only_state is None or k.state_at(now) is only_state) and (only_surface is None or k.surface is only_surface)
+        s for s in statuses
+        if (only_state is None or s.state is only_state) and (only_surface is None or s.key.surface is only_surface)
     ]
     if as_json:
-        rows = [key_json(i, k, snap.settings, now, marked) for i, k in shown]
+        marked = {s.key.id for s in statuses if s.current}
+        rows = [key_json(s.index, s.key, snap.settings, now, marked) for s in shown]
         # \u escapes where the output cannot encode a character: the same JSON to any parser.
         typer.echo(json.dumps(rows, indent=2, ensure_ascii=symbols() is PLAIN))
         return
@@ -522,50 +499,28 @@ def list_keys(
             typer.echo(f"No {which} keys (of {len(snap.keys)}).")
             return
         typer.echo(f"\nKimi API Keys ({len(shown)} {which} of {len(snap.keys)}, strategy: {strategy}):\n")
+    sym = symbols()
     if compact or (compact is None and len(shown) > COMPACT_ABOVE):
-        digits = len(str(shown[-1][0]))
-        cells = [_table_row(i, k, k.id in marked, digits, snap.settings, now) for i, k in shown]
         width = shutil.get_terminal_size((0, 0)).columns or None  # not a terminal: lines are not cut
-        header = (" " * (digits + 1) + "#", "NAME", "KEY", "SURFACE", "ACCOUNT", "HEALTH", "OK/ALL", "STATE")
-        for line in views.table(header, cells, width, right={5, 6}, caps={1: 24, 4: 16}, shrink=1, optional=(2, 4)):
+        for line in views.status_table(shown, width, now, sym):
             typer.echo(line)
         return
-    sym = symbols()
-    for i, k in shown:
-        health = engine.health_at(k, now, snap.settings.auto_refresh_health)
-        state, reason = _state(k, now)
-        if state is KeyState.DISABLED:
-            status = f"{sym.failed} Disabled ({reason})"
-        elif state is KeyState.COOLING and k.cooldown_until is not None:
-            status = (f"{sym.cooling} Cooling ({reason or 'cooldown'}, {time_left(k.cooldown_until - now)} left) "
-                      f"until {views.clock(k.cooldown_until, now)}")
+    for s in shown:
+        k = s.key
+        if s.state is KeyState.DISABLED:
+            status = f"{sym.failed} Disabled ({s.reason})"
+        elif s.state is KeyState.COOLING and k.cooldown_until is not None:
+            status = (f"{sym.cooling} Cooling ({s.reason or 'cooldown'}, {views.time_left(k.cooldown_until - now)} "
+                      f"left) until {views.clock(k.cooldown_until, now)}")
         else:
             status = f"{sym.ok} Active"
         where = k.surface.value + (f", account: {k.account}" if k.account else "")
-        marker = sym.current if k.id in marked else sym.other
-        typer.echo(f"{marker} [{i}] {k.name}")
+        typer.echo(f"{sym.current if s.current else sym.other} [{s.index}] {k.name}")
         typer.echo(f"   Key: {_masked(k.secret.get_secret_value())}  (fingerprint {k.fingerprint})")
         typer.echo(f"   Surface: {where}")
-        typer.echo(f"   Health: {health_bar(health)} {_pct(health)}%")
+        typer.echo(f"   Health: {health_bar(s.health)} {views.pct(s.health)}%")
         typer.echo(f"   Requests: {k.successful_requests}/{k.total_requests} successful")
         typer.echo(f"   Status: {status}\n")
-
-
-def _table_row(
-    i: int, k: KeyRecord, marked: bool, digits: int, settings: PoolSettings, now: float
-) -> tuple[str, ...]:
-    key_state, reason = _state(k, now)
-    if key_state is KeyState.COOLING and k.cooldown_until is not None:
-        status = (f"cooling until {views.clock(k.cooldown_until, now)} ({time_left(k.cooldown_until - now)}): "
-                  f"{reason or 'cooldown'}")
-    elif key_state is KeyState.DISABLED:
-        status = f"disabled: {reason}"
-    else:
-        status = "active"
-    health = _pct(engine.health_at(k, now, settings.auto_refresh_health))
-    return (f"{symbols().current if marked else ' '} {i:>{digits}}", k.name, _masked(k.secret.get_secret_value()),
-            k.surface.value,
-            k.account or "-", f"{health}%", f"{k.successful_requests}/{k.total_requests}", status)
 
 
 @app.command("remove-key")
@@ -594,7 +549,7 @@ def _removal_confirmed(store: Store, index: int, key: KeyRecord) -> bool:
         what = f"the last {surface} key"
         question = (f"Remove {shown}, the last {surface} key? Requests for {surface} will then pass "
                     "through without a pooled key. [y/N] ")
-    elif key.id in marked_current(snap, _now()):
+    elif key.id in views.current_ids(Roster(snap.keys), snap.settings, _now()):
         what = f"the current {surface} key"
         question = f"Remove the current key {shown}? [y/N] "
     else:
@@ -657,9 +612,10 @@ def disable(
     reason: Annotated[str, typer.Option(metavar="TEXT", help="Why, shown by list-keys.")] = "disabled by hand",
 ) -> None:
     """Take a key out of rotation until `enable`."""
-    cleaned = reason.strip()
-    if not cleaned or len(cleaned) > 200 or not cleaned.isprintable():
-        raise CliError("the reason must be 1-200 printable characters; shorten or fix it")
+    try:
+        cleaned = validate_reason(reason)
+    except KeyFormatError as e:
+        raise CliError(f"{e}; shorten or fix it") from None
     with _store() as store:
         index, key = _resolve(store, ref)
         store.set_disabled(key.id, cleaned)
@@ -686,7 +642,7 @@ def rotate() -> None:
         detail = f"{result.total} {platform}key(s): {result.cooling} cooling, {result.disabled} disabled"
         todo = f"add or enable another {platform}key"
         if result.next_free_at is not None:
-            detail += f"; the first frees up in {time_left(result.next_free_at - now)}"
+            detail += f"; the first frees up in {views.time_left(result.next_free_at - now)}"
             todo = f"wait for it, or {todo}"
         raise CliError(f"no other {platform}key can serve now ({detail}); {todo}")
     typer.echo(f"{symbols().ok} Rotated to the next key")
@@ -702,13 +658,13 @@ def use_key(ref: KeyRef) -> None:
         index, key = _resolve(store, ref)
         store.use_key(key.id)
     typer.echo(f"{symbols().ok} Now using: {key.name} (index {index})")
-    state, reason = _state(key, now)
+    state = key.state_at(now)
     if state is KeyState.DISABLED:
-        typer.echo(f"note: this key is disabled ({reason}); requests go to other keys until "
+        typer.echo(f"note: this key is disabled ({key.disabled_reason}); requests go to other keys until "
                    f"`kimi-rotate enable {index}`", err=True)
     elif state is KeyState.COOLING and key.cooldown_until is not None:
-        typer.echo(f"note: this key is cooling ({reason}); requests go to other keys for "
-                   f"{time_left(key.cooldown_until - now)}", err=True)
+        typer.echo(f"note: this key is cooling ({key.cooldown_reason}); requests go to other keys for "
+                   f"{views.time_left(key.cooldown_until - now)}", err=True)
 
 
 @app.command("set-strategy")
@@ -781,8 +737,8 @@ def refresh_health() -> None:
         return
     typer.echo(f"{symbols().ok} Refreshed health for {len(pairs)} key(s):")
     for before, after in pairs:
-        old = _pct(engine.health_at(before, now, True))
-        typer.echo(f"  {before.name}: {old}% {symbols().arrow} {_pct(after.health)}%")
+        old = views.pct(engine.health_at(before, now, True))
+        typer.echo(f"  {before.name}: {old}% {symbols().arrow} {views.pct(after.health)}%")
 
 
 # -- stats --------------------------------------------------------------------------------------
@@ -805,54 +761,34 @@ def stats(
     if not keys:
         typer.echo("No keys configured.\nAdd one with: kimi-rotate add-key")
         return
+    usage = views.usage_stats(keys, daily, today)
     typer.echo(f"\n{symbols().stats}Usage Statistics\n")
-    tot = ok = limited = failed = samples = today_n = week_n = 0
-    latency_sum = 0.0
-    lo: float | None = None
-    hi: float | None = None
-    for i, k in enumerate(keys):
-        days = daily.get(k.id, {})
-        k_today = days.get(today, (0, 0))[0]
-        k_week = sum(req for req, _ in days.values())
+    for i, (k, u) in enumerate(zip(keys, usage.keys, strict=True)):
         typer.echo(f"[{i}] {k.name}  ({_masked(k.secret.get_secret_value())})")
-        _print_counts("   ", k.total_requests, k.successful_requests, k.rate_limited_requests, k.failed_requests)
-        if k.latency_count:
-            typer.echo(f"   Avg Response Time: {round(k.latency_sum_ms / k.latency_count)}ms")
-            typer.echo(f"   Response Time Range: {round(k.latency_min_ms or 0)}ms - {round(k.latency_max_ms or 0)}ms")
-        else:
-            typer.echo("   Avg Response Time: N/A")
-        typer.echo(f"   Requests Today: {k_today}")
-        typer.echo(f"   Requests Last 7 Days: {k_week}\n")
-        tot += k.total_requests
-        ok += k.successful_requests
-        limited += k.rate_limited_requests
-        failed += k.failed_requests
-        samples += k.latency_count
-        latency_sum += k.latency_sum_ms
-        today_n += k_today
-        week_n += k_week
-        if k.latency_min_ms is not None:
-            lo = k.latency_min_ms if lo is None else min(lo, k.latency_min_ms)
-        if k.latency_max_ms is not None:
-            hi = k.latency_max_ms if hi is None else max(hi, k.latency_max_ms)
+        _print_usage(u)
+        typer.echo("")
     typer.echo(symbols().rule * 50)
     typer.echo(f"{symbols().totals}Aggregate Statistics")
     typer.echo(f"   Keys: {len(keys)}")
-    _print_counts("   ", tot, ok, limited, failed, prefix="Overall ")
-    if samples:
-        typer.echo(f"   Overall Avg Response Time: {round(latency_sum / samples)}ms")
-        typer.echo(f"   Overall Response Time Range: {round(lo or 0)}ms - {round(hi or 0)}ms")
-    typer.echo(f"   Requests Today: {today_n}")
-    typer.echo(f"   Requests Last 7 Days: {week_n}\n")
+    _print_usage(usage.total, overall=True)
+    typer.echo("")
 
 
-def _print_counts(indent: str, total: int, ok: int, limited: int, failed: int, prefix: str = "") -> None:
-    typer.echo(f"{indent}Total Requests: {total}")
-    typer.echo(f"{indent}Successful: {ok}")
-    typer.echo(f"{indent}Rate Limited: {limited}")
-    typer.echo(f"{indent}Failed: {failed}")
-    if total:
-        typer.echo(f"{indent}{prefix}Success Rate: {ok / total * 100:.1f}%")
+def _print_usage(u: views.Usage, overall: bool = False) -> None:
+    prefix = "Overall " if overall else ""
+    typer.echo(f"   Total Requests: {u.total_requests}")
+    typer.echo(f"   Successful: {u.successful_requests}")
+    typer.echo(f"   Rate Limited: {u.rate_limited_requests}")
+    typer.echo(f"   Failed: {u.failed_requests}")
+    if u.success_rate is not None:
+        typer.echo(f"   {prefix}Success Rate: {u.success_rate:.1f}%")
+    if u.avg_response_ms is not None:
+        typer.echo(f"   {prefix}Avg Response Time: {u.avg_response_ms}ms")
+        typer.echo(f"   {prefix}Response Time Range: {u.min_response_ms or 0}ms - {u.max_response_ms or 0}ms")
+    elif not overall:
+        typer.echo("   Avg Response Time: N/A")
+    typer.echo(f"   Requests Today: {u.requests_today}")
+    typer.echo(f"   Requests Last 7 Days: {u.requests_last_7_days}")
 
 
 # -- backups and imports ------------------------------------------------------------------------

@@ -12,6 +12,8 @@ KIMI_CODE_PREFIX = "sk-kimi-"
 MIN_LEN = 20
 MAX_LEN = 128
 MAX_NAME_LEN = 64
+MAX_ACCOUNT_LEN = 64
+MAX_REASON_LEN = 200
 _KEY_CHARS = re.compile(r"^sk-[A-Za-z0-9_-]+$")
 _NAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f]")
 # What comes before the key when a whole header line or its value was copied.
@@ -79,6 +81,23 @@ def validate_name(name: str) -> str:
         raise KeyFormatError("the name looks like an API key; give one key per command, and a name of your own")
     if cleaned.isdigit():
         raise KeyFormatError("the name is a number, which would be read as an index; add a letter")
+    return cleaned
+
+
+def validate_account(label: str) -> str:
+    """An account label (keys of one account share rate limits) without surrounding white space, or KeyFormatError."""
+    return _printable(label, "the account label", MAX_ACCOUNT_LEN)
+
+
+def validate_reason(reason: str) -> str:
+    """Why a key is disabled, as `list-keys` shows it, without surrounding white space; or KeyFormatError."""
+    return _printable(reason, "the reason", MAX_REASON_LEN)
+
+
+def _printable(text: str, what: str, max_len: int) -> str:
+    cleaned = text.strip()
+    if not cleaned or len(cleaned) > max_len or not cleaned.isprintable():
+        raise KeyFormatError(f"{what} must be 1-{max_len} printable characters")
     return cleaned
 
 

@@ -9,6 +9,7 @@ value could be a key.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import UserError
-from .keys import KeyFormatError, default_surface, mask, validate_key, validate_name
+from .keys import KeyFormatError, default_surface, mask, validate_account, validate_key, validate_name, validate_reason
 from .models import Strategy, Surface
 from .store import NewKey
 
@@ -124,6 +125,13 @@ def to_new_key(acc: RefAccount, position: int, now: float, notes: list[str]) -> 
         except KeyFormatError as e:
             notes.append(f"account {position}: name not kept ({e}); it gets a default name")
 
+    account: str | None = None
+    if extras.account and extras.account.strip():
+        try:
+            account = validate_account(extras.account)
+        except KeyFormatError as e:
+            notes.append(f"account {position}: account label not kept ({e}); `kimi-rotate set-account` sets one")
+
     # The reference keeps two reset times (ms); a future one becomes our single cooldown deadline.
     cooldown_until: float | None = None
     cooldown_reason: str | None = None
@@ -135,13 +143,14 @@ def to_new_key(acc: RefAccount, position: int, now: float, notes: list[str]) -> 
         if until > now and (cooldown_until is None or until > cooldown_until):
             cooldown_until, cooldown_reason = until, reason
     if cooldown_until is not None and extras.cooldownReason:
-        cooldown_reason = extras.cooldownReason
+        with contextlib.suppress(KeyFormatError):  # one that can't be shown keeps the plain reason above
+            cooldown_reason = validate_reason(extras.cooldownReason)
 
     return NewKey(
         secret=secret,
         name=name,
         surface=surface,
-        account=_label(extras.account),
+        account=account,
         health=max(0.0, min(100.0, acc.healthScore)),
         # The reference could count more successes than requests (its fallback skipped the count);
         # our counters must add up, so the total is at least the successes.
@@ -150,7 +159,7 @@ def to_new_key(acc: RefAccount, position: int, now: float, notes: list[str]) -> 
         rate_limited_requests=extras.rateLimitedRequests,
         cooldown_until=cooldown_until,
         cooldown_reason=cooldown_reason,
-        disabled_reason=_label(extras.disabledReason),
+        disabled_reason=_disabled_reason(extras.disabledReason),
         added_at=acc.addedAt / 1000.0 or None,
         last_used=acc.lastUsed / 1000.0 or None,
     )
@@ -163,12 +172,15 @@ def _describe(acc: RefAccount) -> str:
     return shown + mask(acc.key.strip())
 
 
-def _label(text: str | None) -> str | None:
-    """An account label from our own export; a hand-edited one that can't be shown is dropped."""
-    cleaned = (text or "").strip()
-    if not cleaned or len(cleaned) > 64 or not cleaned.isprintable():
+def _disabled_reason(text: str | None) -> str | None:
+    """Why a key of our own export was disabled. A disabled key stays disabled: a hand-edited reason that
+    can't be shown becomes a plain one."""
+    if not text or not text.strip():
         return None
-    return cleaned
+    try:
+        return validate_reason(text)
+    except KeyFormatError:
+        return "disabled (imported)"
 
 
 def load(path: Path, now: float) -> Imported:

@@ -29,7 +29,7 @@ import platformdirs
 
 from . import engine
 from .errors import UserError
-from .keys import fingerprint
+from .keys import fingerprint, mask
 from .models import KeyRecord, Outcome, OutcomeKind, PoolSettings, Secret, Strategy, Surface
 from .roster import Roster
 
@@ -97,6 +97,14 @@ class Conflict:
     position: int  # in the batch given to add_keys
     problem: str  # e.g. "this key is already in the pool as [0] main"
     advice: str  # what to do about it
+
+
+# Names an entry of a batch (by its position) in a clash's message, after "is also": `in entry 2 of this batch`.
+Where = Callable[[int], str]
+
+
+def in_batch(position: int) -> str:
+    return f"in entry {position} of this batch"
 
 
 class DuplicateKey(StoreError):
@@ -401,18 +409,19 @@ class Store:
     # -- changing keys -------------------------------------------------------------------------
 
     def add_keys(
-        self, new: Sequence[NewKey], now: float, refuse_duplicates: bool = False
+        self, new: Sequence[NewKey], now: float, refuse_duplicates: bool = False, where: Where = in_batch
     ) -> tuple[list[KeyRecord], list[NewKey]]:
         """Adds the keys in one transaction. Returns (added, skipped duplicates).
 
         Imports (the default) skip a secret already present and give a taken name a number (`Main 2`).
         With `refuse_duplicates` (add-key, add-keys) a taken secret or name, in the pool or earlier in
-        the batch, raises DuplicateKey listing every clash, and nothing is added."""
+        the batch, raises DuplicateKey listing every clash, and nothing is added; `where` names the
+        earlier entry of the batch in those messages."""
         added: list[KeyRecord] = []
         skipped: list[NewKey] = []
         with self._write() as db:
             if refuse_duplicates:
-                conflicts = _conflicts(db, new)
+                conflicts = _conflicts(db, new, where)
                 if conflicts:
                     raise DuplicateKey(conflicts)
             present = {row[0] for row in db.execute("SELECT secret FROM keys")}
@@ -443,11 +452,11 @@ class Store:
         added, _ = self.add_keys([new], now, refuse_duplicates=True)
         return added[0]
 
-    def conflicts(self, new: Sequence[NewKey]) -> list[Conflict]:
-        """What `add_keys(new, refuse_duplicates=True)` would refuse, without writing (to report every
-        problem of a batch that has other problems too)."""
+    def conflicts(self, new: Sequence[NewKey], where: Where = in_batch) -> list[Conflict]:
+        """What `add_keys(new, refuse_duplicates=True, where=where)` would refuse, without writing (to report
+        every problem of a batch that has other problems too)."""
         with self._read() as db:
-            return _conflicts(db, new)
+            return _conflicts(db, new, where)
 
     def rename_key(self, key_id: int, name: str) -> tuple[KeyRecord, KeyRecord]:
         """Gives a key another name (its counters and state stay). Returns (before, after)."""
@@ -699,7 +708,7 @@ def _counters(nk: NewKey) -> tuple[int, int, int, int]:
     return total, ok, limited, total - ok - limited
 
 
-def _conflicts(db: sqlite3.Connection, new: Sequence[NewKey]) -> list[Conflict]:
+def _conflicts(db: sqlite3.Connection, new: Sequence[NewKey], where: Where) -> list[Conflict]:
     """Every key of `new` whose secret or name is taken, by the pool or by an earlier key of `new`."""
     pool = db.execute("SELECT secret, name FROM keys ORDER BY id").fetchall()
     by_secret = {secret: (i, name) for i, (secret, name) in enumerate(pool)}
@@ -712,14 +721,14 @@ def _conflicts(db: sqlite3.Connection, new: Sequence[NewKey]) -> list[Conflict]:
             index, name = by_secret[nk.secret]
             out.append(Conflict(pos, f"this key is already in the pool as [{index}] {name}", "nothing was added"))
         elif nk.secret in seen_secrets:
-            out.append(Conflict(pos, f"the same key as entry {seen_secrets[nk.secret]} of this batch",
+            out.append(Conflict(pos, f"{mask(nk.secret)} is also {where(seen_secrets[nk.secret])}",
                                 "give each key once"))
         elif nk.name is not None and nk.name in by_name:
             out.append(Conflict(pos, f"a key named {nk.name!r} already exists ([{by_name[nk.name]}])",
                                 "choose another name"))
         elif nk.name is not None and nk.name in seen_names:
-            out.append(Conflict(pos, f"the name {nk.name!r} is also given to entry {seen_names[nk.name]} of this "
-                                "batch", "give each key its own name"))
+            out.append(Conflict(pos, f"the name {nk.name!r} is also {where(seen_names[nk.name])}",
+                                "give each key its own name"))
         seen_secrets.setdefault(nk.secret, pos)
         if nk.name is not None:
             seen_names.setdefault(nk.name, pos)

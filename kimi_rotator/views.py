@@ -1,18 +1,21 @@
-"""Presentation helpers for large pools: the one-line-per-key table, clock times, and `stats --json`.
+"""Presentation: the key-status table (`list-keys`, `kimi.status`), clock times, and the figures `stats` shows.
 
-Nothing here reads the clock or the store: the CLI passes `now` and the records in.
+Nothing here reads the clock or the store, or imports mitmproxy: the CLI and the addon pass `now` and the records in.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
+from . import engine
 from .keys import mask
-from .models import KeyRecord
-from .symbols import symbols
+from .models import KeyRecord, KeyState, PoolSettings
+from .roster import Roster
+from .symbols import FANCY, Symbols, symbols
 
 MIN_SHRUNK_WIDTH = 8
 LAST_ROOM = 24
@@ -26,6 +29,21 @@ def clock(ts: float, now: float) -> str:
     if at.date() == datetime.fromtimestamp(now).date():
         return at.strftime("%H:%M")
     return at.strftime("%Y-%m-%d %H:%M")
+
+
+def pct(value: float) -> int:
+    # Round half up, as the reference (JS Math.round) does: 85 → 9 blocks, 25 → 3.
+    return math.floor(value + 0.5)
+
+
+def time_left(seconds: float) -> str:
+    minutes = max(1, math.ceil(seconds / 60))
+    if minutes < 60:
+        return f"~{minutes}m"
+    hours, rest = divmod(minutes, 60)
+    if hours < 48:
+        return f"~{hours}h{rest:02d}m" if rest else f"~{hours}h"
+    return f"~{math.ceil(seconds / 86400)}d"
 
 
 def cut(text: str, width: int) -> str:
@@ -84,63 +102,159 @@ def table(
     return lines
 
 
+# -- the key-status table ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyStatus:
+    """One key as `list-keys` and `kimi.status` show it at one moment."""
+
+    index: int  # in the pool's order, as the commands take it
+    key: KeyRecord
+    current: bool  # the key its surface is on (list-keys' ●)
+    health: float  # with the time-based recovery when the pool has it on
+    state: KeyState
+    reason: str | None  # why it is cooling or disabled
+
+    def state_text(self, now: float) -> str:
+        """`active`, `cooling until 14:05 (~5m): <why>` or `disabled: <why>`."""
+        if self.state is KeyState.COOLING and self.key.cooldown_until is not None:
+            until = self.key.cooldown_until
+            return f"cooling until {clock(until, now)} ({time_left(until - now)}): {self.reason or 'cooldown'}"
+        if self.state is KeyState.DISABLED:
+            return f"disabled: {self.reason}"
+        return "active"
+
+
+def key_status(index: int, key: KeyRecord, settings: PoolSettings, now: float, current: bool) -> KeyStatus:
+    state = key.state_at(now)
+    reason = {KeyState.DISABLED: key.disabled_reason, KeyState.COOLING: key.cooldown_reason}.get(state)
+    return KeyStatus(index, key, current, engine.health_at(key, now, settings.auto_refresh_health), state, reason)
+
+
+def key_statuses(roster: Roster, settings: PoolSettings, now: float) -> list[KeyStatus]:
+    """Every key of the pool, in order; `current` marks each surface's current key, or the one its next request
+    goes to (a fresh pool is on that key, not on none)."""
+    current = current_ids(roster, settings, now)
+    return [key_status(i, k, settings, now, k.id in current) for i, k in enumerate(roster.keys)]
+
+
+def current_ids(roster: Roster, settings: PoolSettings, now: float) -> set[int]:
+    return {k.id for k in engine.current_keys(roster, settings, now).values()}
+
+
+def status_table(statuses: Sequence[KeyStatus], width: int | None, now: float, sym: Symbols) -> list[str]:
+    """The key-status table, one line per key (list-keys --compact), fitted to `width` where it can be."""
+    digits = len(str(statuses[-1].index))
+    header = (" " * (digits + 1) + "#", "NAME", "KEY", "SURFACE", "ACCOUNT", "HEALTH", "OK/ALL", "STATE")
+    rows = [
+        (f"{sym.current if s.current else ' '} {s.index:>{digits}}", s.key.name,
+         mask(s.key.secret.get_secret_value(), sym.ellipsis), s.key.surface.value, s.key.account or "-",
+         f"{pct(s.health)}%", f"{s.key.successful_requests}/{s.key.total_requests}", s.state_text(now))
+        for s in statuses
+    ]
+    return table(header, rows, width, right={5, 6}, caps={1: 24, 4: 16}, shrink=1, optional=(2, 4))
+
+
+def status_text(roster: Roster, settings: PoolSettings, now: float) -> str:
+    """What `kimi.status` answers at the mitmproxy prompt (always UTF-8): the strategy, then a line per key."""
+    lines = [f"strategy: {settings.strategy.value}"]
+    for s in key_statuses(roster, settings, now):
+        marker, k = FANCY.current if s.current else FANCY.other, s.key
+        lines.append(f"{marker} [{s.index}] {k.name} {mask(k.secret.get_secret_value())} {k.surface.value} "
+                     f"health {pct(s.health)} {s.state_text(now)}")
+    return "\n".join(lines)
+
+
+# -- stats --------------------------------------------------------------------------------------
+
+# The store's daily counts: {key id: {UTC day: (requests, successes)}}.
+Daily = Mapping[int, Mapping[str, tuple[int, int]]]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What `stats` shows of one key or of the pool; the field names are `stats --json`'s."""
+
+    total_requests: int
+    successful_requests: int
+    rate_limited_requests: int
+    failed_requests: int
+    success_rate: float | None  # percent, one decimal; None before the first request
+    avg_response_ms: int | None  # None while no response time was measured
+    min_response_ms: int | None
+    max_response_ms: int | None
+    requests_today: int
+    requests_last_7_days: int
+
+
+@dataclass(frozen=True)
+class UsageStats:
+    keys: list[Usage]  # in the order of the keys given
+    total: Usage
+
+
+def usage_stats(keys: Sequence[KeyRecord], daily: Daily, today: str) -> UsageStats:
+    """Per key and over the pool. `daily` holds the days that count as the last 7; `today` is the one of them
+    that counts as today."""
+    rows = [
+        _usage(
+            k.total_requests, k.successful_requests, k.rate_limited_requests, k.failed_requests,
+            k.latency_count, k.latency_sum_ms, k.latency_min_ms, k.latency_max_ms,
+            daily.get(k.id, {}).get(today, (0, 0))[0], sum(req for req, _ in daily.get(k.id, {}).values()),
+        )
+        for k in keys
+    ]
+    mins = [k.latency_min_ms for k in keys if k.latency_min_ms is not None]
+    maxes = [k.latency_max_ms for k in keys if k.latency_max_ms is not None]
+    total = _usage(
+        sum(k.total_requests for k in keys), sum(k.successful_requests for k in keys),
+        sum(k.rate_limited_requests for k in keys), sum(k.failed_requests for k in keys),
+        sum(k.latency_count for k in keys), sum(k.latency_sum_ms for k in keys),
+        min(mins, default=None), max(maxes, default=None),
+        sum(r.requests_today for r in rows), sum(r.requests_last_7_days for r in rows),
+    )
+    return UsageStats(rows, total)
+
+
+def _usage(
+    total: int, ok: int, limited: int, failed: int,
+    samples: int, latency_sum: float, lo: float | None, hi: float | None,
+    today: int, week: int,
+) -> Usage:
+    return Usage(
+        total_requests=total,
+        successful_requests=ok,
+        rate_limited_requests=limited,
+        failed_requests=failed,
+        success_rate=round(ok / total * 100, 1) if total else None,
+        avg_response_ms=round(latency_sum / samples) if samples else None,
+        min_response_ms=round(lo) if lo is not None else None,
+        max_response_ms=round(hi) if hi is not None else None,
+        requests_today=today,
+        requests_last_7_days=week,
+    )
+
+
 def stats_json(
-    keys: Sequence[KeyRecord], daily: dict[int, dict[str, tuple[int, int]]], today: str, week_start: str
+    keys: Sequence[KeyRecord], daily: Daily, today: str, week_start: str
 ) -> dict[str, Any]:
     """The document `stats --json` prints. Scripts rely on these names and types: only ever add fields.
 
-    keys: one object per key (index, name, masked_key, fingerprint, surface, account, the four request
-    counters, success_rate, avg/min/max_response_ms, requests_today, requests_last_7_days); total: the
-    same counts over the pool plus `keys`; today / week_start: the UTC days the daily counts cover.
+    keys: one object per key (index, name, masked_key, fingerprint, surface, account, then Usage's fields);
+    total: Usage's fields over the pool plus `keys`; today / week_start: the UTC days the daily counts cover.
     """
-    rows = []
-    for i, k in enumerate(keys):
-        days = daily.get(k.id, {})
-        row: dict[str, Any] = {
+    usage = usage_stats(keys, daily, today)
+    rows = [
+        {
             "index": i,
             "name": k.name,
             "masked_key": mask(k.secret.get_secret_value()),
             "fingerprint": k.fingerprint,
             "surface": k.surface.value,
             "account": k.account,
+            **asdict(u),
         }
-        row.update(
-            _counts(
-                k.total_requests, k.successful_requests, k.rate_limited_requests, k.failed_requests,
-                k.latency_count, k.latency_sum_ms, k.latency_min_ms, k.latency_max_ms,
-                days.get(today, (0, 0))[0], sum(req for req, _ in days.values()),
-            )
-        )
-        rows.append(row)
-    mins = [k.latency_min_ms for k in keys if k.latency_min_ms is not None]
-    maxes = [k.latency_max_ms for k in keys if k.latency_max_ms is not None]
-    total: dict[str, Any] = {"keys": len(keys)}
-    total.update(
-        _counts(
-            sum(k.total_requests for k in keys), sum(k.successful_requests for k in keys),
-            sum(k.rate_limited_requests for k in keys), sum(k.failed_requests for k in keys),
-            sum(k.latency_count for k in keys), sum(k.latency_sum_ms for k in keys),
-            min(mins, default=None), max(maxes, default=None),
-            sum(r["requests_today"] for r in rows), sum(r["requests_last_7_days"] for r in rows),
-        )
-    )
-    return {"today": today, "week_start": week_start, "keys": rows, "total": total}
-
-
-def _counts(
-    total: int, ok: int, limited: int, failed: int,
-    samples: int, latency_sum: float, lo: float | None, hi: float | None,
-    today: int, week: int,
-) -> dict[str, Any]:
-    return {
-        "total_requests": total,
-        "successful_requests": ok,
-        "rate_limited_requests": limited,
-        "failed_requests": failed,
-        "success_rate": round(ok / total * 100, 1) if total else None,
-        "avg_response_ms": round(latency_sum / samples) if samples else None,
-        "min_response_ms": round(lo) if lo is not None else None,
-        "max_response_ms": round(hi) if hi is not None else None,
-        "requests_today": today,
-        "requests_last_7_days": week,
-    }
+        for i, (k, u) in enumerate(zip(keys, usage.keys, strict=True))
+    ]
+    return {"today": today, "week_start": week_start, "keys": rows, "total": {"keys": len(keys), **asdict(usage.total)}}

@@ -10,7 +10,8 @@ and the standard library only, so a stuck handler can never wedge the accept loo
 wait inside a handler is on that event) and shuts down every live socket, so ``close()`` returns well under a second
 even with hanging or streaming connections.
 
-See /work/shared/reference/kimi-api.md (§1 paths, §3 envelopes, §4 retry signals, §6 SSE) for what is imitated.
+What it imitates: the three surfaces' paths and auth headers, the error envelopes (OpenAI's, Anthropic's), the retry
+signals (Retry-After, "try again after N seconds", Msh-Uid), the zero-token probes and both SSE stream formats.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ _INFERENCE_ROUTES: dict[tuple[str, str], Literal["openai", "anthropic"]] = {
     ("POST", "/coding/v1/messages"): "anthropic",
     ("POST", "/anthropic/v1/messages"): "anthropic",
 }
-# Zero-token probes (§5). The balance probe is not in the brief but costs nothing and the pool's region probe uses it.
+# Zero-token probes: requests that confirm a key (and its region or plan windows) without spending model tokens.
 _PROBE_ROUTES: dict[tuple[str, str], Literal["models", "coding_models", "usages", "balance"]] = {
     ("GET", "/v1/models"): "models",
     ("GET", "/coding/v1/models"): "coding_models",
@@ -137,7 +138,7 @@ class Reply:
     def is_normal(self) -> bool:
         return self.status < 400 and self.body is None
 
-    # -- constructors for the errors of §3 -----------------------------------------------------------------------
+    # -- constructors for Kimi's documented errors -------------------------------------------------------------
 
     @classmethod
     def ok(cls) -> Reply:
@@ -175,7 +176,7 @@ class Reply:
     ) -> Reply:
         """429 ``rate_limit_reached_error`` (Open Platform RPM/TPM). ``retry_after`` sets the ``Retry-After``
         header (seconds or an HTTP-date string); ``after_seconds`` puts "please try again after N seconds" in the
-        text (``None`` leaves it out), which §4 calls the most dependable signal."""
+        text (``None`` leaves it out), the most dependable signal on the Open Platform."""
         if message is None:
             message = "Your account {account}<{ak}> request reached organization max RPM: 3"
             if after_seconds is not None:
@@ -218,7 +219,7 @@ class Reply:
 
     @classmethod
     def membership(cls, message: str | None = None, error_type: str = "permission_error") -> Reply:
-        """402 membership not verifiable (Kimi Code). The real ``error.type`` is unknown (§3); classify by text."""
+        """402 membership not verifiable (Kimi Code). Kimi documents no ``error.type`` for it; classify by text."""
         return cls.error(
             402,
             error_type,
@@ -250,7 +251,7 @@ class Reply:
 
     @classmethod
     def coding_agents_only(cls) -> Reply:
-        """403 client-identity gate (§7): client scope, every key gets the same answer."""
+        """403 client-identity gate (a User-Agent allowlist): client scope, every key gets the same answer."""
         return cls.error(
             403,
             "access_terminated_error",
@@ -261,7 +262,7 @@ class Reply:
     @classmethod
     def overloaded(cls, retry_after: float | str | None = None) -> Reply:
         """429 "engine is currently overloaded". Kimi Code's Anthropic route words the type ``rate_limit_error``
-        (§3), so only the message tells it apart from a real rate limit there."""
+        too, so only the message tells it apart from a real rate limit there."""
         headers = {} if retry_after is None else {"Retry-After": _fmt_seconds(retry_after)}
         return cls.error(
             429,
@@ -454,7 +455,7 @@ def _is_ip(host: str) -> bool:
 
 
 def _credential(headers: Mapping[str, str]) -> str | None:
-    # Bearer wins over x-api-key, as Claude Code's token wins over its key (§1).
+    # Bearer wins over x-api-key, as Claude Code's token (sent as Bearer) wins over its key (sent as x-api-key).
     auth = headers.get("authorization", "")
     if auth[:7].lower() == "bearer " and auth[7:].strip():
         return auth[7:].strip()
@@ -664,7 +665,7 @@ class _Handler(BaseHTTPRequestHandler):
         fake = self.server.fake
         data, headers = reply.render(anthropic, key.account if key else None, key.name if key else None)
         if fake.msh_headers != "never":
-            # Real errors carry Msh-Uid (account grouping, §4); an unknown key has no account to report.
+            # Real errors carry Msh-Uid (which groups keys by account); an unknown key has no account to report.
             if key is not None:
                 headers.setdefault("msh-uid", key.account)
             headers.setdefault("msh-request-id", uuid.uuid4().hex)
@@ -894,7 +895,7 @@ class _Handler(BaseHTTPRequestHandler):
             if include_usage:
                 self._chunk(oa({}, "stop", usage=usage))
             else:
-                self._chunk(oa({}, "stop", choice_extra={"usage": usage}))  # legacy placement (§6)
+                self._chunk(oa({}, "stop", choice_extra={"usage": usage}))  # legacy: in the finish_reason chunk
             self._chunk(b"data: [DONE]\n\n")
         else:
             self._chunk(an("content_block_stop", {"type": "content_block_stop", "index": 0}))
@@ -1175,10 +1176,10 @@ class FakeKimi:
         window: float = 60.0,
         retry_after_header: bool = True,
     ) -> None:
-        """Enforce an account-wide limit on inference calls, as Kimi does (§2): at most ``rpm`` admitted requests
-        per sliding ``window`` seconds, and/or ``concurrency`` in flight. Excess → 429 rate_limit_reached_error
-        with "please try again after N seconds" (N = when the window frees a slot) and, unless disabled, the same N
-        in Retry-After. Refused requests do not count. Probes are not limited."""
+        """Enforce an account-wide limit on inference calls, as Kimi does (its limits are per account, not per key):
+        at most ``rpm`` admitted requests per sliding ``window`` seconds, and/or ``concurrency`` in flight. Excess → 429
+        rate_limit_reached_error with "please try again after N seconds" (N = when the window frees a slot) and,
+        unless disabled, the same N in Retry-After. Refused requests do not count. Probes are not limited."""
         with self._lock:
             self._limits[account] = _Limit(rpm, concurrency, window, retry_after_header)
 
@@ -1279,7 +1280,7 @@ class FakeKimi:
         now = dt.datetime.now(dt.UTC)
         weekly_reset = _iso(u.weekly_reset or now + dt.timedelta(days=3))
         window_reset = _iso(u.window_reset or now + dt.timedelta(hours=2))
-        # Numbers as decimal strings, as the real endpoint sends them (§5).
+        # Numbers as decimal strings, as the real endpoint sends them.
         return {
             "user": {"membership": {"level": "LEVEL_INTERMEDIATE"}},
             "usage": {

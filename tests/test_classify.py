@@ -1,4 +1,5 @@
-"""Pins the error taxonomy (kimi-api.md §3), the retry-timing signals (§4) and body decoding."""
+"""Pins Kimi's error taxonomy (which failure is whose, and what to do), the retry-timing signals (Retry-After,
+"try again after N seconds") and body decoding."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def seconds_to_next_utc_midnight(now: float) -> float:
     return (today + timedelta(days=1)).timestamp() - now
 
 
-# --- envelopes (kimi-api.md §3: parse all three, plus plain text) -------------------------------------------
+# --- envelopes (OpenAI's, Anthropic's and a gateway's flat errorMessage, plus plain text) --------------------
 
 
 def openai(status: int, etype: str | None, msg: str) -> bytes:
@@ -102,14 +103,14 @@ CASES: tuple[Case, ...] = (
     # 1: account ban
     Case(403, "access_terminated_error", "Access terminated. Review our Community Guidelines.",
          K.ACCESS_DENIED, S.ACCOUNT, True, None, 1),
-    # 2: membership, at any status (V24: Kimi documents 402, the old tool saw 403 with a curly apostrophe)
+    # 2: membership, at any status (Kimi documents 402; opencode-kimi-rotator saw 403 with a curly apostrophe)
     Case(402, None, "We're unable to verify your membership benefits at this time.",
          K.MEMBERSHIP, S.ACCOUNT, True, DAY, 2),
     Case(403, None, "We’re unable to verify your membership benefits at this time.",
          K.MEMBERSHIP, S.ACCOUNT, True, DAY, 2),
     Case(429, "permission_error", "Please   ensure your membership is active",
          K.MEMBERSHIP, S.ACCOUNT, True, DAY, 2),
-    # 3: Kimi Code billing windows; each phrase on its own (V23)
+    # 3: Kimi Code billing windows; each phrase on its own (opencode-kimi-rotator wanted a generic one too)
     Case(403, "permission_error", "You’ve reached your usage limit for this billing cycle.",
          K.BILLING_LIMITED, S.ACCOUNT, True, 5 * HOUR, 3),
     Case(403, None, "Your quota will be refreshed in the next cycle.", K.BILLING_LIMITED, S.ACCOUNT, True, 5 * HOUR, 3),
@@ -166,7 +167,7 @@ CASES: tuple[Case, ...] = (
     # 11-13: bare statuses
     Case(401, None, "Unauthorized", K.INVALID_KEY, S.KEY, True, None, 11),
     Case(402, None, "Payment Required", K.MEMBERSHIP, S.ACCOUNT, True, DAY, 12),
-    Case(429, None, "Quota exceeded", K.RATE_LIMITED, S.KEY, True, 60.0, 13),  # V27
+    Case(429, None, "Quota exceeded", K.RATE_LIMITED, S.KEY, True, 60.0, 13),  # every 429 cools something
     Case(429, "client_closed_request", "opaque", K.RATE_LIMITED, S.KEY, True, 60.0, 13),
     # 14: 5xx: server scope, no penalty, re-send on another key
     Case(500, "server_error", "Failed to extract file", K.SERVER_ERROR, S.SERVER, True, None, 14),
@@ -184,7 +185,7 @@ CASES: tuple[Case, ...] = (
     Case(400, "invalid_request_error", "The image url appears to be invalid",
          K.REQUEST_ERROR, S.REQUEST, False, None, 15),
     Case(400, None, "We're receiving too many requests", K.REQUEST_ERROR, S.REQUEST, False, None, 15),
-    Case(403, None, "Quota exceeded", K.REQUEST_ERROR, S.REQUEST, False, None, 15),  # V22
+    Case(403, None, "Quota exceeded", K.REQUEST_ERROR, S.REQUEST, False, None, 15),  # unknown 403 text: no penalty
     Case(403, "permission_error", "opaque", K.REQUEST_ERROR, S.REQUEST, False, None, 15),
     Case(404, "resource_not_found_error", "Not found the model kimi-k3 or Permission denied",
          K.REQUEST_ERROR, S.REQUEST, False, None, 15),
@@ -331,7 +332,7 @@ def test_account_hint(headers: list[tuple[str, str]], message: str, expected: st
         assert "ak-" not in hint
 
 
-# --- retry timing (kimi-api.md §4) ------------------------------------------------------------------------
+# --- retry timing (Retry-After as seconds or an HTTP-date, and the message's "try again after N seconds") ---
 
 
 @pytest.mark.parametrize(
@@ -340,7 +341,7 @@ def test_account_hint(headers: list[tuple[str, str]], message: str, expected: st
         ("30", 30.0),
         (" 7 ", 7.0),
         ("1.5", 1.5),
-        ("0", 1.0),  # V32: never "retry this instant"
+        ("0", 1.0),  # never "retry this instant" (that sent the retry to the same key)
         ("0.2", 1.0),
         ("1152", 1152.0),
         ("99999999999", MAX_COOLDOWN),
@@ -355,7 +356,7 @@ def test_account_hint(headers: list[tuple[str, str]], message: str, expected: st
         ("+30", None),
         ("٣", None),  # a non-ASCII digit is not delta-seconds
         ("30 seconds", None),
-        ("Wed, 21 Oct 2015 07:28:00 GMT", 1.0),  # V26: a past date parses and means "now"
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 1.0),  # a past date parses and means "now"
         ("Fri, 31 Dec 9999 23:59:59 GMT", MAX_COOLDOWN),
         ("Mon, 99 Foo 2015 99:99:99 GMT", None),
     ],
@@ -638,7 +639,7 @@ def test_classify_total_and_well_formed(
         assert not verdict.failover
     if 200 <= status < 300:
         assert out.kind is K.SUCCESS and out.latency_ms == latency
-    if status == 429:  # V27: every 429 cools something, unless it is not the keys' doing at all
+    if status == 429:  # every 429 cools something, unless it is not the keys' doing at all
         assert out.kind not in (K.REQUEST_ERROR, K.SUCCESS)
     if status >= 500:
         assert out.kind is not K.SUCCESS and out.scope is not S.REQUEST

@@ -143,6 +143,17 @@ def test_add_keys_refuses_a_clash_that_only_the_pool_knows(home: Path, store: St
     assert state(home) == before
 
 
+def test_add_keys_refuses_a_key_or_a_name_given_twice_in_the_file(home: Path, store: Store) -> None:
+    before = state(home)
+    result = run("add-keys", input=f"{KEY_A} one\n\n{KEY_B} two\n{KEY_A} three\n{KEY_C} two\n")
+    assert result.exit_code == 1
+    assert errors_of(result)[:-1] == [
+        "line 4: sk-kimi-…ha01 is also on line 1", "line 5: the name 'two' is also on line 3",
+    ]
+    assert "2 of 4 key line(s)" in errors_of(result)[-1]
+    assert state(home) == before
+
+
 def test_add_keys_input_errors(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fails("add-keys", input="# nothing but comments\n\n", home=home, contains="no keys in stdin")
     fails("add-keys", str(tmp_path / "missing.txt"), home=home, contains="does not exist")

@@ -1,5 +1,5 @@
-"""The rotation engine: the reference tool's conformance vectors (docs: opencode-kimi-rotator.md §6), the
-deliberate improvements, and hypothesis properties.
+"""The rotation engine: opencode-kimi-rotator's behaviour where we keep it (its selections for each strategy,
+measured on v1.2.10), the deliberate improvements on it, and hypothesis properties.
 
 Vectors use the reference's default set-up: keys k0..k2 at index 0..2, health 100, last used "now", current key k0,
 health-based. Key ids are 101, 102, ... on purpose, so that nothing works by confusing an id with an index.
@@ -197,7 +197,7 @@ def test_v10_health_based_freshness_bonus() -> None:
 def test_reference_health_based_scoring_examples(
     k1_idle_h: float, k1_health: float, k2_health: float, expected: int
 ) -> None:
-    # §4.4's worked examples (k0 limited).
+    # The reference's own health-based scoring examples (k0 limited).
     roster = pool(
         k0={"cooldown_until": NOW + 60},
         k1={"health": k1_health, "last_used": NOW - k1_idle_h * HOUR},
@@ -575,7 +575,8 @@ def test_no_key_is_excluded_forever() -> None:
     later = NOW + 10 * HOUR
     roster = roster.with_updates([replace(roster.keys[1], last_used=later)])
     assert index(roster, engine.select(roster, settings, later)) == 0
-    # Without recovery k0 still serves when it is the only eligible key (V11).
+    # Without recovery k0 still serves when it is the only eligible key (the reference sent such a request to
+    # index 0 without counting it, as if every key were limited).
     only = pool(2, k0={"health": 0.0}, k1={"cooldown_until": NOW + 60})
     assert index(only, engine.select(only, conf(HB, auto_refresh_health=False), NOW)) == 0
 

@@ -119,7 +119,7 @@ def test_only_keys_is_enough(tmp_path: Path) -> None:
 
 
 def test_counters_are_made_consistent_and_health_clamped(tmp_path: Path) -> None:
-    # The reference's fallback could count more successes than requests (its bug #14).
+    # The reference's fallback could count more successes than requests (its fallback pick did not count the use).
     path = write(
         tmp_path / "k.json",
         store_file([full_account(KEY_A, "A", totalRequests=3, successfulRequests=5, healthScore=140)]),
@@ -127,6 +127,28 @@ def test_counters_are_made_consistent_and_health_clamped(tmp_path: Path) -> None
     (key,) = opencode.load(path, NOW).keys
     assert (key.total_requests, key.successful_requests) == (5, 5)
     assert key.health == 100
+
+
+@pytest.mark.parametrize("label", ["a\x1b[2Jb", "x" * 65])
+def test_an_unusable_account_label_is_left_out_with_a_note(tmp_path: Path, label: str) -> None:
+    extras = {"surface": "kimi-code", "account": label}
+    path = write(tmp_path / "k.json", store_file([full_account(KEY_A, "A", kimiRotate=extras)]))
+    imported = opencode.load(path, NOW)
+    assert imported.keys[0].account is None
+    (note,) = imported.notes
+    assert note.startswith("account 0: account label not kept (the account label must be 1-64 printable")
+
+
+def test_a_disabled_key_stays_disabled_and_reasons_that_cannot_be_shown_become_plain(tmp_path: Path) -> None:
+    long_reason = "r" * 150  # `disable --reason` takes up to 200 characters
+    cooling = {"rateLimitResetTime": NOW_MS + 60_000}
+    accounts = [
+        full_account(KEY_A, "A", kimiRotate={"disabledReason": long_reason, "account": "  acme  "}),
+        full_account(KEY_B, "B", kimiRotate={"disabledReason": "bad\x1b[31m", "cooldownReason": "x\x07"}, **cooling),
+    ]
+    a, b = opencode.load(write(tmp_path / "k.json", store_file(accounts)), NOW).keys
+    assert (a.disabled_reason, a.account) == (long_reason, "acme")
+    assert (b.disabled_reason, b.cooldown_reason) == ("disabled (imported)", "rate limited (imported)")
 
 
 @pytest.mark.parametrize("name", ["", "   ", "12", "a\x07b", "x" * 65])

@@ -151,8 +151,8 @@ def test_refusing_duplicates_lists_every_clash_and_adds_nothing(store: Store) ->
     assert store.conflicts(batch) == [
         Conflict(1, "this key is already in the pool as [0] key 0", "nothing was added"),
         Conflict(2, "a key named 'key 1' already exists ([1])", "choose another name"),
-        Conflict(3, "the same key as entry 0 of this batch", "give each key once"),
-        Conflict(4, "the name 'new' is also given to entry 0 of this batch", "give each key its own name"),
+        Conflict(3, "sk-kimi-…0005 is also in entry 0 of this batch", "give each key once"),
+        Conflict(4, "the name 'new' is also in entry 0 of this batch", "give each key its own name"),
     ]
     with pytest.raises(DuplicateKey, match=r"as \[0\] key 0 \(and 3 more\); nothing was added") as info:
         store.add_keys(batch, NOW, refuse_duplicates=True)
