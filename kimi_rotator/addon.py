@@ -23,7 +23,7 @@ from pathlib import Path
 
 import certifi
 from mitmproxy import command, connection, ctx, exceptions, http, tls
-from mitmproxy.proxy import server_hooks
+from mitmproxy.proxy import mode_specs, server_hooks
 
 from . import engine
 from .envelopes import INTERNAL_ERROR, error_response
@@ -418,9 +418,16 @@ def _upstream_tls(opts: object) -> ssl.SSLContext | bool:
 
 
 def _upstream_proxy(modes: Sequence[str]) -> str | None:
-    for mode in modes:
-        if mode.startswith("upstream:"):
-            return mode.removeprefix("upstream:")
+    """The upstream proxy of the first upstream mode, as `scheme://host:port`, read with mitmproxy's own parser:
+    a mode may end in `@port` or `@host:port` (where mitmproxy listens for it), which is no part of the proxy."""
+    for spec in modes:
+        try:
+            mode = mode_specs.ProxyMode.parse(spec)
+        except ValueError:  # mitmproxy's proxyserver rejects the option itself, saying why
+            continue
+        if isinstance(mode, mode_specs.UpstreamMode):
+            host, port = mode.address
+            return f"{mode.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
     return None
 
 
