@@ -26,6 +26,7 @@ from mitmproxy import command, connection, ctx, exceptions, http, tls
 from mitmproxy.proxy import mode_specs, server_hooks
 
 from . import engine
+from .access import KeyAccess, from_this_machine, key_access, refusal
 from .envelopes import INTERNAL_ERROR, error_response
 from .failover import Failover, Final, Job, broke_off, describe
 from .models import Surface
@@ -76,6 +77,8 @@ class KimiRotate:
         self._warned: set[Surface] = set()
         self._after_tlsconfig: AfterTlsConfig | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # set once running: pools opened later start at once
+        self.access = KeyAccess.LOOPBACK
+        self._access_logged: KeyAccess | None = None  # logged at the first `configure` and whenever it changes
 
     # -- options -------------------------------------------------------------------------------
 
@@ -85,6 +88,8 @@ class KimiRotate:
         add("kimi_hosts", Sequence[str], [], "Extra host=surface pairs to serve (repeat the option).")
         add("kimi_resolve", Sequence[str], [], "host=address:port: connect there for that host (like curl --resolve).")
         add("kimi_client_token", str, "", "If set, only requests whose credential equals this token get a key.")
+        add("kimi_allow_remote", bool, False, "Give keys to clients on other machines without kimi_client_token or "
+                                              "proxyauth: anyone who can reach the proxy can then spend them.")
         add("kimi_max_attempts", int, 5, "Most keys one request is tried on (never more than the eligible keys).")
         add("kimi_max_wait", int, 3, "Seconds a request may wait for a cooling key before a local 429.")
         add("kimi_upstream_timeout", int, 600, "Seconds to wait for Kimi to connect (at most 15) or send more.")
@@ -104,6 +109,11 @@ class KimiRotate:
             raise exceptions.OptionsError("kimi_max_attempts must be at least 1")
         if opts.kimi_max_wait < 0 or opts.kimi_upstream_timeout < 1:
             raise exceptions.OptionsError("kimi_max_wait must be >= 0 and kimi_upstream_timeout >= 1")
+        self.access = key_access(opts.kimi_client_token, getattr(opts, "proxyauth", None), opts.kimi_allow_remote)
+        if self.access is not self._access_logged:
+            self._access_logged = self.access
+            level = logging.WARNING if self.access is KeyAccess.ANYONE else logging.INFO
+            log.log(level, "kimi-rotate: %s", self.access.value)
         if "kimi_home" in updated or (self.store is None and self.store_error is None):
             self._open_store(Path(opts.kimi_home).expanduser() if opts.kimi_home else store_home())
         upstream_opts = {"ssl_insecure", "ssl_verify_upstream_trusted_ca", "ssl_verify_upstream_trusted_confdir",
@@ -232,6 +242,10 @@ class KimiRotate:
         headers = flow.request.headers
         token = ctx.options.kimi_client_token
         if token and not credential_matches(headers, token) and not (flow.is_replay and is_placeholder(headers)):
+            return
+        # Replays are the proxy's own user's doing (mitmweb, `-C`), whoever sent the flow first.
+        if self.access is KeyAccess.LOOPBACK and not flow.is_replay and not from_this_machine(flow.client_conn):
+            flow.response = error_response(403, refusal(flow.client_conn), flow.request.path)
             return
         if self.store_error is not None or self.pool is None or self.failover is None:
             flow.response = error_response(503, f"kimi-rotate cannot use its key store: {self.store_error}",
