@@ -251,6 +251,7 @@ class KimiRotate:
             flow.response = error_response(503, f"kimi-rotate cannot use its key store: {self.store_error}",
                                            flow.request.path)
             return
+        self.pool.catch_up()  # a key the CLI added or removed a moment ago counts for this request
         if self.pool.count(surface) == 0:
             self._warn_no_keys(surface)
             return
