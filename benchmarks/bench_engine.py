@@ -10,7 +10,8 @@ Selection is timed with timeit on a ready Roster (what the addon holds in memory
   busy pool       the current key cools and every other key is at full health and was used in the last hour, so
                   all of them score within one point of the best
 twice: just after the index behind selection (kimi_rotator/roster.py) was built, and when it is about to be rebuilt
-(its bounds are loosest then). Then what the index costs to build and to keep current.
+(its bounds are loosest then). Then what the index costs to build and to keep current, and what the proxy's check
+for CLI commands costs on each pick (LivePool.catch_up), with nothing new and right after a command.
 The store is timed with writer processes that record outcomes through Store.record in batches, as the proxy does.
 """
 
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from kimi_rotator import engine
 from kimi_rotator.models import KeyRecord, Outcome, OutcomeKind, PoolSettings, Secret, Strategy, Surface
+from kimi_rotator.pool import LivePool
 from kimi_rotator.roster import REINDEX_AFTER, Roster
 from kimi_rotator.store import NewKey, Store
 
@@ -143,6 +145,30 @@ print(json.dumps({"waits": waits, "elapsed": time.perf_counter() - start}), flus
 """
 
 
+def bench_catch_up() -> None:
+    print()
+    print("LivePool.catch_up before each pick: nothing changed (µs, best of 5 × 20,000) / after a command (ms, median)")
+    for size in (10, 200, 1000):
+        with tempfile.TemporaryDirectory() as tmp:
+            home = Path(tmp) / "home"
+            mine, cli = Store(home), Store(home)
+            added, _ = cli.add_keys(
+                [NewKey(secret=f"sk-kimi-bench{i:020d}", surface=Surface.KIMI_CODE) for i in range(size)], NOW
+            )
+            pool = LivePool(mine)  # not started: catch_up alone reads the store
+            idle_us = min(timeit.repeat(pool.catch_up, number=20_000, repeat=5)) / 20_000 * 1e6
+            after: list[float] = []
+            for i in range(20):
+                cli.use_key(added[i % size].id)
+                started = time.perf_counter()
+                pool.catch_up()
+                after.append(time.perf_counter() - started)
+            assert pool.settings.active_key_id == added[19 % size].id
+            mine.close()
+            cli.close()
+        print(f"{size:>5} keys: {idle_us:6.2f} µs / {statistics.median(after) * 1e3:6.2f} ms")
+
+
 def bench_store(writers: int, per_writer: int, batch: int, pool_size: int) -> tuple[float, float, float, float]:
     """(outcomes/s, p50 ms, p99 ms, max ms) for `writers` processes writing at once."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -189,6 +215,7 @@ def main() -> None:
     bench_select(sizes, 0.0)
     bench_select(sizes, REINDEX_AFTER - 1)  # the index is rebuilt once it is REINDEX_AFTER seconds old
     bench_index_upkeep(sizes)
+    bench_catch_up()
     if args.no_store:
         return
     print()

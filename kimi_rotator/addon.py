@@ -23,9 +23,10 @@ from pathlib import Path
 
 import certifi
 from mitmproxy import command, connection, ctx, exceptions, http, tls
-from mitmproxy.proxy import server_hooks
+from mitmproxy.proxy import mode_specs, server_hooks
 
 from . import activity, engine, views
+from .access import KeyAccess, from_this_machine, key_access, refusal
 from .activity import describe
 from .envelopes import INTERNAL_ERROR, error_response
 from .failover import Failover, Final, Job, broke_off
@@ -80,6 +81,8 @@ class KimiRotate:
         self._after_tlsconfig: AfterTlsConfig | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # set once running: pools opened later start at once
         self._master_keeps_flows: bool | None = None  # whether the master shows or saves flows (looked up once)
+        self.access = KeyAccess.LOOPBACK
+        self._access_logged: KeyAccess | None = None  # logged at the first `configure` and whenever it changes
 
     # -- options -------------------------------------------------------------------------------
 
@@ -89,6 +92,8 @@ class KimiRotate:
         add("kimi_hosts", Sequence[str], [], "Extra host=surface pairs to serve (repeat the option).")
         add("kimi_resolve", Sequence[str], [], "host=address:port: connect there for that host (like curl --resolve).")
         add("kimi_client_token", str, "", "If set, only requests whose credential equals this token get a key.")
+        add("kimi_allow_remote", bool, False, "Give keys to clients on other machines without kimi_client_token or "
+                                              "proxyauth: anyone who can reach the proxy can then spend them.")
         add("kimi_max_attempts", int, 5, "Most keys one request is tried on (never more than the eligible keys).")
         add("kimi_max_wait", int, 3, "Seconds a request may wait for a cooling key before a local 429.")
         add("kimi_upstream_timeout", int, 600, "Seconds to wait for Kimi to connect (at most 15) or send more.")
@@ -108,6 +113,11 @@ class KimiRotate:
             raise exceptions.OptionsError("kimi_max_attempts must be at least 1")
         if opts.kimi_max_wait < 0 or opts.kimi_upstream_timeout < 1:
             raise exceptions.OptionsError("kimi_max_wait must be >= 0 and kimi_upstream_timeout >= 1")
+        self.access = key_access(opts.kimi_client_token, getattr(opts, "proxyauth", None), opts.kimi_allow_remote)
+        if self.access is not self._access_logged:
+            self._access_logged = self.access
+            level = logging.WARNING if self.access is KeyAccess.ANYONE else logging.INFO
+            log.log(level, "kimi-rotate: %s", self.access.value)
         if "kimi_home" in updated or (self.store is None and self.store_error is None):
             self._open_store(Path(opts.kimi_home).expanduser() if opts.kimi_home else store_home())
         upstream_opts = {"ssl_insecure", "ssl_verify_upstream_trusted_ca", "ssl_verify_upstream_trusted_confdir",
@@ -237,10 +247,15 @@ class KimiRotate:
         token = ctx.options.kimi_client_token
         if token and not credential_matches(headers, token) and not (flow.is_replay and is_placeholder(headers)):
             return
+        # Replays are the proxy's own user's doing (mitmweb, `-C`), whoever sent the flow first.
+        if self.access is KeyAccess.LOOPBACK and not flow.is_replay and not from_this_machine(flow.client_conn):
+            flow.response = error_response(403, refusal(flow.client_conn), flow.request.path)
+            return
         if self.store_error is not None or self.pool is None or self.failover is None:
             flow.response = error_response(503, f"kimi-rotate cannot use its key store: {self.store_error}",
                                            flow.request.path)
             return
+        self.pool.catch_up()  # a key the CLI added or removed a moment ago counts for this request
         if self.pool.count(surface) == 0:
             self._warn_no_keys(surface)
             flow.comment = (f"kimi-rotate: no {surface.value} key in the pool; passed through unchanged "
@@ -450,9 +465,16 @@ def _upstream_tls(opts: object) -> ssl.SSLContext | bool:
 
 
 def _upstream_proxy(modes: Sequence[str]) -> str | None:
-    for mode in modes:
-        if mode.startswith("upstream:"):
-            return mode.removeprefix("upstream:")
+    """The upstream proxy of the first upstream mode, as `scheme://host:port`, read with mitmproxy's own parser:
+    a mode may end in `@port` or `@host:port` (where mitmproxy listens for it), which is no part of the proxy."""
+    for spec in modes:
+        try:
+            mode = mode_specs.ProxyMode.parse(spec)
+        except ValueError:  # mitmproxy's proxyserver rejects the option itself, saying why
+            continue
+        if isinstance(mode, mode_specs.UpstreamMode):
+            host, port = mode.address
+            return f"{mode.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
     return None
 
 

@@ -8,8 +8,10 @@ import math
 from mitmproxy import http
 
 # Anthropic's SDKs and Claude Code read {"type":"error","error":{...}}; OpenAI-style clients {"error":{...}}.
-_ANTHROPIC_TYPES = {429: "rate_limit_error", 502: "api_error", 503: "overloaded_error", 504: "api_error"}
-_OPENAI_TYPES = {429: "rate_limit_reached_error", 502: "server_error", 503: "server_unavailable", 504: "server_error"}
+_ANTHROPIC_TYPES = {403: "permission_error", 429: "rate_limit_error", 502: "api_error", 503: "overloaded_error",
+                    504: "api_error"}
+_OPENAI_TYPES = {403: "permission_denied_error", 429: "rate_limit_reached_error", 502: "server_error",
+                 503: "server_unavailable", 504: "server_error"}
 LOCAL_HEADER = "x-kimi-rotate"
 INTERNAL_ERROR = "kimi-rotate hit an internal error on this request (the proxy's log has the details); please report it"
 

@@ -1,9 +1,11 @@
 """The proxy's live view of the store.
 
-Requests never wait on the store: selection runs the engine over an in-memory roster, outcomes are
-applied in memory at once and written by a background thread in batches. The same thread notices
+Requests never wait on the store's writes: selection runs the engine over an in-memory roster, outcomes
+are applied in memory at once and written by a background thread in batches. The same thread notices
 commits from other processes (the CLI, other proxies) through SQLite's data_version and installs a
-fresh roster, replaying the outcomes it has not written yet so none is lost in the swap.
+fresh roster, replaying the outcomes the snapshot does not hold yet so none is lost in the swap.
+A command (the CLI's use-key, disable...) must reach the very next request, so selection first asks the
+store's edit count (a few microseconds) and, when a command has committed, reads the snapshot itself.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .store import BUSY_TIMEOUT, Attempt, Snapshot, Store, StoreBusy, StoreError
 
 log = logging.getLogger(__name__)
 
-POLL_SECONDS = 0.2  # how soon CLI edits and other proxies' outcomes are seen
+POLL_SECONDS = 0.2  # how soon other proxies' outcomes are seen
 FLUSH_WAIT = 0.05  # seconds the writer waits for the store's write lock before trying again next pass
 FLUSH_BATCH = 256  # outcomes that make the writer go before its next poll
 MAX_PENDING = 100_000  # outcomes kept while the store cannot be written (then the oldest are dropped)
@@ -42,6 +44,8 @@ class LivePool:
     settings: PoolSettings = field(init=False)
     _rev: int = field(default=-1, init=False)
     _version: int = field(default=-1, init=False)  # data_version when the installed snapshot was read
+    _edits: int = field(default=-1, init=False)  # the store's edit count in the installed snapshot
+    _taken: int = field(default=-1, init=False)  # Snapshot.taken of the installed snapshot
     # Outcomes applied in memory but not yet in the store, replayed onto each new snapshot. Bounded like the write
     # queue: during a long store outage the oldest go first (the store never saw them either way).
     _unflushed: deque[_Pending] = field(default_factory=lambda: deque(maxlen=MAX_PENDING), init=False)
@@ -72,9 +76,20 @@ class LivePool:
 
     # -- used on the event loop ----------------------------------------------------------------
 
+    def catch_up(self) -> None:
+        """Install the store's latest snapshot if a command has committed since the installed one was read."""
+        try:
+            if self.store.edits() == self._edits:
+                return
+            snapshot = self.store.fresh_snapshot()
+        except StoreError:
+            return  # the store thread reports it, and installs the change once the store can be read
+        self._install(snapshot)
+
     def select(
         self, surface: Surface, now: float, exclude: Collection[int] = ()
     ) -> engine.Selection | engine.NoEligibleKey:
+        self.catch_up()
         result = engine.select(self.roster, self.settings, now, surface=surface, exclude=exclude)
         if isinstance(result, engine.Selection):
             settings = engine.after_selection(self.settings, result)
@@ -149,11 +164,10 @@ class LivePool:
                 version = self.store.data_version()
                 if version != last_version:
                     last_version = version
-                    flushed = self._seq_written
                     snapshot = self.store.snapshot()
                     roster = _prepared(snapshot)
                     if self._loop is not None:
-                        self._loop.call_soon_threadsafe(self._install, snapshot, flushed, roster)
+                        self._loop.call_soon_threadsafe(self._install, snapshot, roster)
             except StoreError as e:
                 self._report(e)
             except Exception:  # a broken loop or store must not kill the thread silently
@@ -177,7 +191,8 @@ class LivePool:
             return self._seq_written
         try:
             key_id, rev = active if active is not None else (None, None)
-            self.store.record([p.attempt for p in batch], key_id, rev, wait=wait)
+            mark = batch[-1].seq if batch else self._seq_written
+            self.store.record([p.attempt for p in batch], key_id, rev, wait=wait, mark=mark)
         except StoreBusy:
             with self._queue_lock:
                 self._queue[:0] = batch
@@ -208,13 +223,16 @@ class LivePool:
         while self._unflushed and self._unflushed[0].seq <= seq:  # in sequence order: the written ones lead
             self._unflushed.popleft()
 
-    def _install(self, snapshot: Snapshot, flushed: int = 0, roster: Roster | None = None) -> None:
+    def _install(self, snapshot: Snapshot, roster: Roster | None = None) -> None:
+        if snapshot.taken < self._taken:
+            return  # read before the installed one (catch_up came first): it would undo what that one holds
+        self._taken, self._edits = snapshot.taken, snapshot.edits
         if roster is None:
             roster = _prepared(snapshot)
         settings_changed = snapshot.rev != self._rev
         recover = snapshot.settings.auto_refresh_health
         for p in self._unflushed:
-            if p.seq > flushed:
+            if p.seq > snapshot.recorded:  # the snapshot says exactly which of our outcomes it holds
                 a = p.attempt
                 roster = roster.with_updates(engine.apply_outcome(roster, a.key_id, a.outcome, a.at, recover))
         if self._loop is None:  # the first snapshot, or one before the proxy runs

@@ -15,7 +15,6 @@ import errno
 import importlib
 import inspect
 import io
-import ipaddress
 import logging
 import signal
 import sys
@@ -38,6 +37,7 @@ from mitmproxy.addons import (
     upstream_auth,
 )
 
+from .access import KeyAccess, is_loopback
 from .addon import KimiRotate
 from .ca import CAInfo, ensure_ca, env_lines
 from .models import Surface
@@ -144,23 +144,13 @@ def listen_error(host: str, port: int, error: BaseException, web: bool = False) 
     return f"{head} ({detail}); pick another port with {port_flag}{other}"
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_exposure(config: ProxyConfig, opts: options.Options) -> None:
-    """Anyone who can reach an open proxy can spend the user's keys: refuse that by default."""
-    if config.allow_remote or is_loopback(config.host):
-        return
-    if getattr(opts, "kimi_client_token", "") or getattr(opts, "proxyauth", None):
+def check_exposure(host: str, access: KeyAccess) -> None:
+    """Listening beyond this machine with nothing that vouches for clients is most likely a mistake: refuse it
+    (the addon would answer other machines with a 403 anyway)."""
+    if is_loopback(host) or access is not KeyAccess.LOOPBACK:
         return
     raise ProxyError(
-        f"refusing to listen on {config.host} without protection: anyone on the network could use your keys. "
+        f"refusing to listen on {host} without protection: anyone on the network could use your keys. "
         "Set a client token (--set kimi_client_token=SECRET) or proxy authentication "
         "(--set proxyauth=user:pass), or pass --allow-remote if you really mean it."
     )
@@ -338,10 +328,12 @@ def build_master(config: ProxyConfig, loop: asyncio.AbstractEventLoop) -> master
         m.options.set(*sets)
     except exceptions.OptionsError as e:
         raise ProxyError(f"bad --set option: {e}; see `mitmdump --options` for names") from None
+    if config.allow_remote:
+        m.options.update(kimi_allow_remote=True)
     # As mitmdump's script loader does for a `-s` addon: ours sees every option once, not only those set here.
     # (Only ours: on mitmproxy 12 with pyOpenSSL 26, tlsconfig fails when told every option changed.)
     m.addons.invoke_addon_sync(rotate, hooks.ConfigureHook(set(m.options.keys())))
-    check_exposure(config, m.options)
+    check_exposure(config.host, rotate.access)
     ca = ensure_ca(_confdir(m.options))
     m.addons.add(Banner(rotate, ca))
     return m

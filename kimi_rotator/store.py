@@ -20,7 +20,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -149,6 +149,11 @@ class Snapshot:
     keys: list[KeyRecord]
     settings: PoolSettings
     rev: int  # bumped by commands that move the current key (use-key, rotate, set-strategy)
+    edits: int = 0  # bumped by every command that changes something (any change but a proxy's outcomes)
+    # About the read, not the store's content (so not compared): the highest `mark` that record() on this Store had
+    # committed when the snapshot was read, and the order of this Store's reads (a later one holds all an earlier did).
+    recorded: int = field(default=0, compare=False)
+    taken: int = field(default=0, compare=False)
 
 
 def store_home() -> Path:
@@ -174,6 +179,17 @@ class Store:
         self.readonly = readonly
         self._lock = threading.Lock()
         self._db = self._open_readonly() if readonly else self._open()
+        # Held around each commit of _db and each snapshot's first read: so a snapshot's `recorded` and `taken` say
+        # exactly which of this Store's own commits it holds, on whichever connection it was read.
+        self._commit_lock = threading.Lock()
+        self._recorded = 0
+        self._taken = 0
+        # A second connection for the proxy's event loop, opened on first use: its reads must never wait behind
+        # _lock, which the store thread holds while it waits for other processes' write locks.
+        self._probe_lock = threading.Lock()
+        self._probe: sqlite3.Connection | None = None
+        self._probe_version = -1
+        self._probe_edits = 0
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -300,6 +316,9 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        with self._probe_lock:
+            if self._probe is not None:
+                self._probe.close()
 
     # -- transactions --------------------------------------------------------------------------
 
@@ -313,13 +332,21 @@ class Store:
                 self._db.execute("COMMIT")
 
     @contextlib.contextmanager
-    def _write(self, wait: float = BUSY_TIMEOUT) -> Iterator[sqlite3.Connection]:
+    def _write(self, wait: float = BUSY_TIMEOUT, mark: int | None = None) -> Iterator[sqlite3.Connection]:
+        """A write transaction. A command's (mark None) bumps the store's edit count, which a running proxy checks
+        before each request; a proxy's outcomes (record(), with its mark) do not."""
         if self.readonly:
             raise RuntimeError("this Store was opened with readonly=True")
         with self._lock:
             self._begin_immediate(wait)
+            changes = self._db.total_changes
             try:
                 yield self._db
+                if mark is None and self._db.total_changes != changes:
+                    self._db.execute(
+                        "INSERT INTO meta (name, value) VALUES ('edits', '1') "
+                        "ON CONFLICT (name) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+                    )
             except sqlite3.Error as e:  # e.g. a full disk while writing pages: callers handle StoreError only
                 self._rollback()
                 raise StoreError(f"could not save to {self.path} ({e}); nothing was changed") from None
@@ -327,7 +354,10 @@ class Store:
                 self._rollback()
                 raise
             try:
-                self._db.execute("COMMIT")
+                with self._commit_lock:
+                    self._db.execute("COMMIT")
+                    if mark is not None:
+                        self._recorded = max(self._recorded, mark)
             except sqlite3.Error as e:
                 self._rollback()
                 raise StoreError(f"could not save to {self.path} ({e}); nothing was changed") from None
@@ -370,7 +400,48 @@ class Store:
 
     def snapshot(self) -> Snapshot:
         with self._read() as db:
-            return Snapshot(_load_keys(db), _load_settings(db), _load_rev(db))
+            return self._snapshot(db)
+
+    def edits(self) -> int:
+        """The store's edit count (see _write), cheap enough to ask before every request: one PRAGMA, plus one
+        row read after any commit. On the event loop's own connection, so it never waits for the store thread."""
+        with self._probe_lock:
+            try:
+                db = self._probe_db()
+                version = db.execute("PRAGMA data_version").fetchone()[0]
+                if version != self._probe_version:  # something committed: the count may have moved
+                    self._probe_edits = _load_edits(db)
+                    self._probe_version = version
+            except sqlite3.Error as e:
+                raise StoreError(f"cannot read the store {self.path} ({e})") from None
+            return self._probe_edits
+
+    def fresh_snapshot(self) -> Snapshot:
+        """As snapshot(), on the event loop's connection (see edits)."""
+        with self._probe_lock:
+            try:
+                db = self._probe_db()
+                db.execute("BEGIN")
+                try:
+                    return self._snapshot(db)
+                finally:
+                    db.execute("COMMIT")
+            except sqlite3.Error as e:
+                raise StoreError(f"cannot read the store {self.path} ({e})") from None
+
+    def _snapshot(self, db: sqlite3.Connection) -> Snapshot:
+        with self._commit_lock:  # the first read fixes what the transaction sees: no commit of ours in between
+            rev = _load_rev(db)
+            self._taken += 1
+            taken, recorded = self._taken, self._recorded
+        edits = _load_edits(db)
+        return Snapshot(_load_keys(db), _load_settings(db), rev, edits, recorded, taken)
+
+    def _probe_db(self) -> sqlite3.Connection:
+        if self._probe is None:
+            self._probe = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
+                                          check_same_thread=False)
+        return self._probe
 
     def keys(self) -> list[KeyRecord]:
         with self._read() as db:
@@ -557,14 +628,16 @@ class Store:
         active_key_id: int | None = None,
         rev: int | None = None,
         wait: float = BUSY_TIMEOUT,
+        mark: int = 0,
     ) -> None:
         """Apply attempts' outcomes (and the proxy's current key) in one transaction.
 
         `rev` is the Snapshot.rev the caller chose its current key under: if a command (use-key, rotate,
-        set-strategy) has moved the current key since, the caller's choice is stale and is not saved."""
+        set-strategy) has moved the current key since, the caller's choice is stale and is not saved. `mark` (the
+        caller's number for this batch) shows as Snapshot.recorded in the snapshots read after the commit."""
         if not attempts and active_key_id is None:
             return
-        with self._write(wait) as db:
+        with self._write(wait, mark) as db:
             settings = _load_settings(db)
             ids = {a.key_id for a in attempts} | ({active_key_id} if active_key_id is not None else set())
             hints = {a.outcome.account_hint for a in attempts if a.outcome.account_hint}
@@ -684,6 +757,11 @@ def _settings_from(data: dict[str, Any]) -> PoolSettings:
 
 def _load_rev(db: sqlite3.Connection) -> int:
     row = db.execute("SELECT value FROM meta WHERE name = 'rev'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _load_edits(db: sqlite3.Connection) -> int:
+    row = db.execute("SELECT value FROM meta WHERE name = 'edits'").fetchone()
     return int(row[0]) if row else 0
 
 

@@ -53,6 +53,13 @@ class Guard:
             data.server.address = ("127.0.0.1", 9)
 
 
+class FromAnotherMachine:
+    """Makes every client connection look as if it came from another machine (a test cannot bind such a peer)."""
+
+    def client_connected(self, client: Any) -> None:
+        client.peername = ("192.0.2.7", client.peername[1])
+
+
 class Running:
     def __init__(self, master: DumpMaster, addon: KimiRotate, port: int, ca: Path, home: Path) -> None:
         self.master, self.addon, self.port, self.ca, self.home = master, addon, port, ca, home
@@ -160,3 +167,19 @@ async def test_an_internal_error_answers_502_instead_of_sending_the_request_with
         assert "internal error" in r.json()["error"]["message"]
         assert any("a bug in the failover loop" in str(rec.exc_info) for rec in caplog.records)
     assert fake.requests == []  # nothing went to Kimi with the client's placeholder
+
+
+async def test_a_client_on_another_machine_gets_a_403_in_its_envelope_until_remote_clients_are_allowed(
+    running: Running, fake: FakeKimi
+) -> None:
+    running.master.addons.add(FromAnotherMachine())
+    for stream in (False, True):
+        r = await running.ask(stream=stream)
+        assert r.status_code == 403 and r.headers["x-kimi-rotate"] == "local"
+        error = r.json()["error"]
+        assert error["type"] == "permission_denied_error", error
+        assert "came from 192.0.2.7" in error["message"] and "kimi_allow_remote" in error["message"]
+    assert fake.requests == []  # nothing went upstream, with a key or without
+    running.master.options.update(kimi_allow_remote=True)
+    assert (await running.ask()).status_code == 200
+    assert [r.key_name for r in fake.requests] == ["one"]
