@@ -12,7 +12,8 @@ The path of a request to a Kimi host (mitmproxy itself never connects to Kimi fo
    loopback relay (relay.py) under a one-time token, and the flow is pointed at the relay: mitmproxy
    connects there, the relay writes the head and pipes the body as Kimi sends it. `responseheaders`
    points the flow back at Kimi and streams it on; `response` or `error` calls `_finish` when it ends.
-4. An exception of ours anywhere in that is answered with a 502 in `request`, never left to mitmproxy.
+4. An exception of ours before the head reaches the client is answered with a 502 in `request`, never
+   left to mitmproxy (once a stream has begun, the relay can only close it).
 `_finish` is the one place a flow is annotated: the key's placeholder instead of the credential, the
 trail of attempts in the comment, the failover mark, the request's log line, attempt flows.
 The real key never enters the flow. TLS to every other host is left undecrypted unless
