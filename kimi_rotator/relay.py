@@ -111,7 +111,7 @@ class Relay:
                 await _pipe(writer, handover)
                 if not http1.keeps_alive(b"HTTP/1.1", headers):
                     return
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, FramingError, ValueError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, FramingError):
             pass  # mitmproxy went away (the client hung up), or sent what it never sends; nothing to answer
         except asyncio.CancelledError:
             pass  # the proxy is shutting down with this connection open
