@@ -5,7 +5,11 @@ proxy of every kind side by side; the load generator alternates short slices bet
 load hits all alike. Prints medians over rounds and ratios against stock paired within each round.
 Nothing leaves 127.0.0.1. See benchmarks/README.md.
 
-    python benchmarks/bench_proxy.py [--quick] [--json results.json]
+    python benchmarks/bench_proxy.py [--quick] [--json results.json] [--baseline DIR]
+
+With --baseline, a checkout of older code (`git worktree add /tmp/base <commit>`) runs as two more proxies in the
+same rounds, `-s DIR/kimi_rotate.py` and `kimi-rotate proxy` with DIR first on PYTHONPATH, and the report adds
+their ratios new/old.
 """
 
 from __future__ import annotations
@@ -42,8 +46,9 @@ RATE_LIMITED = json.dumps({"error": {"type": "rate_limit_reached_error", "messag
     "Your account org-bench request reached organization max RPM: 3, please try again after 60 seconds")}}).encode()
 REQUEST_TIMEOUT, PHASE_LIMIT = 15.0, 60.0  # seconds for one request / for one slice of a phase
 CONFIGS = ("stock", "addon", "slim")
+BASELINE_CONFIGS = ("addon_old", "slim_old")  # with --baseline: the same two proxies, running the baseline's code
 LABELS = {"direct": "direct (no proxy)", "stock": "a stock mitmdump", "addon": "b mitmdump -s kimi_rotate",
-          "slim": "c kimi-rotate proxy"}
+          "slim": "c kimi-rotate proxy", "addon_old": "b' baseline -s kimi_rotate", "slim_old": "c' baseline proxy"}
 PHASES = (("json_c1", False, 1), ("json_c10", False, 10), ("sse_c1", True, 1), ("sse_c10", True, 10))
 SLICES = 4  # each phase alternates between the targets in this many slices
 STOCK_SCRIPT = '''UPSTREAM = ("127.0.0.1", {port})
@@ -312,7 +317,7 @@ def loadgen_main(targets: dict[str, Target], plan: dict[str, int], out: Connecti
                     await phase(targets[name], stream, conc, -(-plan[ph] // SLICES), acc[name])
             for name in names:
                 res[name][ph] = acc[name].summary(stream)
-        for name in [n for n in names if n in ("addon", "slim")]:
+        for name in [n for n in names if n not in ("direct", "stock")]:
             res[name]["failover"] = await failover(targets[name], plan["failover"])
         return res
 
@@ -336,13 +341,13 @@ def make_store(home: Path) -> None:
         store.close()
 
 
-def proxy_command(kind: str, port: int, confdir: Path, up_port: int, ca: Path) -> list[str]:
+def proxy_command(kind: str, port: int, confdir: Path, up_port: int, ca: Path, root: Path = ROOT) -> list[str]:
     sets = [f"confdir={confdir}", f"ssl_verify_upstream_trusted_ca={ca}"]
     if kind != "stock":
         sets.append(f"kimi_resolve={HOST}=127.0.0.1:{up_port}")
     args = [a for s in sets for a in ("--set", s)]
-    script = confdir / "stock_route.py" if kind == "stock" else ROOT / "kimi_rotate.py"
-    if kind != "slim":
+    script = confdir / "stock_route.py" if kind == "stock" else root / "kimi_rotate.py"
+    if kind not in ("slim", "slim_old"):
         return [str(BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "-p", str(port), "-s", str(script), *args]
     if (BIN / "kimi-rotate").exists():
         return [str(BIN / "kimi-rotate"), "proxy", "--port", str(port), *args]
@@ -350,7 +355,8 @@ def proxy_command(kind: str, port: int, confdir: Path, up_port: int, ca: Path) -
     return [sys.executable, "-c", code]
 
 
-def start_proxy(kind: str, work: Path, up_port: int, ca: Path) -> tuple[subprocess.Popen[bytes], Target, str]:
+def start_proxy(kind: str, work: Path, up_port: int, ca: Path,
+                baseline: Path | None = None) -> tuple[subprocess.Popen[bytes], Target, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
@@ -361,16 +367,21 @@ def start_proxy(kind: str, work: Path, up_port: int, ca: Path) -> tuple[subproce
     env["KIMI_ROTATE_HOME"] = str(work / "home")
     if kind != "stock":
         make_store(work / "home")
-    cmd = proxy_command(kind, port, confdir, up_port, ca)
+    root = ROOT
+    if kind in BASELINE_CONFIGS:  # the same interpreter and mitmproxy; the baseline's kimi_rotator comes first
+        assert baseline is not None
+        root = baseline
+        env["PYTHONPATH"] = os.pathsep.join([str(baseline), *filter(None, [env.get("PYTHONPATH")])])
+    cmd = proxy_command(kind, port, confdir, up_port, ca, root)
     with (work / "proxy.log").open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             socket.create_connection(("127.0.0.1", port), 0.2).close()
             if (confdir / "mitmproxy-ca-cert.pem").exists():
                 target = Target(up_port, str(ca), port, str(confdir / "mitmproxy-ca-cert.pem"), proc.pid)
-                return proc, target, shlex.join(cmd)
+                return proc, target, ("PYTHONPATH=" + str(root) + " " if root != ROOT else "") + shlex.join(cmd)
         except OSError:
             time.sleep(0.05)
     stop_proxy(proc)
@@ -411,13 +422,13 @@ def answer(p: Any, recv: Connection, timeout: float) -> Any:
 
 
 def run_round(work: Path, up_port: int, ca: Path, plan: dict[str, int], timeout: float,
-              commands: dict[str, str]) -> Any:
+              commands: dict[str, str], configs: tuple[str, ...], baseline: Path | None) -> Any:
     """Fresh proxies of every kind side by side, measured by one load generator process."""
     targets = {"direct": Target(up_port, str(ca))}
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        for kind in CONFIGS:
-            proc, targets[kind], cmd = start_proxy(kind, work / kind, up_port, ca)
+        for kind in configs:
+            proc, targets[kind], cmd = start_proxy(kind, work / kind, up_port, ca, baseline)
             procs.append(proc)
             commands.setdefault(kind, cmd)
         return answer(*spawn(loadgen_main, targets, plan), timeout)
@@ -448,13 +459,13 @@ def val(r: dict[str, Any], cfg: str, key: str) -> float:
     return float(r.get(cfg, {}).get(ph, {}).get(metric, float("nan")))
 
 
-def report(rounds: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
+def report(rounds: list[dict[str, Any]], configs: tuple[str, ...] = CONFIGS) -> tuple[list[str], dict[str, Any]]:
     medians = {cfg: {key: statistics.median(val(r, cfg, key) for r in rounds) for _, cols in TABLES for key, _ in cols}
-               for cfg in ("direct", *CONFIGS)}
+               for cfg in ("direct", *configs)}
     lines: list[str] = []
     for title, cols in TABLES:
         lines += ["", f"{title + ' (medians; ms)':30}" + "".join(f"{h:>10}" for _, h in cols)]
-        for cfg in ("direct", *CONFIGS):
+        for cfg in ("direct", *configs):
             cells = (medians[cfg][key] for key, _ in cols)
             lines.append(f"{LABELS[cfg]:30}" + "".join(
                 f"{'-' if v != v else f'{v:.0f}' if v >= 100 else f'{v:.2f}':>10}" for v in cells))
@@ -481,10 +492,36 @@ def report(rounds: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
             tgt = "" if target is None else f"{'>=' if kind == 'ratio' else '<='}{target:.2f} {'ok' if met else 'MISS'}"
             out += f"{v:10.2f}{tgt:>14}"
         lines.append(out)
+    if "addon_old" in configs:
+        lines += baseline_lines(rounds, checks)
     errors = sum(int(p.get("errors", 0)) for r in rounds for c in r.values() for p in c.values())
     lines += ["", f"failed or unexpected requests: {errors}. Failover target: one upstream round trip (direct p50 "
               f"{rtt:.2f} ms) + 5 ms. CPU ratio: proxy CPU per request / stock's (lower is better)."]
     return lines, {"medians": medians, "checks": checks, "errors": errors}
+
+
+BASELINE_ROWS = (("throughput, JSON c=1", "json_c1.rps"), ("throughput, JSON c=10", "json_c10.rps"),
+                 ("p50, JSON c=1", "json_c1.p50_ms"), ("p50, JSON c=10", "json_c10.p50_ms"),
+                 ("CPU per request, JSON c=10", "json_c10.proxy_cpu_ms_per_req"),
+                 ("first SSE event, c=1", "sse_c1.ttfe_p50_ms"), ("first SSE event, c=10", "sse_c10.ttfe_p50_ms"),
+                 ("whole stream, c=10", "sse_c10.ttle_p50_ms"),
+                 ("CPU per stream, c=10", "sse_c10.proxy_cpu_ms_per_req"),
+                 ("first SSE event after a failover", "failover.ttfe_p50_ms"))
+
+
+def baseline_lines(rounds: list[dict[str, Any]], checks: dict[str, Any]) -> list[str]:
+    """This code against the baseline's, the same proxy kind in the same round: new / old, median over rounds."""
+    lines = ["", f"{'new / baseline, paired per round':40}{'b / bold':>10}{'c / cold':>10}"]
+    for label, key in BASELINE_ROWS:
+        out = f"{label:40}"
+        for new, old in (("addon", "addon_old"), ("slim", "slim_old")):
+            per_round = [val(r, new, key) / val(r, old, key) for r in rounds]
+            v = statistics.median(per_round)
+            checks[f"{new} / {old}: {label}"] = {"value": v, "per_round": per_round}
+            out += f"{v:10.3f}"
+        lines.append(out)
+    lines.append("(throughput: higher is better; latency and CPU: lower is better; 1.000 is no change)")
+    return lines
 
 
 def main() -> int:
@@ -494,7 +531,12 @@ def main() -> int:
     ap.add_argument("--events", type=int, default=5, help="SSE events per streamed reply")
     ap.add_argument("--interval-ms", type=float, default=20.0, help="gap between SSE events after the first")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--baseline", type=Path, help="a checkout of older code, measured beside this one (new/old)")
     args = ap.parse_args()
+    baseline = args.baseline.resolve() if args.baseline else None
+    if baseline is not None and not (baseline / "kimi_rotate.py").is_file():
+        ap.error(f"--baseline {args.baseline}: no kimi_rotate.py there (give a checkout of kimi-rotate)")
+    configs = CONFIGS + (BASELINE_CONFIGS if baseline is not None else ())
     rounds_n = max(1, min(9, args.rounds or (1 if args.quick else 3)))
     plan = ({"warmup": 100, "json_c1": 200, "json_c10": 300, "sse_c1": 16, "sse_c10": 60, "failover": 3}
             if args.quick else
@@ -514,6 +556,7 @@ def main() -> int:
     rounds: list[dict[str, Any]] = []
     commands: dict[str, str] = {}
     started, budget = time.monotonic(), 100.0 if args.quick else 220.0  # seconds for the whole run
+    budget *= len(configs) / len(CONFIGS)  # every round measures every proxy
     with tempfile.TemporaryDirectory(prefix="kimi-bench-") as tmp:
         pki = make_test_pki(Path(tmp) / "pki")
         upstream, port_pipe = spawn(upstream_main, str(pki.server_chain), str(pki.server_key), args.events,
@@ -527,7 +570,7 @@ def main() -> int:
                     break
                 try:
                     rounds.append(run_round(Path(tmp) / f"round{i}", up_port, pki.ca_cert, plan,
-                                            max(30.0, budget - elapsed), commands))
+                                            max(30.0, budget - elapsed), commands, configs, baseline))
                 except RuntimeError as e:
                     if not rounds:
                         raise
@@ -541,7 +584,7 @@ def main() -> int:
           "rewrites the server address in server_connect (as kimi_resolve does) and streams SSE (as the addon "
           "does), so all see identical client traffic and the same upstream TLS. Commands (round 1):")
     print("\n".join(f"  {kind}: {cmd}" for kind, cmd in commands.items()))
-    lines, summary = report(rounds)
+    lines, summary = report(rounds, configs)
     load_after = os.getloadavg()[0]
     machine["loadavg"] = [load_before, load_after]
     busy = max(load_before, load_after) > 1

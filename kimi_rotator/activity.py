@@ -1,4 +1,5 @@
-"""What the proxy says while it runs: one line per Kimi request, one per change of a key's state.
+"""What the proxy says while it runs: one line per Kimi request, one per change of a key's state, and the
+trail entry each attempt adds to its flow's comment.
 
 Lines go to the `kimi_rotate` logger, so mitmproxy's termlog shows them under `kimi-rotate proxy`,
 `mitmdump -s` and `mitmweb -s` alike, and `termlog_verbosity` (or `kimi-rotate proxy --quiet`) turns
@@ -18,9 +19,10 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from .keys import mask
-from .models import KeyRecord
+from .models import KeyRecord, OutcomeKind, Scope
 
-if TYPE_CHECKING:  # the failover imports this module; the job is only read here
+if TYPE_CHECKING:  # the failover imports this module; the job and verdict are only read here
+    from .classify import Verdict
     from .failover import Job
 
 log = logging.getLogger("kimi_rotate")
@@ -31,6 +33,19 @@ MAX_NAMED_KEYS = 5  # keys named in one account line; the rest are counted
 def describe(key: KeyRecord) -> str:
     """A key as every line and flow comment names it: its name and masked form, never more."""
     return f"{key.name} {mask(key.secret.get_secret_value())}"
+
+
+def trail_entry(key: KeyRecord, status: int | str, verdict: Verdict, now: float) -> str:
+    """One attempt as flow comments and request lines name it: `Account 2 sk-kimi-…c3d4: 429 …, cooling 30 s`."""
+    o = verdict.outcome
+    # The classifier's reason starts with the status ("429 rate_limit_reached_error").
+    text = f"{describe(key)}: {o.reason or status}"
+    if o.until is not None and o.kind not in (OutcomeKind.SUCCESS, OutcomeKind.SERVER_ERROR):
+        scope = " account" if o.scope is Scope.ACCOUNT else ""
+        text += f",{scope} cooling {wait(o.until - now)}"
+    elif o.kind in (OutcomeKind.INVALID_KEY, OutcomeKind.ACCESS_DENIED):
+        text += ", disabled"
+    return text
 
 
 def request_line(job: Job, status: int | str, seconds: float) -> str:

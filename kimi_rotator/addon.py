@@ -1,10 +1,21 @@
 """The mitmproxy addon: thin glue between flows and the pool.
 
-Path of a request to a Kimi host (mitmproxy itself never connects to Kimi for it):
-- not streaming: the `request` hook runs the failover loop with the addon's own client and sets
-  the answer as the flow's response, so every failure, even a dropped connection, can still be
-  retried on another key or answered in the client's envelope;
-- streaming: the flow is pointed at the loopback relay, which runs the same loop and streams.
+The path of a request to a Kimi host (mitmproxy itself never connects to Kimi for it):
+1. `request` checks that the flow is one to serve (a Kimi host, the client token, a store, a key),
+   then runs the failover loop (failover.py) with the addon's own client (upstream.py): keys are tried
+   until one answers with something to pass on, so every failure, even a dropped connection, can
+   still be retried on another key or answered in the client's envelope (envelopes.py).
+2. The loop ends once the winning answer's head is known. A local answer, or an answer whose body is
+   complete or not an open event stream, becomes `flow.response` (its body read whole), and `_finish`
+   annotates the flow at once.
+3. An open event stream (`Content-Type: text/event-stream`, body still coming) is handed to the
+   loopback relay (relay.py) under a one-time token, and the flow is pointed at the relay: mitmproxy
+   connects there, the relay writes the head and pipes the body as Kimi sends it. `responseheaders`
+   points the flow back at Kimi and streams it on; `response` or `error` calls `_finish` when it ends.
+4. An exception of ours before the head reaches the client is answered with a 502 in `request`, never
+   left to mitmproxy (once a stream has begun, the relay can only close it).
+`_finish` is the one place a flow is annotated: the key's placeholder instead of the credential, the
+trail of attempts in the comment, the failover mark, the request's log line, attempt flows.
 The real key never enters the flow. TLS to every other host is left undecrypted unless
 kimi_intercept_all is set.
 """
@@ -14,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import ssl
 import time
 from collections.abc import Sequence
@@ -29,11 +39,11 @@ from . import activity, engine, views
 from .access import KeyAccess, from_this_machine, key_access, refusal
 from .activity import describe
 from .envelopes import INTERNAL_ERROR, error_response
-from .failover import Failover, Final, Job, broke_off
+from .failover import Failover, Job, Reply, broke_off
 from .flowview import StreamCopy, add_flows, attempt_flows, keeps_flows, link_note
 from .models import Surface
 from .pool import LivePool
-from .relay import TOKEN_HEADER, Relay
+from .relay import TOKEN_HEADER, Handover, Relay
 from .routing import (
     KIMI_PORT,
     credential_matches,
@@ -51,13 +61,12 @@ from .upstream import UpstreamClient, UpstreamError, UpstreamSettings, UpstreamT
 
 log = logging.getLogger("kimi_rotate")
 
-_STREAM_FLAG = re.compile(rb'"stream"\s*:\s*true')
 MARK_FAILOVER = ":arrows_counterclockwise:"
 
 
 @dataclass
 class RelayedFlow:
-    """What the addon remembers about a flow sent through the relay (never stored in the flow)."""
+    """What the addon remembers about a flow whose answer was handed to the relay (never stored in the flow)."""
 
     job: Job
     token: str
@@ -161,8 +170,6 @@ class KimiRotate:
         )
         old = self.failover
         self.failover = Failover(self.pool, UpstreamClient(settings), opts.kimi_max_attempts, opts.kimi_max_wait)
-        if self.relay is not None:
-            self.relay.failover = self.failover
         if old is not None:
             _spawn(old.upstream.aclose())
 
@@ -170,8 +177,8 @@ class KimiRotate:
         loop = self._loop = asyncio.get_running_loop()
         if self.pool is not None:
             self.pool.start(loop)
-        if self.failover is not None and self.relay is None:
-            self.relay = Relay(self.failover)
+        if self.relay is None:
+            self.relay = Relay()
             _spawn(self.relay.start())
         if self._after_tlsconfig is None:
             after = AfterTlsConfig(self)
@@ -264,31 +271,35 @@ class KimiRotate:
         host, _ = real_target((flow.request.host, flow.request.port), self.resolved_back, flow.client_conn.sni)
         job = Job(surface=surface, host=host, method=flow.request.method, path=flow.request.path,
                   headers=tuple(headers.fields), body=flow.request.raw_content or b"")
-        if self.relay is not None and self.relay.port and _STREAM_FLAG.search(job.body):
-            self._via_relay(flow, job)
-            return
         try:
-            final = await self.failover.run(job)
+            reply = await self.failover.run(job)
             try:
-                flow.response = await _to_mitmproxy(final, job.path)
+                if reply.streams and self.relay is not None and self.relay.port:
+                    self._hand_over(flow, job, reply)
+                    return  # finished in `response` or `error`, once the stream has ended
+                flow.response = await _to_mitmproxy(reply, job.path)
             finally:
-                await final.aclose()
+                if flow.id not in self.relayed:  # once handed over, the relay closes it
+                    await reply.aclose()
         except Exception:
             # A bug of ours. Left to mitmproxy, the flow would go to Kimi without a key and come back a
             # puzzling 401; the client gets a clear answer instead, and the log has the traceback.
             log.exception("kimi-rotate: internal error while sending %s %s", job.method, job.path.split("?")[0])
+            self._take_back(flow)
             flow.response = error_response(502, INTERNAL_ERROR, job.path)
-        self._annotate(flow, job)
-        self._show_attempts(flow, job)
+        self._finish(flow, job)
 
-    def _via_relay(self, flow: http.HTTPFlow, job: Job) -> None:
-        assert self.relay is not None
+    def _hand_over(self, flow: http.HTTPFlow, job: Job, reply: Reply) -> None:
+        """Give an open stream to the relay and point the flow at it; mitmproxy then streams what the relay sends."""
+        assert self.relay is not None and reply.response is not None
+        answer = reply.response
+        handover = Handover(answer.status, answer.reason, reply.headers_to_pass_on(None), reply)
         req = flow.request
         original = (req.scheme, req.host, req.port, req.host_header or "")
-        state = RelayedFlow(job=job, token=self.relay.register(job), original=original)
+        state = RelayedFlow(job=job, token=self.relay.register(handover), original=original)
         self.relayed[flow.id] = state
-        hide_credential(req.headers, "relay")  # the relay takes the credential from the job
-        _set_body(req, b"")  # and the body: a large prompt is not copied over loopback (restored on the way back)
+        hide_credential(req.headers, "relay")  # no credential goes to the relay
+        _set_body(req, b"")  # nor the body: a large prompt is not copied over loopback (restored on the way back)
         req.scheme, req.host, req.port = "http", "127.0.0.1", self.relay.port
         req.host_header = original[3]
         req.headers[TOKEN_HEADER] = state.token
@@ -308,24 +319,25 @@ class KimiRotate:
             state.copy = flow.response.stream = StreamCopy()
 
     def response(self, flow: http.HTTPFlow) -> None:
-        state = self.relayed.pop(flow.id, None)
+        state = self._take_back(flow)
         if state is not None:
-            self._annotate(flow, state.job)
-            self._keep_stream_copy(flow, state)
-            self._show_attempts(flow, state.job)
+            self._finish(flow, state.job, state.copy)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        state = self.relayed.pop(flow.id, None)
-        if state is None:
-            return
-        self._restore_target(flow, state)
-        if self.relay is not None:
-            self.relay.forget(state.token)
-        self._annotate(flow, state.job)
-        self._keep_stream_copy(flow, state)
-        self._show_attempts(flow, state.job)
+        state = self._take_back(flow)  # the relay closes the answer if mitmproxy never came for it
+        if state is not None:
+            self._finish(flow, state.job, state.copy)
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def _take_back(self, flow: http.HTTPFlow) -> RelayedFlow | None:
+        """End a handover: the flow shows its real target again, and an answer not collected is closed."""
+        state = self.relayed.pop(flow.id, None)
+        if state is not None:
+            self._restore_target(flow, state)
+            if self.relay is not None:
+                self.relay.forget(state.token)
+        return state
 
     def _restore_target(self, flow: http.HTTPFlow, state: RelayedFlow) -> None:
         if state.original is None:
@@ -338,10 +350,17 @@ class KimiRotate:
         _set_body(req, state.job.body)
         state.original = None
 
+    def _finish(self, flow: http.HTTPFlow, job: Job, copy: StreamCopy | None = None) -> None:
+        """The one place a Kimi flow is annotated, once its answer has ended (a streamed one when its stream has)."""
+        self._annotate(flow, job)
+        if copy is not None:
+            self._keep_stream_copy(flow, copy)
+        self._show_attempts(flow, job)
+
     def _annotate(self, flow: http.HTTPFlow, job: Job) -> None:
         """Name the attempts in the flow's comment, and put the placeholder of the key that served where the
         client's credential was: views and saved flows then show which key answered, and never a credential.
-        Both deliveries end here (a streamed one when its stream has), so this is where its line is logged."""
+        The request's line is logged here too."""
         if job.key is not None:
             hide_credential(flow.request.headers, job.key.fingerprint)
         if job.trail:
@@ -354,12 +373,12 @@ class KimiRotate:
                 status = f"{status} ({flow.error.msg.rstrip('.')})"
             activity.log.info(activity.request_line(job, status, time.time() - flow.request.timestamp_start))
 
-    def _keep_stream_copy(self, flow: http.HTTPFlow, state: RelayedFlow) -> None:
+    def _keep_stream_copy(self, flow: http.HTTPFlow, copy: StreamCopy) -> None:
         """Give a streamed flow the copy of its body, so views show the answer instead of "content missing"."""
-        if state.copy is None or flow.response is None:
+        if flow.response is None:
             return
-        flow.response.raw_content = bytes(state.copy.data)  # the body only: the headers stay as the client got them
-        flow.comment += state.copy.note()
+        flow.response.raw_content = bytes(copy.data)  # the body only: the headers stay as the client got them
+        flow.comment += copy.note()
 
     def _show_attempts(self, flow: http.HTTPFlow, job: Job) -> None:
         """List each failed attempt as a flow of its own next to the client's, where flows are shown or saved."""
@@ -436,19 +455,19 @@ def _set_body(request: http.Request, body: bytes) -> None:
         request.headers["content-length"] = str(len(body))
 
 
-async def _to_mitmproxy(final: Final, path: str) -> http.Response:
-    """The failover's result as the flow's response, its body read whole."""
-    if final.response is None:
-        return error_response(final.status, final.message, path, final.retry_after)
-    resp = final.response
+async def _to_mitmproxy(reply: Reply, path: str) -> http.Response:
+    """The failover's reply as the flow's response, its body read whole."""
+    if reply.response is None:
+        return error_response(reply.status, reply.message, path, reply.retry_after)
+    resp = reply.response
     try:
-        raw = b"".join([chunk async for chunk in final.aiter_body()])
+        raw = b"".join([chunk async for chunk in reply.aiter_body()])
     except UpstreamTimeout:
         return error_response(504, "Kimi stopped sending its answer; kimi-rotate gave up waiting "
                                    "(kimi_upstream_timeout). Try again", path)
     except UpstreamError as e:
         return error_response(502, broke_off(e), path)
-    headers = http.Headers(final.headers_to_pass_on(len(raw)))
+    headers = http.Headers(reply.headers_to_pass_on(len(raw)))
     now = time.time()  # mitmproxy stamps the start itself when a request hook sets the response
     return http.Response(b"HTTP/1.1", resp.status, resp.reason, headers, raw, None, now, now)
 

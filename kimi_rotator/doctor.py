@@ -8,6 +8,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import http1
 from .ca import CA_CERT
 from .models import Surface
 from .store import Store, StoreError
@@ -62,14 +63,18 @@ def _connect_tunnel(host: str, port: int, target: str) -> socket.socket:
     sock = socket.create_connection((host, port), timeout=TIMEOUT)
     try:
         sock.sendall(f"CONNECT {target}:443 HTTP/1.1\r\nHost: {target}:443\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head and len(head) < 8192:
+        received = b""
+        while http1.HEAD_END not in received and len(received) < 8192:
             chunk = sock.recv(4096)
             if not chunk:
                 break
-            head += chunk
-        status = head.split(b" ", 2)[1:2]
-        if status != [b"200"]:
+            received += chunk
+        head, end, _ = received.partition(http1.HEAD_END)
+        try:
+            status = http1.parse_response_head(head + end)[0] if end else None
+        except http1.FramingError:
+            status = None
+        if status != 200:
             line = head.split(b"\r\n", 1)[0].decode(errors="replace") or "no answer"
             raise OSError(f"the proxy refused CONNECT ({line})")
         return sock

@@ -1,8 +1,8 @@
 """Re-sending a request on other keys until one answers, before the client sees a byte.
 
-One loop serves both deliveries: the relay streams the winning response on as it arrives, the
-addon buffers it for non-streaming requests. Every attempt is classified, recorded in the pool and
-written into the flow's trail.
+The addon's `request` hook runs this loop for every Kimi request; its Reply is the answer whose head has
+arrived, or a local error. Every attempt is classified, recorded in the pool and written into the job's trail.
+It imports no mitmproxy: the loop is tested, and can run, without a proxy.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from . import engine
-from .activity import describe, wait
+from . import engine, http1
+from .activity import trail_entry
 from .classify import Verdict, classify, classify_connection_error, decode_body
-from .models import KeyRecord, OutcomeKind, Scope, Surface
+from .models import KeyRecord, Scope, Surface
 from .pool import LivePool
-from .routing import HOP_BY_HOP, with_credential
+from .routing import with_credential
 from .upstream import Response, UpstreamClient, UpstreamError, UpstreamTimeout
 
 ERROR_BODY_LIMIT = 1 << 20  # error bodies are small; never buffer more than this to classify one
@@ -66,8 +66,9 @@ class Job:
 
 
 @dataclass
-class Final:
-    """How a job ended: an upstream response still open for reading, or a local error."""
+class Reply:
+    """What the client is to get for a job: an upstream answer whose head has arrived and whose body may still be
+    coming (`response`), or, when `response` is None, a local error."""
 
     response: Response | None = None
     body_start: bytes = b""  # read to classify a failure answer; the rest of a long one is still unread
@@ -84,6 +85,18 @@ class Final:
         """The body's length when it has been read whole."""
         return len(self.body_start) if self.response is not None and self.response.complete else None
 
+    @property
+    def streams(self) -> bool:
+        """An event stream whose body is still coming: the client gets it as it arrives, not once it has ended.
+
+        Decided by the answer, not the request: a body the failover loop read whole (a failure answer), or one that
+        its framing says is empty, is complete; an answer of any other type is read whole before it is passed on."""
+        response = self.response
+        if response is None or response.complete:
+            return False
+        content_type = response.header("content-type") or ""
+        return content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
+
     async def aiter_body(self) -> AsyncIterator[bytes]:
         """The whole body as it arrives (raw: content encoding kept), starting with what was read already."""
         assert self.response is not None
@@ -99,29 +112,17 @@ class Final:
         Raw bytes, as they came: a header value may be any bytes, and decoding it would garble it.
         """
         assert self.response is not None
-        drop = set(HOP_BY_HOP)
+        drop = []
         if self.retry_after is not None:
-            drop.add(b"retry-after")
+            drop.append(b"retry-after")
         if body_length is not None:
-            drop.add(b"content-length")
-        headers = [(k, v) for k, v in self.response.headers if k.lower() not in drop]
+            drop.append(b"content-length")
+        headers = http1.passed_on(self.response.headers, drop)
         if self.retry_after is not None:
             headers.append((b"retry-after", str(max(1, round(self.retry_after))).encode()))
         if body_length is not None:
             headers.append((b"content-length", str(body_length).encode()))
         return headers
-
-
-def trail_entry(key: KeyRecord, status: int | str, verdict: Verdict, now: float) -> str:
-    o = verdict.outcome
-    # The classifier's reason starts with the status ("429 rate_limit_reached_error").
-    text = f"{describe(key)}: {o.reason or status}"
-    if o.until is not None and o.kind not in (OutcomeKind.SUCCESS, OutcomeKind.SERVER_ERROR):
-        scope = " account" if o.scope is Scope.ACCOUNT else ""
-        text += f",{scope} cooling {wait(o.until - now)}"
-    elif o.kind in (OutcomeKind.INVALID_KEY, OutcomeKind.ACCESS_DENIED):
-        text += ", disabled"
-    return text
 
 
 class Failover:
@@ -167,32 +168,32 @@ class Failover:
                 return result
             await asyncio.sleep(max(0.01, free - now))
 
-    async def run(self, job: Job) -> Final:
+    async def run(self, job: Job) -> Reply:
         """Try keys until one answers with something to pass on. The caller closes the result."""
-        final: Final | None = None
+        reply: Reply | None = None
         while len(job.tried) < self.max_attempts:
             key = await self.next_key(job)
             if isinstance(key, engine.NoEligibleKey):
                 break
             job.tried.add(key.id)
             job.key = key
-            if final is not None:
-                if final.attempt is not None and len(job.attempts) < ATTEMPTS_KEPT:
-                    job.attempts.append(final.attempt)
-                await final.aclose()
-            final, verdict, status = await self._attempt(job, key)
+            if reply is not None:
+                if reply.attempt is not None and len(job.attempts) < ATTEMPTS_KEPT:
+                    job.attempts.append(reply.attempt)
+                await reply.aclose()
+            reply, verdict, status = await self._attempt(job, key)
             self.settle(job, key, status, verdict)
-            if final.attempt is not None:
-                final.attempt = dataclasses.replace(final.attempt, summary=job.trail[-1])
+            if reply.attempt is not None:
+                reply.attempt = dataclasses.replace(reply.attempt, summary=job.trail[-1])
             if not self.may_retry(job, verdict):
-                return final
-        if final is None:
+                return reply
+        if reply is None:
             return self.exhausted(job.surface)
-        if final.response is not None:
-            final.retry_after = self.retry_after(job.surface)
-        return final
+        if reply.response is not None:
+            reply.retry_after = self.retry_after(job.surface)
+        return reply
 
-    async def _attempt(self, job: Job, key: KeyRecord) -> tuple[Final, Verdict, int | str]:
+    async def _attempt(self, job: Job, key: KeyRecord) -> tuple[Reply, Verdict, int | str]:
         started = self.clock()
         headers = with_credential(job.headers, key.secret.get_secret_value(), job.path)
         seen = Attempt(fingerprint=key.fingerprint, sent=started, answered=started)
@@ -200,16 +201,16 @@ class Failover:
             response = await self.upstream.send(job.method, job.host, job.path, headers, job.body)
         except UpstreamTimeout:
             message = "Kimi did not answer in time; kimi-rotate gave up waiting (kimi_upstream_timeout)"
-            final = Final(status=504, message=message, attempt=_failed(seen, self.clock(), message))
-            return final, classify_connection_error("timeout"), "timeout"
+            reply = Reply(status=504, message=message, attempt=_failed(seen, self.clock(), message))
+            return reply, classify_connection_error("timeout"), "timeout"
         except UpstreamError as e:
             message = f"kimi-rotate could not reach Kimi: {e}. Check the network or try again"
-            final = Final(status=502, message=message, attempt=_failed(seen, self.clock(), message))
-            return final, classify_connection_error(type(e).__name__), "no response"
+            reply = Reply(status=502, message=message, attempt=_failed(seen, self.clock(), message))
+            return reply, classify_connection_error(type(e).__name__), "no response"
         now = self.clock()
         latency = (now - started) * 1000
         if 200 <= response.status < 300:
-            return Final(response=response), classify(response.status, _text(response.headers), b"", now, latency), 200
+            return Reply(response=response), classify(response.status, _text(response.headers), b"", now, latency), 200
         seen = dataclasses.replace(seen, answered=now, status=response.status, reason=response.reason,
                                    headers=tuple(response.headers))
         try:
@@ -218,7 +219,7 @@ class Failover:
             # Classified on its status and headers; the client gets a clear 502, not a head whose body never comes.
             await response.aclose()
             verdict = classify(response.status, _text(response.headers), b"", now, latency)
-            return Final(status=502, message=broke_off(e), attempt=_failed(seen, now, broke_off(e))), verdict, \
+            return Reply(status=502, message=broke_off(e), attempt=_failed(seen, now, broke_off(e))), verdict, \
                 response.status
         body = decode_body(raw, response.header("content-encoding"))
         verdict = classify(response.status, _text(response.headers), body, now, latency)
@@ -226,7 +227,7 @@ class Failover:
             kept = dataclasses.replace(seen, body=raw)
         else:  # the start of an encoded body would not decode: keep its start decoded
             kept = dataclasses.replace(seen, body=body[:ATTEMPT_BODY_LIMIT], body_cut=True)
-        return Final(response=response, body_start=raw, attempt=kept), verdict, response.status
+        return Reply(response=response, body_start=raw, attempt=kept), verdict, response.status
 
     def retry_after(self, surface: Surface) -> float | None:
         now = self.clock()
@@ -235,12 +236,12 @@ class Failover:
             return result.next_free_at - now
         return None
 
-    def exhausted(self, surface: Surface) -> Final:
+    def exhausted(self, surface: Surface) -> Reply:
         """The local answer when no key can take the request."""
         now = self.clock()
         result = self.pool.select(surface, now)
         if isinstance(result, engine.Selection):  # keys remain, but this request used its attempts
-            return Final(status=429, message="kimi-rotate: every attempt for this request was refused", retry_after=1)
+            return Reply(status=429, message="kimi-rotate: every attempt for this request was refused", retry_after=1)
         return no_key_answer(surface, result, now)
 
 
@@ -256,10 +257,10 @@ def _text(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
 
 
-def no_key_answer(surface: Surface, result: engine.NoEligibleKey, now: float) -> Final:
+def no_key_answer(surface: Surface, result: engine.NoEligibleKey, now: float) -> Reply:
     if result.next_free_at is not None:
         wait = result.next_free_at - now
-        return Final(
+        return Reply(
             status=429,
             message=(
                 f"kimi-rotate: all {result.cooling} {surface.value} key(s) that can serve are cooling down; "
@@ -268,7 +269,7 @@ def no_key_answer(surface: Surface, result: engine.NoEligibleKey, now: float) ->
             ),
             retry_after=wait,
         )
-    return Final(
+    return Reply(
         status=503,
         message=(
             f"kimi-rotate: every {surface.value} key is disabled ({result.disabled} of {result.total}); "

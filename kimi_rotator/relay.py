@@ -1,13 +1,15 @@
-"""A loopback relay that lets streamed responses survive a failover.
+"""A loopback relay that lets an answer the addon already holds stream on to the client.
 
 mitmproxy streams only bytes that arrive on a server connection; a response an addon makes is
-sent in one piece (upstream issue #8103). So streaming Kimi requests are pointed at this relay:
-it runs the failover loop with the addon's own client and pipes the winning response to
-mitmproxy as it arrives, which streams it on to the client. Only 127.0.0.1 listens, and a request
-is served only with the one-time token the addon registered for it.
+sent in one piece (upstream issue #8103). So when the failover loop's winning answer is an open
+event stream, the addon hands it over here under a one-time token and points the flow at this
+relay; mitmproxy connects, and the relay writes the answer's head and pipes its body as it arrives.
+It knows nothing of keys or failover. Only 127.0.0.1 listens, and a request is served only with a
+token the addon registered; an answer mitmproxy never comes for is closed after HANDOVER_SECONDS
+(or at once by `forget`, from the addon's `error` hook).
 
-Its only peer is mitmproxy, which sends it a bare request head (the addon keeps the body in the
-job), so it speaks just enough HTTP/1.1 for that: a head in, a head and a chunked or sized body out.
+Its only peer is mitmproxy, which sends it a bare request head (the addon keeps the body), so it
+speaks just enough HTTP/1.1 for that, through the framing in http1.
 """
 
 from __future__ import annotations
@@ -16,22 +18,47 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
 
-from .envelopes import INTERNAL_ERROR, error_body, local_headers
-from .failover import Failover, Final, Job
-from .upstream import MAX_HEAD, UpstreamError, read_chunks
+from . import http1
+from .envelopes import error_body, local_headers
+from .http1 import HEAD_END, MAX_HEAD, FramingError
+from .upstream import UpstreamError, read_chunks
 
 log = logging.getLogger(__name__)
 
 TOKEN_HEADER = "x-kimi-rotate-relay"
 _TOKEN = TOKEN_HEADER.encode()
-_READ_SIZE = 65536
+# mitmproxy connects as soon as the request hooks are done: a handover not collected by then never will be
+# (another addon killed or answered the flow), and its upstream connection must not stay open.
+HANDOVER_SECONDS = 30.0
+_DRAIN_SECONDS = 30.0
+
+
+class OpenBody(Protocol):
+    """The body of an answer still coming (failover.Reply): read once, then closed."""
+
+    def aiter_body(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass
+class Handover:
+    """An answer the relay is to pass on: its head as the client gets it, and its open body."""
+
+    status: int
+    reason: bytes
+    headers: http1.Headers  # no hop-by-hop headers; a Content-Length only if the body has exactly that length
+    body: OpenBody
 
 
 class Relay:
-    def __init__(self, failover: Failover) -> None:
-        self.failover = failover
-        self._jobs: dict[str, Job] = {}
+    def __init__(self, handover_seconds: float = HANDOVER_SECONDS) -> None:
+        self.handover_seconds = handover_seconds
+        self._waiting: dict[str, tuple[Handover, asyncio.TimerHandle]] = {}
         self._server: asyncio.Server | None = None
         self.port = 0
 
@@ -43,31 +70,48 @@ class Relay:
         if self._server is not None:
             self._server.close()
             self._server = None
+        for token in list(self._waiting):
+            self.forget(token)
 
-    def register(self, job: Job) -> str:
+    def register(self, handover: Handover) -> str:
+        """Keep an answer for the one request that brings the returned token."""
         token = secrets.token_urlsafe(18)
-        self._jobs[token] = job
+        timer = asyncio.get_running_loop().call_later(self.handover_seconds, self.forget, token)
+        self._waiting[token] = (handover, timer)
         return token
 
     def forget(self, token: str) -> None:
-        self._jobs.pop(token, None)
+        """Close an answer that was handed over and not collected (nothing happens once it was)."""
+        waiting = self._waiting.pop(token, None)
+        if waiting is not None:
+            handover, timer = waiting
+            timer.cancel()
+            _close_soon(handover.body)
+
+    def _collect(self, token: str) -> Handover | None:
+        waiting = self._waiting.pop(token, None)
+        if waiting is None:
+            return None
+        waiting[1].cancel()
+        return waiting[0]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
                 try:
-                    head = await reader.readuntil(b"\r\n\r\n")
+                    head = await reader.readuntil(HEAD_END)
                 except asyncio.IncompleteReadError:
                     return  # mitmproxy closed the idle connection
-                request = _RequestHead(head)
-                await request.drain_body(reader)
-                job = self._jobs.pop(request.token, None)
-                if job is None:
-                    await _send_local(writer, 403, "not a kimi-rotate relay request", "/")
+                _, _, headers = http1.parse_request_head(head)
+                await _drain_body(reader, headers)
+                handover = self._collect((http1.header(headers, _TOKEN) or b"").decode("latin-1"))
+                if handover is None:
+                    await _send_refusal(writer)
                     return
-                if not await self._answer(writer, job) or not request.keep_alive:
+                await _pipe(writer, handover)
+                if not http1.keeps_alive(b"HTTP/1.1", headers):
                     return
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, FramingError):
             pass  # mitmproxy went away (the client hung up), or sent what it never sends; nothing to answer
         except asyncio.CancelledError:
             pass  # the proxy is shutting down with this connection open
@@ -81,79 +125,45 @@ class Relay:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _answer(self, writer: asyncio.StreamWriter, job: Job) -> bool:
-        """Run the job and send its answer; False when the connection must close afterwards."""
-        try:
-            final: Final = await self.failover.run(job)
-        except Exception:  # a bug of ours: the client still gets an answer it can read
-            log.exception("kimi-rotate: internal error while sending %s %s", job.method, job.path.split("?")[0])
-            await _send_local(writer, 502, INTERNAL_ERROR, job.path)
-            return True
-        try:
-            resp = final.response
-            if resp is None:
-                await _send_local(writer, final.status, final.message, job.path, final.retry_after)
-                return True
-            headers = final.headers_to_pass_on(final.body_length())
-            if job.method == "HEAD" or resp.status in (204, 304):  # no body, whatever the headers say
-                writer.write(_head(resp.status, resp.reason, headers))
+
+async def _pipe(writer: asyncio.StreamWriter, handover: Handover) -> None:
+    """Write the head, then the body as it arrives: as is when it has a length, else in chunks."""
+    try:
+        sized = http1.header(handover.headers, b"content-length") is not None
+        headers = handover.headers if sized else [*handover.headers, http1.CHUNKED]
+        writer.write(http1.response_head(handover.status, handover.reason, headers))
+        async for data in handover.body.aiter_body():
+            if data:
+                writer.write(data if sized else http1.chunk(data))
                 await writer.drain()
-                return True
-            sized = any(name.lower() == b"content-length" for name, _ in headers)
-            writer.write(_head(resp.status, resp.reason, headers if sized else [*headers, _CHUNKED]))
-            async for chunk in final.aiter_body():
-                writer.write(chunk if sized else b"%x\r\n%b\r\n" % (len(chunk), chunk))
-                await writer.drain()
-            if not sized:
-                writer.write(b"0\r\n\r\n")
-            await writer.drain()
-            return True
-        finally:
-            await final.aclose()
+        if not sized:
+            writer.write(http1.LAST_CHUNK)
+        await writer.drain()
+    finally:
+        await handover.body.aclose()
 
 
-_CHUNKED = (b"transfer-encoding", b"chunked")
+async def _drain_body(reader: asyncio.StreamReader, headers: http1.Headers) -> None:
+    """Read past the request's body, if mitmproxy sent one (the addon holds the body; the answer is known)."""
+    framing, length = http1.body_framing(headers, default="none")
+    if framing == "chunked":
+        async for _ in read_chunks(reader, timeout=_DRAIN_SECONDS):
+            pass
+    elif framing == "length" and length:
+        await reader.readexactly(length)
 
 
-class _RequestHead:
-    """The parts of mitmproxy's request head the relay needs."""
-
-    def __init__(self, head: bytes) -> None:
-        self.token = ""
-        self.length = 0
-        self.chunked = False
-        self.keep_alive = True
-        for line in head[:-4].split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            name, value = name.strip().lower(), value.strip()
-            if name == _TOKEN:
-                self.token = value.decode("latin-1")
-            elif name == b"content-length":
-                self.length = int(value)  # ValueError on garbage: the connection is dropped
-            elif name == b"transfer-encoding":
-                self.chunked = value.lower().endswith(b"chunked")
-            elif name == b"connection":
-                self.keep_alive = b"close" not in value.lower()
-
-    async def drain_body(self, reader: asyncio.StreamReader) -> None:
-        """Read past the body, if mitmproxy sent one (the job already holds it)."""
-        if self.chunked:
-            async for _ in read_chunks(reader, timeout=30):
-                pass
-        elif self.length:
-            await reader.readexactly(self.length)
-
-
-def _head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
-    lines = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
-    lines += [b"%b: %b\r\n" % (name, value) for name, value in headers]
-    return b"".join(lines) + b"\r\n"
-
-
-async def _send_local(
-    writer: asyncio.StreamWriter, status: int, message: str, path: str, retry_after: float | None = None
-) -> None:
-    body = error_body(status, message, path)
-    headers = [(k.encode(), v.encode()) for k, v in local_headers(retry_after).items()]
-    writer.write(_head(status, b"", [*headers, (b"content-length", b"%d" % len(body))]) + body)
+async def _send_refusal(writer: asyncio.StreamWriter) -> None:
+    body = error_body(403, "not a kimi-rotate relay request", "/")
+    headers = [(k.encode(), v.encode()) for k, v in local_headers().items()]
+    writer.write(http1.response_head(403, b"", [*headers, (b"content-length", b"%d" % len(body))]) + body)
     await writer.drain()
+
+
+_closing: set[asyncio.Task[None]] = set()
+
+
+def _close_soon(body: OpenBody) -> None:
+    task = asyncio.get_running_loop().create_task(body.aclose())  # type: ignore[arg-type]
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)

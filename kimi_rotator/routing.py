@@ -1,27 +1,27 @@
-"""Which flows are Kimi flows, and how their credential is swapped."""
+"""Which flows are Kimi flows, and how their credential is swapped.
+
+It imports no mitmproxy at load time (flows and headers are only read here), so the upstream client and the
+failover loop, which need KIMI_PORT and `with_credential`, load without it.
+"""
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Iterable
-
-from mitmproxy import http
-from mitmproxy.net.http.url import parse_authority
+from typing import TYPE_CHECKING
 
 from .models import Surface
+
+if TYPE_CHECKING:
+    from mitmproxy import http
 
 DEFAULT_HOSTS: dict[str, Surface] = {
     "api.moonshot.cn": Surface.MOONSHOT_CN,
     "api.moonshot.ai": Surface.MOONSHOT_AI,
     "api.kimi.com": Surface.KIMI_CODE,
 }
-KIMI_PORT = 443
+KIMI_PORT = 443  # Kimi's API is HTTPS on the default port
 PLACEHOLDER_PREFIX = "kimi-rotate:"
-# Headers about one connection, never passed on (lower-case, raw: headers are handled as bytes).
-HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"upgrade", b"trailer",
-     b"proxy-authorization", b"proxy-authenticate"}
-)
 
 
 def normalize_host(host: str) -> str:
@@ -46,6 +46,8 @@ def parse_host_map(entries: Iterable[str]) -> dict[str, Surface]:
 
 def parse_resolve(entries: Iterable[str]) -> dict[str, tuple[str, int]]:
     """`host=address:port` pairs: connect there instead of resolving the host (like curl --resolve)."""
+    from mitmproxy.net.http.url import parse_authority  # read once, in `configure`
+
     out: dict[str, tuple[str, int]] = {}
     for entry in entries:
         host, sep, target = entry.partition("=")

@@ -12,26 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from .routing import HOP_BY_HOP
+from . import http1
+from .http1 import HEAD_END, LINE_END, MAX_HEAD, FramingError, Headers
+from .routing import KIMI_PORT
 
-MAX_HEAD = 64 * 1024  # a response head larger than this is refused
 READ_SIZE = 64 * 1024
-IDLE_SECONDS = 50.0  # pooled connections older than this are closed, not reused (servers drop them at ~60 s)
+IDLE_SECONDS = 50.0  # idle connections older than this are closed, not reused (servers drop them at ~60 s)
 MAX_IDLE_PER_HOST = 64
 CONNECT_TIMEOUT_CAP = 15.0
 # No happy eyeballs (happy_eyeballs_delay): under mitmproxy 12's eager task factory, Python 3.12.1's
 # staggered_race fails an internal assertion on every connection. Addresses are tried in turn, as mitmproxy does.
-KIMI_PORT = 443
-_NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
-# The client adds its own Host and Content-Length; hop-by-hop headers describe the client's own connection.
-_DROP = HOP_BY_HOP | {b"host", b"content-length"}
 
 
 class UpstreamError(Exception):
@@ -51,7 +47,7 @@ class BrokenResponse(UpstreamError):
 
 
 class _Stale(Exception):
-    """A pooled connection closed before a byte of the answer came: the request is sent again on a new one.
+    """A kept-alive connection closed before a byte of the answer came: the request is sent again on a new one.
 
     Nearly always the server closed the idle connection as the request went out, and never read it. A server that
     read the request and then closed without a word would get it twice; browsers make the same trade.
@@ -116,12 +112,12 @@ class Response:
     def __init__(
         self,
         client: UpstreamClient,
-        pool_key: str,
+        host: str,
         connection: _Connection,
         status: int,
         reason: bytes,
-        headers: list[tuple[bytes, bytes]],
-        framing: str,
+        headers: Headers,
+        framing: http1.Framing,
         length: int,
         keep_alive: bool,
     ) -> None:
@@ -129,9 +125,9 @@ class Response:
         self.reason = reason
         self.headers = headers  # as received: raw bytes, order and repeats kept
         self._client = client
-        self._pool_key = pool_key
+        self._host = host
         self._connection: _Connection | None = connection
-        self._framing = framing  # "none", "length", "chunked" or "close"
+        self._framing = framing
         self._remaining = length
         self._keep_alive = keep_alive
         self._consumed = False
@@ -211,7 +207,7 @@ class Response:
         connection, self._connection = self._connection, None
         if connection is not None:
             if self._keep_alive:
-                self._client._put_back(self._pool_key, connection)
+                self._client._put_back(self._host, connection)
             else:
                 connection.abort()
 
@@ -221,78 +217,34 @@ class Response:
             connection.abort()
 
 
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
-
-
 async def read_chunks(reader: asyncio.StreamReader, timeout: float) -> AsyncIterator[bytes]:
-    """A chunked body's data as it arrives; a large chunk comes in pieces, never buffered whole."""
-    while True:
-        async with asyncio.timeout(timeout):
-            line = await reader.readuntil(b"\r\n")
-        size_text = line.split(b";", 1)[0].strip()
-        if not _CHUNK_SIZE.fullmatch(size_text):
-            raise BrokenResponse("Kimi sent a malformed chunked body")
-        remaining = int(size_text, 16)
-        if remaining == 0:
-            async with asyncio.timeout(timeout):  # trailers, up to the blank line
-                while await reader.readuntil(b"\r\n") != b"\r\n":
-                    pass
-            return
-        while remaining:
+    """A chunked body's data as it arrives; a large chunk comes in pieces, never buffered whole.
+
+    Raises BrokenResponse on bad framing, and leaves timeouts and connection errors to the caller."""
+    try:
+        while True:
             async with asyncio.timeout(timeout):
-                data = await reader.read(min(remaining, READ_SIZE))
-            if not data:
-                raise BrokenResponse("Kimi closed the connection in the middle of a chunk")
-            remaining -= len(data)
-            yield data
-        async with asyncio.timeout(timeout):
-            if await reader.readexactly(2) != b"\r\n":
-                raise BrokenResponse("Kimi sent a malformed chunked body")
-
-
-def _parse_head(head: bytes) -> tuple[int, bytes, list[tuple[bytes, bytes]], bytes]:
-    lines = head[:-4].split(b"\r\n")
-    parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3 or not parts[1].isdigit():
-        raise BrokenResponse("Kimi's answer is not HTTP/1.1")
-    headers: list[tuple[bytes, bytes]] = []
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name != name.strip():
-            raise BrokenResponse("Kimi's answer has a malformed header line")
-        headers.append((name, value.strip(b" \t")))
-    return int(parts[1]), parts[2] if len(parts) == 3 else b"", headers, parts[0]
-
-
-def _framing(method: str, status: int, headers: list[tuple[bytes, bytes]]) -> tuple[str, int]:
-    if method == "HEAD" or status in (204, 304) or status < 200:
-        return "none", 0
-    lengths: set[bytes] = set()
-    encoding: bytes | None = None
-    for name, value in headers:
-        lower = name.lower()
-        if lower == b"transfer-encoding":
-            encoding = value.lower().rstrip()
-        elif lower == b"content-length":
-            lengths.update(v.strip() for v in value.split(b","))
-    if encoding is not None:  # it overrides any Content-Length; not ending in chunked, the body runs to the close
-        return ("chunked", 0) if encoding.endswith(b"chunked") else ("close", 0)
-    if lengths:
-        if len(lengths) != 1 or not next(iter(lengths)).isdigit():
-            raise BrokenResponse("Kimi's answer has an invalid Content-Length")
-        return "length", int(next(iter(lengths)))
-    return "close", 0
-
-
-def _keeps_alive(version: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
-    for name, value in headers:
-        if name.lower() == b"connection" and b"close" in value.lower():
-            return False
-    return version == b"HTTP/1.1"
+                remaining = http1.chunk_size(await reader.readuntil(LINE_END))
+            if remaining == 0:
+                async with asyncio.timeout(timeout):  # trailers, up to the blank line
+                    while await reader.readuntil(LINE_END) != LINE_END:
+                        pass
+                return
+            while remaining:
+                async with asyncio.timeout(timeout):
+                    data = await reader.read(min(remaining, READ_SIZE))
+                if not data:
+                    raise BrokenResponse("Kimi closed the connection in the middle of a chunk")
+                remaining -= len(data)
+                yield data
+            async with asyncio.timeout(timeout):
+                http1.check_chunk_end(await reader.readexactly(2))
+    except FramingError as e:
+        raise BrokenResponse(f"Kimi's answer {e}") from None
 
 
 class UpstreamClient:
-    """Sends requests to Kimi hosts on pooled keep-alive connections, one pool per host."""
+    """Sends requests to Kimi hosts on keep-alive connections, keeping idle ones per host for the next request."""
 
     def __init__(self, settings: UpstreamSettings) -> None:
         self.settings = settings
@@ -309,7 +261,7 @@ class UpstreamClient:
         `headers` go out as given except Host, Content-Length and hop-by-hop headers, which the client sets.
         Raises ConnectFailed, UpstreamTimeout or BrokenResponse.
         """
-        request = _serialize(method, host, path, headers, body)
+        request = http1.request_head(method, host, path, headers, len(body)) + body
         connection = self._checkout(host)
         if connection is not None:
             try:
@@ -325,7 +277,7 @@ class UpstreamClient:
             for connection in connections:
                 connection.abort()
 
-    # -- connections ---------------------------------------------------------------------------
+    # -- connections (kept alive per host) -------------------------------------------------------
 
     def _checkout(self, host: str) -> _Connection | None:
         connections = self._idle.get(host)
@@ -385,8 +337,8 @@ class UpstreamClient:
                 head += b"proxy-authorization: Basic " + base64.b64encode(self.settings.proxy_auth.encode()) + b"\r\n"
             writer.write(head + b"\r\n")
             try:
-                status, reason, _, _ = _parse_head(await reader.readuntil(b"\r\n\r\n"))
-            except (BrokenResponse, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                status, reason, _, _ = http1.parse_response_head(await reader.readuntil(HEAD_END))
+            except (FramingError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 raise ConnectFailed(f"the upstream proxy did not answer the tunnel request to {host}") from None
             if not 200 <= status < 300:
                 text = reason.decode("latin-1")
@@ -407,14 +359,17 @@ class UpstreamClient:
             async with asyncio.timeout(timeout):
                 await writer.drain()
                 while True:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    status, reason, headers, version = _parse_head(head)
+                    head = await reader.readuntil(HEAD_END)
+                    status, reason, headers, version = http1.parse_response_head(head)
                     if status >= 200 or status == 101:
                         break
                     connection.reused = False  # an interim answer (100 Continue) arrived: the server has it
             if status == 101:
                 raise BrokenResponse("Kimi switched protocols, which kimi-rotate does not relay")
-            framing, length = _framing(method, status, headers)
+            framing, length = http1.response_framing(method, status, headers)
+        except FramingError as e:
+            connection.abort()
+            raise BrokenResponse(f"Kimi's answer {e}") from None
         except TimeoutError:
             connection.abort()
             raise UpstreamTimeout(f"Kimi did not answer within {timeout:g} s") from None
@@ -431,22 +386,8 @@ class UpstreamClient:
         except (BrokenResponse, asyncio.CancelledError):
             connection.abort()
             raise
-        keep_alive = framing != "close" and _keeps_alive(version, headers)
+        keep_alive = framing != "close" and http1.keeps_alive(version, headers)
         response = Response(self, host, connection, status, reason, headers, framing, length, keep_alive)
         if framing == "none":
             response._consumed = True
         return response
-
-
-def _serialize(method: str, host: str, path: str, headers: Iterable[tuple[bytes, bytes]], body: bytes) -> bytes:
-    # mitmproxy hands a path's bytes that are not UTF-8 over as surrogates: they go out as the client sent them.
-    target = path.encode("utf-8", "surrogateescape")
-    parts = [method.encode(), b" ", target, b" HTTP/1.1\r\nhost: ", host.encode(), b"\r\n"]
-    for name, value in headers:
-        if name.lower() not in _DROP:
-            parts += (name, b": ", value, b"\r\n")
-    if body or method not in _NO_BODY_METHODS:
-        parts += (b"content-length: ", str(len(body)).encode(), b"\r\n")
-    parts += (b"\r\n", body)
-    return b"".join(parts)
-

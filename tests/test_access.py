@@ -20,7 +20,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from kimi_rotator.access import KeyAccess, is_loopback, key_access
 from kimi_rotator.addon import KimiRotate
 from kimi_rotator.envelopes import LOCAL_HEADER
-from kimi_rotator.failover import Final, Job
+from kimi_rotator.failover import Job, Reply
 from kimi_rotator.models import Surface
 from kimi_rotator.proxy import ProxyConfig, ProxyError, build_master, check_exposure
 from kimi_rotator.store import NewKey, Store
@@ -83,9 +83,9 @@ class Proxy:
         self.ctx, self.addon = ctx, addon
         self.jobs: list[Job] = []
 
-        async def run(job: Job) -> Final:  # stands in for the failover loop: no upstream in these tests
+        async def run(job: Job) -> Reply:  # stands in for the failover loop: no upstream in these tests
             self.jobs.append(job)
-            return Final(status=SERVED, message="served")
+            return Reply(status=SERVED, message="served")
 
         assert addon.failover is not None
         addon.failover.run = run  # type: ignore[method-assign]

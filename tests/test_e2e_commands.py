@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fakekimi import FakeKimi
+from fakekimi import FakeKimi, Reply
 from harness import (
     CHAT_BODY,
     KC_CHAT,
@@ -32,6 +32,8 @@ from mitmproxy import options
 from mitmproxy.tools.dump import DumpMaster
 
 from kimi_rotator.addon import KimiRotate
+from kimi_rotator.failover import Reply as Reply_
+from kimi_rotator.relay import Handover, Relay
 from kimi_rotator.store import Store
 
 pytestmark = [
@@ -183,3 +185,63 @@ async def test_a_client_on_another_machine_gets_a_403_in_its_envelope_until_remo
     running.master.options.update(kimi_allow_remote=True)
     assert (await running.ask()).status_code == 200
     assert [r.key_name for r in fake.requests] == ["one"]
+
+
+async def test_only_an_open_event_stream_is_handed_to_the_relay(
+    running: Running, fake: FakeKimi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer decides, not the request: a JSON answer is read whole even when the client asked to stream."""
+    relay = running.addon.relay
+    assert relay is not None
+    handed: list[Handover] = []
+
+    def register(handover: Handover) -> str:
+        handed.append(handover)
+        return Relay.register(relay, handover)
+
+    monkeypatch.setattr(relay, "register", register)
+    assert (await running.ask(stream=False)).status_code == 200
+    assert handed == []
+    streamed = await running.ask(stream=True)
+    assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
+    assert len(handed) == 1 and b"data:" in streamed.content
+    for secret in (ONE, TWO):
+        fake.script(secret, [Reply.not_found()])  # passed on as it came, on whichever key is current
+    refused = await running.ask(stream=True)
+    assert refused.status_code == 404 and refused.headers["content-length"] == str(len(refused.content))
+    assert len(handed) == 1
+
+
+class Killer:
+    """Kills every flow after kimi-rotate's request hook, so mitmproxy never comes for the answer handed over."""
+
+    def request(self, flow: Any) -> None:
+        flow.kill()
+
+
+async def test_an_answer_handed_over_but_never_collected_is_closed_in_the_error_hook(
+    running: Running, fake: FakeKimi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert running.addon.failover is not None and running.addon.relay is not None
+    replies: list[Reply_] = []
+    closed: list[Reply_] = []
+    run = running.addon.failover.run
+
+    async def recording(job: Any) -> Reply_:
+        reply = await run(job)
+        close = reply.aclose
+
+        async def aclose() -> None:
+            closed.append(reply)
+            await close()
+
+        reply.aclose = aclose  # type: ignore[method-assign]
+        replies.append(reply)
+        return reply
+
+    monkeypatch.setattr(running.addon.failover, "run", recording)
+    running.master.addons.add(Killer())
+    with pytest.raises(httpx.HTTPError):
+        await running.ask(stream=True)
+    await wait_until(lambda: closed == replies and len(replies) == 1)  # at once, not after the relay's 30 s
+    assert running.addon.relayed == {} and running.addon.relay._waiting == {}

@@ -98,19 +98,19 @@ async def test_max_wait_is_for_the_whole_request_not_for_each_attempt(live: Live
                                  key("two").encode(): Answer(200, b'{"ok": true}')})
     failover = Failover(live, upstream, max_attempts=5, max_wait=0.5)  # type: ignore[arg-type]
     started = time.monotonic()
-    final = await failover.run(job())
+    reply = await failover.run(job())
     took = time.monotonic() - started
     assert upstream.sent == [key("one").encode()]
-    assert final.response is not None and final.response.status == 429  # Kimi's own answer is passed on
+    assert reply.response is not None and reply.response.status == 429  # Kimi's own answer is passed on
     assert 0.25 < took < 0.58, took  # answered before key two would have freed
 
 
 async def test_a_cooling_key_is_waited_for_within_max_wait(live: LivePool) -> None:
     upstream = ScriptedUpstream({key("one").encode(): Answer(200, b'{"ok": true}')})
     failover = Failover(live, upstream, max_attempts=5, max_wait=1)  # type: ignore[arg-type]
-    final = await failover.run(job())
+    reply = await failover.run(job())
     assert upstream.sent == [key("one").encode()]
-    assert final.response is not None and final.response.status == 200
+    assert reply.response is not None and reply.response.status == 200
 
 
 async def test_an_error_answer_cut_off_mid_body_is_classified_and_answered_with_a_502(live: LivePool) -> None:
@@ -120,10 +120,10 @@ async def test_an_error_answer_cut_off_mid_body_is_classified_and_answered_with_
     upstream = ScriptedUpstream({key("one").encode(): Answer(429, RATE_LIMITED, broken=True),
                                  key("two").encode(): long_400})
     failover = Failover(live, upstream, max_attempts=5, max_wait=1)  # type: ignore[arg-type]
-    final = await failover.run(job())
+    reply = await failover.run(job())
     assert upstream.sent == [key("one").encode(), key("two").encode()]
-    assert (final.response, final.status) == (None, 502)
-    assert "Kimi's answer broke off" in final.message and "ConnectionResetError" in final.message
+    assert (reply.response, reply.status) == (None, 502)
+    assert "Kimi's answer broke off" in reply.message and "ConnectionResetError" in reply.message
 
 
 async def test_unflushed_outcomes_are_bounded_while_the_store_cannot_be_written(
@@ -159,8 +159,8 @@ async def test_failed_attempts_are_kept_for_flow_views_with_their_bodies_bounded
                                  key("three").encode(): Answer(200, b'{"ok": true}')})
     failover = Failover(ready, upstream, max_attempts=5, max_wait=0)  # type: ignore[arg-type]
     j = job()
-    final = await failover.run(j)
-    assert final.response is not None and final.response.status == 200
+    reply = await failover.run(j)
+    assert reply.response is not None and reply.response.status == 200
     assert len(upstream.sent) == 3
     first, second = j.attempts  # the answer the client got is not among them
     assert (first.status, first.reason, first.body, first.body_cut) == (429, b"Too Many Requests", RATE_LIMITED, False)
@@ -176,6 +176,29 @@ async def test_the_attempts_kept_are_bounded(ready: LivePool, monkeypatch: pytes
     upstream = ScriptedUpstream({key(n).encode(): Answer(429, RATE_LIMITED) for n in ("one", "two", "three")})
     failover = Failover(ready, upstream, max_attempts=5, max_wait=0)  # type: ignore[arg-type]
     j = job()
-    final = await failover.run(j)
-    assert final.response is not None and final.response.status == 429 and len(upstream.sent) == 3
+    reply = await failover.run(j)
+    assert reply.response is not None and reply.response.status == 429 and len(upstream.sent) == 3
     assert [a.summary for a in j.attempts] == j.trail[:1]  # two were superseded; one is kept
+
+
+SSE_HEAD = [(b"content-type", b"text/event-stream; charset=utf-8")]
+
+
+@pytest.mark.parametrize(("answer", "streams"), [
+    (Answer(200, b"data: one\n\n", headers=SSE_HEAD), True),
+    (Answer(200, b"data: one\n\n", headers=[(b"Content-Type", b"Text/Event-Stream")]), True),
+    (Answer(200, b'{"ok": true}'), False),  # JSON is read whole, whatever the request asked
+    (Answer(200, b"", headers=SSE_HEAD, complete=True), False),  # nothing more to come (a HEAD, a 204)
+    (Answer(400, b'data: {"error": {}}\n\n', headers=SSE_HEAD), False),  # a failure answer the loop read whole
+], ids=["event-stream", "case-insensitive", "json", "complete", "failure-read-whole"])
+async def test_the_answer_says_whether_it_streams(ready: LivePool, answer: Answer, streams: bool) -> None:
+    upstream = ScriptedUpstream({key(n).encode(): answer for n in ("one", "two", "three")})
+    failover = Failover(ready, upstream, max_attempts=1, max_wait=0)  # type: ignore[arg-type]
+    asked_to_stream = dataclasses.replace(job(), body=b'{"stream": true}')
+    reply = await failover.run(asked_to_stream)
+    assert reply.response is not None and reply.streams is streams
+
+
+async def test_a_local_answer_does_not_stream(ready: LivePool) -> None:
+    failover = Failover(ready, ScriptedUpstream({}), max_attempts=1, max_wait=0)  # type: ignore[arg-type]
+    assert not failover.exhausted(Surface.KIMI_CODE).streams

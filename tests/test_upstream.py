@@ -605,7 +605,7 @@ async def test_concurrent_requests_get_their_own_connections(serve: Serve, make_
     client = make_client(server.port)
     results = await asyncio.gather(fetch(client), fetch(client))
     assert [body for _, body in results] == [b"ok", b"ok"]
-    for _ in range(4):  # both are pooled and reused; no third connection
+    for _ in range(4):  # both are kept alive and reused; no third connection
         assert (await fetch(client))[1] == b"ok"
     assert server.connections == 2
     assert sum(server.per_connection()) == 6
@@ -621,7 +621,7 @@ async def test_connection_not_reused_when_the_server_says_so(serve: Serve, make_
     server = await serve(replying(answer))  # the server itself keeps every connection open
     client = make_client(server.port)
     assert (await fetch(client))[1] == b"ok"
-    await settle(server.peers[0].closed_by_client)  # the client closed it instead of pooling it
+    await settle(server.peers[0].closed_by_client)  # the client closed it instead of keeping it
     assert (await fetch(client))[1] == b"ok"
     assert server.per_connection() == [1, 1]
 
@@ -680,7 +680,7 @@ async def test_idle_connection_expires(serve: Serve, make_client: MakeClient, mo
 async def test_unsolicited_bytes_on_an_idle_connection_are_not_taken_for_the_next_answer(
         serve: Serve, make_client: MakeClient) -> None:
     # Some servers send "408 Request Timeout" on an idle keep-alive connection just before closing it (or a broken
-    # one sends more than its content-length). Those bytes wait in the pooled connection's buffer.
+    # one sends more than its content-length). Those bytes wait in the idle connection's buffer.
     stray = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n"
     server = await serve(replying(OK + stray, OK))
     client = make_client(server.port)
@@ -690,11 +690,11 @@ async def test_unsolicited_bytes_on_an_idle_connection_are_not_taken_for_the_nex
     assert (response.status, body) == (200, b"ok")
 
 
-# -- 4. a pooled connection the server closed ------------------------------------------------------------------------
+# -- 4. an idle connection the server closed -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("noticed", [True, False], ids=["eof-seen-while-idle", "eof-seen-on-send"])
-async def test_stale_pooled_connection_is_replaced(serve: Serve, make_client: MakeClient,
+async def test_stale_idle_connection_is_replaced(serve: Serve, make_client: MakeClient,
                                                    monkeypatch: pytest.MonkeyPatch, noticed: bool) -> None:
     first_closed = asyncio.Event()
 
@@ -733,7 +733,7 @@ async def test_fresh_connection_closed_without_answer_is_not_retried(serve: Serv
     assert server.per_connection() == [1]
 
 
-async def test_pooled_connection_cut_mid_head_is_not_retried(serve: Serve, make_client: MakeClient) -> None:
+async def test_idle_connection_cut_mid_head_is_not_retried(serve: Serve, make_client: MakeClient) -> None:
     async def handler(peer: Peer) -> None:
         await peer.answer(OK)
         await peer.answer(b"HTTP/1.1 200 OK\r\ncontent-le")  # then closed: part of an answer did arrive
@@ -833,7 +833,7 @@ async def test_silence_mid_body_times_out(serve: Serve, make_client: MakeClient,
         await anext(chunks)
     assert SHORT - 0.05 <= time.monotonic() - started < SHORT + 0.5
     assert_no_request_data(caught.value)
-    await settle(server.peers[0].closed_by_client)  # the broken connection is closed, not pooled
+    await settle(server.peers[0].closed_by_client)  # the broken connection is closed, not kept
 
 
 CUT_BODIES = {
@@ -988,10 +988,10 @@ async def test_other_os_errors_are_upstream_errors(serve: Serve, make_client: Ma
         await anext(chunks)
     await response.aclose()
 
-    assert (await fetch(client))[1] == b"ok"  # on a new connection, now pooled
-    [pooled] = client._idle[HOST]
-    pooled.reader.set_exception(OSError(errno.EHOSTUNREACH, "No route to host"))
-    assert (await fetch(client))[1] == b"ok"  # the failed pooled connection is replaced
+    assert (await fetch(client))[1] == b"ok"  # on a new connection, now kept idle
+    [idle] = client._idle[HOST]
+    idle.reader.set_exception(OSError(errno.EHOSTUNREACH, "No route to host"))
+    assert (await fetch(client))[1] == b"ok"  # the failed idle connection is replaced
     assert server.connections == 3
     assert server.per_connection()[2] == 1
 
@@ -1048,7 +1048,7 @@ async def test_request_through_upstream_proxy(serve: Serve, make_client: MakeCli
     assert tunnel.values(b"host") == [b"api.kimi.com:443"]
     assert tunnel.values(b"proxy-authorization") == ([b"Basic dXNlcjpwYXNz"] if auth else [])
     assert origin.sni == [HOST]  # TLS to Kimi inside the tunnel, verified against the test CA
-    assert origin.per_connection() == [2]  # the tunnel is pooled like any connection
+    assert origin.per_connection() == [2]  # the tunnel is kept alive like any connection
     assert all(r.values(b"host") == [b"api.kimi.com"] for r in origin.requests)
     assert all(not r.values(b"proxy-authorization") for r in origin.requests)  # the proxy's credentials stay there
 
@@ -1123,23 +1123,23 @@ async def test_proxy_environment_variables_are_ignored(serve: Serve, make_client
 # -- 8. closing the client -------------------------------------------------------------------------------------------
 
 
-async def test_aclose_closes_pooled_connections(serve: Serve, make_client: MakeClient) -> None:
+async def test_aclose_closes_idle_connections(serve: Serve, make_client: MakeClient) -> None:
     server = await serve(replying(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nbody"))
     client = make_client(server.port)
     idle, busy = await asyncio.gather(send(client), send(client))  # two connections
     assert await idle.read() == b"body"
-    await idle.aclose()  # pooled
+    await idle.aclose()  # kept idle
     await asyncio.sleep(0.05)
     assert [p.closed_by_client.is_set() for p in server.peers] == [False, False]
 
-    pooled = list(client._idle[HOST])  # held here, so that only aclose (not garbage collection) can close it
+    kept = list(client._idle[HOST])  # held here, so that only aclose (not garbage collection) can close it
     await client.aclose()
     await until(lambda: any(p.closed_by_client.is_set() for p in server.peers))
     await asyncio.sleep(0.05)
     assert sorted(p.closed_by_client.is_set() for p in server.peers) == [False, True]  # the idle one only
 
     assert await busy.read() == b"body"  # an answer in flight still completes
-    await busy.aclose()  # but its connection is not pooled any more
+    await busy.aclose()  # but its connection is not kept any more
     for peer in server.peers:
         await settle(peer.closed_by_client)
-    assert len(pooled) == 1
+    assert len(kept) == 1
