@@ -32,7 +32,7 @@ from pathlib import Path
 from kimi_rotator import engine
 from kimi_rotator.models import KeyRecord, Outcome, OutcomeKind, PoolSettings, Secret, Strategy, Surface
 from kimi_rotator.pool import LivePool
-from kimi_rotator.roster import REINDEX_AFTER, Roster
+from kimi_rotator.roster import RERANK_AFTER, Roster
 from kimi_rotator.store import NewKey, Store
 
 NOW = 1_750_000_000.0
@@ -213,7 +213,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     t0 = time.perf_counter()
     bench_select(sizes, 0.0)
-    bench_select(sizes, REINDEX_AFTER - 1)  # the index is rebuilt once it is REINDEX_AFTER seconds old
+    bench_select(sizes, RERANK_AFTER - 1)  # the ranking is rebuilt once it is RERANK_AFTER seconds old
     bench_index_upkeep(sizes)
     bench_catch_up()
     if args.no_store:

@@ -14,7 +14,7 @@ from functools import partial
 from typing import Any
 
 from .models import KeyRecord, Outcome, OutcomeKind, PoolSettings, Scope, Strategy, Surface
-from .roster import KeyIndex, Roster
+from .roster import Ranking, Roster
 
 START_HEALTH = 100.0
 MAX_HEALTH = 100.0
@@ -114,40 +114,40 @@ def select(
     if settings.strategy is Strategy.STICKY:
         if current_ok and current is not None:
             return Selection(current, "sticky")
-        index = _index(roster, surface, recover, now)
+        ranking = _surface_ranking(roster, surface, recover, now)
         fallback: KeyRecord | None = None  # the first usable key, when none is healthy
-        for pos in index.in_order(now):
+        for pos in ranking.in_order(now):
             k = roster.keys[pos]
             if k is current or not _usable(k, now, surface, skip):
                 continue
             if health_at(k, now, recover) >= MIN_HEALTH:
                 return Selection(k, "sticky-rotation")
             fallback = fallback or k
-        return Selection(fallback, "sticky-rotation") if fallback else _nothing(roster, index, now, surface, exclude)
+        return Selection(fallback, "sticky-rotation") if fallback else _nothing(roster, ranking, now, surface, exclude)
 
     if settings.strategy is Strategy.ROUND_ROBIN:
         if current_ok and current is not None and settings.serve_active_next and current.id == settings.active_key_id:
             return Selection(current, "round-robin")
-        start = 0 if current is None else (roster.index_of(current.id) or 0) + 1
+        start = 0 if current is None else (roster.position_of(current.id) or 0) + 1
         n = len(roster)
-        for step in range(min(n, 8)):  # the next key or one soon after usually serves: no index needed
+        for step in range(min(n, 8)):  # the next key or one soon after usually serves: no ranking needed
             k = roster.keys[(start + step) % n]
             if _usable(k, now, surface, skip):
                 return Selection(k, "round-robin")
-        index = _index(roster, surface, recover, now)
-        for pos in index.in_order(now, start):
+        ranking = _surface_ranking(roster, surface, recover, now)
+        for pos in ranking.in_order(now, start):
             k = roster.keys[pos]
             if _usable(k, now, surface, skip):
                 return Selection(k, "round-robin")
-        return _nothing(roster, index, now, surface, exclude)
+        return _nothing(roster, ranking, now, surface, exclude)
 
     # health-based
     if current_ok and current is not None and _score(current, now, recover) + CURRENT_KEY_BONUS > _BEST_OTHER_SCORE:
         return Selection(current, "health-sticky")
-    index = _index(roster, surface, recover, now)
-    best = _best_scored(roster, index, current if current_ok else None, now, surface, skip, recover)
+    ranking = _surface_ranking(roster, surface, recover, now)
+    best = _best_scored(roster, ranking, current if current_ok else None, now, surface, skip, recover)
     if best is None:
-        return _nothing(roster, index, now, surface, exclude)
+        return _nothing(roster, ranking, now, surface, exclude)
     return Selection(best, "health-sticky" if best is current else "health-based")
 
 
@@ -155,11 +155,11 @@ def _score(key: KeyRecord, now: float, recover: bool) -> float:
     return health_at(key, now, recover) + _freshness(key, now)
 
 
-def _ranking(key: KeyRecord, now: float, recover: bool) -> tuple[float, bool]:
-    """What the index ranks a key by, and whether it is at full health.
+def _key_rank(key: KeyRecord, now: float, recover: bool) -> tuple[float, bool]:
+    """What a ranking orders a key by, and whether it is at full health.
 
     At full health the idle bonus is counted from the last use even when that lies after `now` (the key was
-    used after the index was built): then every full key's score later on is the same rising function of
+    used after the ranking was built): then every full key's score later on is the same rising function of
     this number, so their ranking holds for good, up to the cap on the bonus."""
     health = health_at(key, now, recover)
     if health < MAX_HEALTH:
@@ -168,22 +168,22 @@ def _ranking(key: KeyRecord, now: float, recover: bool) -> tuple[float, bool]:
     return MAX_HEALTH + min(FRESHNESS_CAP, (now - last) / 3600.0), True
 
 
-_RANKERS = {recover: partial(_ranking, recover=recover) for recover in (True, False)}
+_RANKERS = {recover: partial(_key_rank, recover=recover) for recover in (True, False)}
 
 
-def _index(roster: Roster, surface: Surface | None, recover: bool, now: float) -> KeyIndex:
-    return roster.index(surface, _RANKERS[recover], now)
+def _surface_ranking(roster: Roster, surface: Surface | None, recover: bool, now: float) -> Ranking:
+    return roster.ranking(surface, _RANKERS[recover], now)
 
 
 def prepare(roster: Roster, settings: PoolSettings, now: float) -> None:
-    """Build the roster's indexes for every surface it holds now, so that no request pays for it
+    """Build the roster's rankings for every surface it holds now, so that no request pays for it
     (the pool calls this off the event loop when it loads a new snapshot)."""
     for surface in {k.surface for k in roster.keys}:
-        _index(roster, surface, settings.auto_refresh_health, now)
+        _surface_ranking(roster, surface, settings.auto_refresh_health, now)
 
 
 # How fast a score can rise, in points a second: the idle bonus's point an hour, plus the health
-# recovery (when it is on) below full health. A key's rank when the index was built, plus this rate
+# recovery (when it is on) below full health. A key's rank when the ranking was built, plus this rate
 # times the time since, bounds its score now. The margin absorbs rounding.
 _IDLE_SLOPE = 1.0 / 3600.0
 _RECOVERY_SLOPE = HEALTH_RECOVERY_PER_HOUR / 3600.0
@@ -192,7 +192,7 @@ _BOUND_MARGIN = 1e-6
 
 def _best_scored(
     roster: Roster,
-    index: KeyIndex,
+    ranking: Ranking,
     current: KeyRecord | None,
     now: float,
     surface: Surface | None,
@@ -201,7 +201,7 @@ def _best_scored(
 ) -> KeyRecord | None:
     """The best usable key: a healthy key beats any unhealthy one, then the higher score, then the
     lower position. Read in this order: the current key (with its bonus), the keys whose cooldown
-    ended since the index was built, the keys at full health, then the others, each ranking best
+    ended since the ranking was built, the keys at full health, then the others, each ranking best
     first until no key left in it can win."""
     keys = roster.keys
     best: KeyRecord | None = None
@@ -235,15 +235,15 @@ def _best_scored(
                 i = bisect_right(ranked, (neg_rank, len(keys)), i)
 
     if current is not None:
-        best, best_rank = current, rank_of(current, roster.index_of(current.id) or 0, CURRENT_KEY_BONUS)
-    for pos in index.expired(now):
+        best, best_rank = current, rank_of(current, roster.position_of(current.id) or 0, CURRENT_KEY_BONUS)
+    for pos in ranking.expired(now):
         consider(pos)
-    age = now - index.built_at
+    age = now - ranking.built_at
     lift = max(0.0, age) * _IDLE_SLOPE + _BOUND_MARGIN
 
     # Full health: the first usable key is the best of them, unless its bonus is capped (keys ranked
     # lower may have reached the cap too, with a lower position) or nil (keys used after `now` tie it).
-    full = index.full
+    full = ranking.full
     first = next((i for i, (_, pos) in enumerate(full) if consider(pos)), len(full))
     if first < len(full):
         top = keys[full[first][1]]
@@ -252,18 +252,18 @@ def _best_scored(
 
     if recover:
         lift += max(0.0, age) * _RECOVERY_SLOPE
-    scan(index.partial, 0, lift, 0.0)
+    scan(ranking.partial, 0, lift, 0.0)
     return best
 
 
 def _nothing(
-    roster: Roster, index: KeyIndex, now: float, surface: Surface | None, exclude: Collection[int]
+    roster: Roster, ranking: Ranking, now: float, surface: Surface | None, exclude: Collection[int]
 ) -> NoEligibleKey:
-    if now < index.built_at:  # a clock that stepped back: the index's cooling set may not match `now`
+    if now < ranking.built_at:  # a clock that stepped back: the ranking's cooling set may not match `now`
         return _nothing_by_scan(roster, now, surface, exclude)
-    waiting = index.still_cooling(now)
+    waiting = ranking.still_cooling(now)
     next_free = next((until for until, pos in waiting if roster.keys[pos].id not in exclude), None)
-    return NoEligibleKey(total=index.total, cooling=len(waiting), disabled=index.disabled, next_free_at=next_free)
+    return NoEligibleKey(total=ranking.total, cooling=len(waiting), disabled=ranking.disabled, next_free_at=next_free)
 
 
 def _nothing_by_scan(roster: Roster, now: float, surface: Surface | None, exclude: Collection[int]) -> NoEligibleKey:

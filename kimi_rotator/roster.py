@@ -1,8 +1,8 @@
-"""The keys the engine chooses among, and the index that keeps a choice among thousands of them cheap.
+"""The keys the engine chooses among, and the ranking that keeps a choice among thousands of them cheap.
 
 A plain scan that scores every key costs about 0.7 µs a key: 143 µs for a pool of 200 and 0.7 ms for
 one of 1,000 whenever the current key cannot serve under health-based (benchmarks/bench_engine.py),
-above the 50 µs selection may take at 200 keys. The index narrows the search to a handful of keys:
+above the 50 µs selection may take at 200 keys. The ranking narrows the search to a handful of keys:
 it leaves disabled keys out, sets cooling keys aside in deadline order, and ranks the rest by their
 score at the moment it was built. Scores only rise with time, and never faster than a known rate, so
 a ranking made at `built_at` still bounds every score later on: the engine stops reading it once no
@@ -10,9 +10,9 @@ later key could win. Keys at full health are ranked apart: their scores all rise
 idle bonus moves), so their order never changes and the first usable one is the best of them however
 old the ranking.
 
-The index only narrows the search. The engine still checks every key it takes from it against
+The ranking only narrows the search. The engine still checks every key it takes from it against
 `now`, so an old ranking costs time, never a wrong pick. Rosters are used one after the other (each
-outcome makes the next one), so `with_updates` moves the indexes to the new roster and patches them
+outcome makes the next one), so `with_updates` moves the rankings to the new roster and patches them
 for the changed keys instead of copying them.
 """
 
@@ -26,12 +26,12 @@ from .models import KeyRecord, Surface
 
 # A key's score at a time, and whether its health is full then.
 Ranker = Callable[[KeyRecord, float], tuple[float, bool]]
-REINDEX_AFTER = 300.0  # seconds: by then a ranking's bound has loosened by about one point
+RERANK_AFTER = 300.0  # seconds: by then a ranking's bound has loosened by about one point
 MAX_EXPIRED = 32
 _LAST = float("inf")  # sorts after every position and deadline in the (value, position) pairs below
 
 
-class KeyIndex:
+class Ranking:
     """Where to look for an eligible key of one surface (None: every surface), as of `built_at`.
 
     free     positions of the keys neither disabled nor cooling at built_at, ascending
@@ -52,7 +52,7 @@ class KeyIndex:
         self.partial: list[tuple[float, int]] = []
         self.cooling: list[tuple[float, int]] = []
         self.total = self.disabled = 0
-        # Which list holds each indexed position, and its entry there, so an update finds it without a search.
+        # Which list holds each ranked position, and its entry there, so an update finds it without a search.
         self._slots: dict[int, tuple[list[tuple[float, int]], tuple[float, int]]] = {}
         for pos, key in enumerate(keys):
             self._add(pos, key, ordered=False)
@@ -129,14 +129,14 @@ class KeyIndex:
 
 
 class Roster:
-    """Keys in list order (the CLI's index) with O(1) lookup by id."""
+    """Keys in list order (the positions `list-keys` shows) with O(1) lookup by id."""
 
-    __slots__ = ("_indexes", "_pos", "keys")
+    __slots__ = ("_pos", "_rankings", "keys")
 
     def __init__(self, keys: Iterable[KeyRecord]) -> None:
         self.keys: list[KeyRecord] = list(keys)
         self._pos: dict[int, int] = {k.id: i for i, k in enumerate(self.keys)}
-        self._indexes: dict[tuple[Surface | None, Ranker], KeyIndex] = {}
+        self._rankings: dict[tuple[Surface | None, Ranker], Ranking] = {}
 
     def get(self, key_id: int | None) -> KeyRecord | None:
         if key_id is None:
@@ -144,31 +144,31 @@ class Roster:
         i = self._pos.get(key_id)
         return None if i is None else self.keys[i]
 
-    def index_of(self, key_id: int) -> int | None:
+    def position_of(self, key_id: int) -> int | None:
         return self._pos.get(key_id)
 
-    def index(self, surface: Surface | None, rank: Ranker, now: float) -> KeyIndex:
-        """The index for one surface and ranking, built on first use. It is built again once its ranking
-        is REINDEX_AFTER seconds old (the bound it gives loosens with time) or many keys it set aside as
+    def ranking(self, surface: Surface | None, rank: Ranker, now: float) -> Ranking:
+        """The ranking for one surface and ranking, built on first use. It is built again once its ranking
+        is RERANK_AFTER seconds old (the bound it gives loosens with time) or many keys it set aside as
         cooling have come back: then a scan would read too many keys."""
-        idx = self._indexes.get((surface, rank))
-        if idx is None or abs(now - idx.built_at) > REINDEX_AFTER or idx.expired_count(now) > MAX_EXPIRED:
-            idx = self._indexes[(surface, rank)] = KeyIndex(self.keys, surface, rank, now)
-        return idx
+        ranking = self._rankings.get((surface, rank))
+        if ranking is None or abs(now - ranking.built_at) > RERANK_AFTER or ranking.expired_count(now) > MAX_EXPIRED:
+            ranking = self._rankings[(surface, rank)] = Ranking(self.keys, surface, rank, now)
+        return ranking
 
     def with_updates(self, records: Iterable[KeyRecord]) -> Roster:
-        """A copy with these records replaced (ids not in the roster are ignored). The indexes move to
+        """A copy with these records replaced (ids not in the roster are ignored). The rankings move to
         the copy: this roster builds new ones if it is asked to select again."""
         out = Roster.__new__(Roster)
         out.keys = list(self.keys)
         out._pos = self._pos
-        out._indexes, self._indexes = self._indexes, {}
+        out._rankings, self._rankings = self._rankings, {}
         for r in records:
             i = self._pos.get(r.id)
             if i is not None:
                 old, out.keys[i] = out.keys[i], r
-                for idx in out._indexes.values():
-                    idx.replace(i, old, r)
+                for ranking in out._rankings.values():
+                    ranking.replace(i, old, r)
         return out
 
     def __len__(self) -> int:

@@ -70,7 +70,7 @@ def conf(strategy: Strategy = HB, active: int | None = 0, **changes: Any) -> Poo
 
 def index(roster: Roster, result: Selection | NoEligibleKey) -> int:
     assert isinstance(result, Selection), result
-    i = roster.index_of(result.key.id)
+    i = roster.position_of(result.key.id)
     assert i is not None
     return i
 
