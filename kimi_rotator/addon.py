@@ -1,7 +1,8 @@
 """The mitmproxy addon: thin glue between flows and the pool.
 
 The path of a request to a Kimi host (mitmproxy itself never connects to Kimi for it):
-1. `request` checks that the flow is one to serve (a Kimi host, the client token, a store, a key),
+1. `request` checks that the flow is one to serve (a Kimi host, the client token, a client on this
+   machine unless remote clients are allowed, a store, a key),
    then runs the failover loop (failover.py) with the addon's own client (upstream.py): keys are tried
    until one answers with something to pass on, so every failure, even a dropped connection, can
    still be retried on another key or answered in the client's envelope (envelopes.py).
