@@ -16,31 +16,36 @@ from kimi_rotator.upstream import read_chunks
 
 SECRET = b"sk-kimi-TEST-SECRET-0123456789abcdef"
 
+# A request's headers as a client might send them: the hop-by-hop ones (and Host, Content-Length, which the client
+# sets itself) must go, the rest keep their raw bytes, order and repeats. test_upstream.py sends the same on the wire.
+KEPT_HEADERS = [
+    (b"authorization", b"Bearer " + SECRET),
+    (b"Content-Type", b"application/json"),
+    (b"X-Utf8", "Zoë ☃".encode()),
+    (b"X-Latin1", "café".encode("latin-1")),
+    (b"x-dup", b"1"),
+    (b"X-Dup", b"2"),
+]
+DROPPED_HEADERS = [
+    (b"Host", b"attacker.example"),
+    (b"Content-Length", b"3"),
+    (b"Connection", b"keep-alive, Upgrade"),
+    (b"Keep-Alive", b"timeout=5"),
+    (b"Transfer-Encoding", b"chunked"),
+    (b"TE", b"trailers"),
+    (b"Upgrade", b"h2c"),
+    (b"Proxy-Authorization", b"Basic cHJveHk6c2VjcmV0"),
+    (b"Proxy-Connection", b"keep-alive"),
+]
+MIXED_HEADERS = [DROPPED_HEADERS[0], KEPT_HEADERS[0], *DROPPED_HEADERS[1:4], KEPT_HEADERS[1], KEPT_HEADERS[2],
+                 *DROPPED_HEADERS[4:], *KEPT_HEADERS[3:]]
+
 
 # -- request heads ---------------------------------------------------------------------------------------------------
 
 
 def test_request_head_sets_host_and_length_and_leaves_out_hop_by_hop_headers() -> None:
-    kept = [
-        (b"authorization", b"Bearer " + SECRET),
-        (b"Content-Type", b"application/json"),
-        (b"X-Utf8", "Zoë ☃".encode()),
-        (b"X-Latin1", "café".encode("latin-1")),
-        (b"x-dup", b"1"),
-        (b"X-Dup", b"2"),
-    ]
-    dropped = [
-        (b"Host", b"attacker.example"),
-        (b"Content-Length", b"3"),
-        (b"Connection", b"keep-alive, Upgrade"),
-        (b"Keep-Alive", b"timeout=5"),
-        (b"Transfer-Encoding", b"chunked"),
-        (b"TE", b"trailers"),
-        (b"Upgrade", b"h2c"),
-        (b"Proxy-Authorization", b"Basic cHJveHk6c2VjcmV0"),
-        (b"Proxy-Connection", b"keep-alive"),
-    ]
-    mixed = [dropped[0], kept[0], *dropped[1:4], kept[1], kept[2], *dropped[4:], *kept[3:]]
+    kept, mixed = KEPT_HEADERS, MIXED_HEADERS
     head = http1.request_head("POST", "api.kimi.com", "/v1/chat/completions", mixed, 41)
     lines = head.split(b"\r\n")
     assert lines[:2] == [b"POST /v1/chat/completions HTTP/1.1", b"host: api.kimi.com"]

@@ -27,6 +27,7 @@ import pytest
 from certs import TestPKI, make_test_pki
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_http1 import KEPT_HEADERS, MIXED_HEADERS
 
 from kimi_rotator import upstream
 from kimi_rotator.upstream import (
@@ -303,26 +304,7 @@ async def test_request_serialization(serve: Serve, make_client: MakeClient) -> N
     client = make_client(server.port)
     # Framing must come from content-length alone: the body contains a blank line, an HTTP head and a NUL.
     body = b'{"content": "caf\xc3\xa9"}\r\n\r\nHTTP/1.1 200 OK\r\n\r\n\x00' + BODY_MARK.encode()
-    kept = [
-        (b"authorization", b"Bearer " + SECRET.encode()),
-        (b"Content-Type", b"application/json"),
-        (b"X-Utf8", "Zoë ☃".encode()),
-        (b"X-Latin1", "café".encode("latin-1")),
-        (b"x-dup", b"1"),
-        (b"X-Dup", b"2"),
-    ]
-    dropped = [
-        (b"Host", b"attacker.example"),
-        (b"Content-Length", b"3"),
-        (b"Connection", b"keep-alive, Upgrade"),
-        (b"Keep-Alive", b"timeout=5"),
-        (b"Transfer-Encoding", b"chunked"),
-        (b"TE", b"trailers"),
-        (b"Upgrade", b"h2c"),
-        (b"Proxy-Authorization", b"Basic cHJveHk6c2VjcmV0"),
-        (b"Proxy-Connection", b"keep-alive"),
-    ]
-    mixed = [dropped[0], kept[0], *dropped[1:4], kept[1], kept[2], *dropped[4:], *kept[3:]]
+    kept, mixed = KEPT_HEADERS, MIXED_HEADERS
     response = await client.send("POST", HOST, PATH, mixed, body)
     assert await response.read() == b"ok"
     await response.aclose()
