@@ -12,12 +12,23 @@ even with hanging or streaming connections.
 
 What it imitates: the three surfaces' paths and auth headers, the error envelopes (OpenAI's, Anthropic's), the retry
 signals (Retry-After, "try again after N seconds", Msh-Uid), the zero-token probes and both SSE stream formats.
+
+Opt-in account state (all off by default, all cleared by :meth:`FakeKimi.reset`), for tests of account-aware
+behaviour: per-account RPM / concurrency caps with Kimi's 429 texts (:meth:`FakeKimi.set_limit`), a Kimi Code plan
+whose 5-hour window and weekly quota are spent by requests and reset on the fake's clock (:meth:`FakeKimi.set_plan`),
+an Open Platform balance that requests draw down (:meth:`FakeKimi.set_balance` with ``charge``), a per-account
+context cache reporting cached tokens (:meth:`FakeKimi.enable_context_cache`), account-owned ``/v1/files``
+(:meth:`FakeKimi.enable_files`) and Msh-Org-Id / Msh-Gid headers (:meth:`FakeKimi.set_account`). Time for all of it
+comes from ``FakeKimi.clock`` (wall-clock seconds; pass a :class:`FakeClock` to move it without sleeping).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import email.parser
+import email.policy
+import hashlib
 import ipaddress
 import itertools
 import json
@@ -40,6 +51,7 @@ from urllib.parse import urlsplit
 import httpx
 
 __all__ = [
+    "FakeClock",
     "FakeKimi",
     "FaultKind",
     "LoopbackTransport",
@@ -54,6 +66,8 @@ __all__ = [
 
 FaultKind = Literal["reset_midstream", "trickle", "hang", "close_before_headers", "error_midstream"]
 ScriptOn = Literal["inference", "probe"]
+LimitStyle = Literal["open_platform", "kimi_code"]
+PlanWindow = Literal["window", "weekly", "both"]
 MshHeaders = Literal["never", "errors", "always"]
 
 _FAULT_KINDS: frozenset[str] = frozenset(
@@ -84,6 +98,9 @@ _PROBE_ROUTES: dict[tuple[str, str], Literal["models", "coding_models", "usages"
 _MAX_BODY = 32 * 1024 * 1024  # bounded memory per request; real prompts in tests are tiny
 _MAX_EVENTS = 10_000
 _MAX_INTERVAL = 60.0
+
+# Open Platform file routes (answered only after enable_files()): /v1/files and /v1/files/{id}[/content].
+_FILES_PREFIX = "/v1/files"
 
 _OPENAI_MODELS = ("kimi-k3", "kimi-k2.6", "moonshot-v1-8k")
 _CODING_MODELS = ("kimi-for-coding", "kimi-for-coding-highspeed")
@@ -410,7 +427,68 @@ class _Limit:
     concurrency: int | None
     window: float
     retry_after_header: bool
+    style: LimitStyle = "open_platform"
+    ratelimit_headers: bool = False
     stamps: deque[float] = field(default_factory=deque)
+
+
+@dataclass
+class _PlanWindow:
+    """One Kimi Code quota window: ``used`` of ``limit`` until ``reset_at`` (clock seconds), then a fresh period."""
+
+    limit: int
+    used: int
+    period: float
+    reset_at: float
+
+    def roll(self, now: float) -> None:
+        if now >= self.reset_at:
+            self.used = 0
+            self.reset_at += self.period * (math.floor((now - self.reset_at) / self.period) + 1)
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.limit - self.used)
+
+    def detail(self) -> dict[str, str]:
+        # Numbers as decimal strings, as the real endpoint sends them.
+        return {
+            "limit": str(self.limit),
+            "used": str(self.used),
+            "remaining": str(self.remaining),
+            "resetTime": _iso(dt.datetime.fromtimestamp(self.reset_at, dt.UTC)),
+        }
+
+
+@dataclass
+class _Plan:
+    window: _PlanWindow  # the rolling 5-hour window (``limits[0]`` of /usages)
+    weekly: _PlanWindow  # the weekly quota (top-level ``usage`` of /usages)
+    cost: int  # units one admitted inference call spends from both
+    level: str
+
+
+@dataclass
+class _Wallet:
+    available: float
+    charge: float | None  # None: the balance is only reported; a number: enforced, and spent per admitted call
+
+
+@dataclass
+class _AccountMeta:
+    org_id: str | None
+    gid: str | None
+
+
+@dataclass
+class _File:
+    id: str
+    account: str
+    filename: str
+    purpose: str
+    content: bytes
+    content_type: str
+    created_at: int
 
 
 @dataclass
@@ -464,6 +542,33 @@ def _credential(headers: Mapping[str, str]) -> str | None:
 
 def _iso(t: dt.datetime) -> str:
     return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _openai_usage(prompt: int, completion: int, cached: int | None) -> dict[str, int]:
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if cached is not None:
+        usage["cached_tokens"] = cached  # Kimi puts it at the top of usage (kimi-api.md §6); included in prompt
+    return usage
+
+
+def _anthropic_usage(prompt: int, output: int, cached: int | None) -> dict[str, int]:
+    if cached is None:
+        return {"input_tokens": prompt, "output_tokens": output}
+    # Anthropic's counting: input_tokens is the uncached part only.
+    return {"input_tokens": prompt - cached, "output_tokens": output, "cache_read_input_tokens": cached}
+
+
+def _file_object(f: _File) -> dict[str, Any]:
+    return {
+        "id": f.id,
+        "object": "file",
+        "bytes": len(f.content),
+        "created_at": f.created_at,
+        "filename": f.filename,
+        "purpose": f.purpose,
+        "status": "ok",
+        "status_details": "",
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -589,6 +694,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         fake = self.server.fake
+        self._extra_headers: dict[str, str] = {}  # per request: X-RateLimit-* from admission
         at = time.monotonic()
         body = self._read_body()
         headers: dict[str, str] = {}
@@ -629,7 +735,8 @@ class _Handler(BaseHTTPRequestHandler):
         anthropic = "/messages" in path
         fmt = _INFERENCE_ROUTES.get((self.command, path))
         probe = _PROBE_ROUTES.get((self.command, path))
-        if fmt is None and probe is None:
+        files = fake._files_on and (path == _FILES_PREFIX or path.startswith(_FILES_PREFIX + "/"))
+        if fmt is None and probe is None and not files:
             # Unknown path (e.g. count_tokens) → 404 without looking at the credential; the real service's order
             # is unknown and a 404 here must never be mistaken for a key problem.
             self._reply(Reply.error(404, "resource_not_found_error", "method not found"), anthropic, key, seen)
@@ -637,6 +744,9 @@ class _Handler(BaseHTTPRequestHandler):
 
         if key is None or (key.hosts is not None and hostname not in key.hosts):
             self._reply(Reply.invalid(), anthropic, key, seen)
+            return
+        if files:
+            self._files(path, key, seen)  # not scripted, not rate limited
             return
 
         scripted = fake._next_script(key, "inference" if fmt else "probe")
@@ -652,7 +762,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         assert fmt is not None
 
-        refusal = fake._admit(key)
+        refusal, self._extra_headers = fake._admit(key)
         if refusal is not None:
             self._reply(refusal, anthropic, key, seen)
             return
@@ -664,17 +774,77 @@ class _Handler(BaseHTTPRequestHandler):
     def _reply(self, reply: Reply, anthropic: bool, key: _Key | None, seen: Seen) -> None:
         fake = self.server.fake
         data, headers = reply.render(anthropic, key.account if key else None, key.name if key else None)
+        for k, v in self._extra_headers.items():
+            headers.setdefault(k, v)
         if fake.msh_headers != "never":
             # Real errors carry Msh-Uid (which groups keys by account); an unknown key has no account to report.
             if key is not None:
-                headers.setdefault("msh-uid", key.account)
+                for k, v in fake._msh_headers(key).items():
+                    headers.setdefault(k, v)
             headers.setdefault("msh-request-id", uuid.uuid4().hex)
         self._send(reply.status, data, headers, seen)
 
     def _success_headers(self, key: _Key) -> dict[str, str]:
-        if self.server.fake.msh_headers != "always":
-            return {}
-        return {"msh-uid": key.account, "msh-request-id": uuid.uuid4().hex}
+        fake = self.server.fake
+        if fake.msh_headers != "always":
+            return dict(self._extra_headers)
+        return {**self._extra_headers, **fake._msh_headers(key), "msh-request-id": uuid.uuid4().hex}
+
+    def _files(self, path: str, key: _Key, seen: Seen) -> None:
+        fake = self.server.fake
+        parts = path[len(_FILES_PREFIX) :].strip("/").split("/")
+        extra = self._success_headers(key)
+        if parts == [""]:
+            if self.command == "POST":
+                self._upload(key, seen, extra)
+            elif self.command == "GET":
+                listing = [_file_object(f) for f in fake._files_of(key.account)]
+                self._send_json(200, {"object": "list", "data": listing}, seen, extra)
+            else:
+                self._reply(Reply.not_found("method not found"), False, key, seen)
+            return
+        f = fake._file_for(parts[0], key.account)
+        if f is None or len(parts) > 2 or (len(parts) == 2 and parts[1] != "content"):
+            # Another account's file is indistinguishable from a missing one (see enable_files).
+            self._reply(Reply.not_found(f"file {parts[0]} not found"), False, key, seen)
+        elif len(parts) == 2 and self.command == "GET":
+            body = {
+                "content": f.content.decode("utf-8", "replace"),
+                "file_type": f.content_type,
+                "filename": f.filename,
+                "title": "",
+                "type": "file",
+            }
+            self._send_json(200, body, seen, extra)
+        elif len(parts) == 1 and self.command == "GET":
+            self._send_json(200, _file_object(f), seen, extra)
+        elif len(parts) == 1 and self.command == "DELETE":
+            fake._drop_file(f.id)
+            self._send_json(200, {"deleted": True, "id": f.id, "object": "file"}, seen, extra)
+        else:
+            self._reply(Reply.not_found("method not found"), False, key, seen)
+
+    def _upload(self, key: _Key, seen: Seen, extra: Mapping[str, str]) -> None:
+        ctype = seen.headers.get("content-type", "")
+        form: dict[str, tuple[str | None, str, bytes]] = {}  # field -> (filename, content type, bytes)
+        if ctype.lower().startswith("multipart/form-data"):
+            msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+                b"Content-Type: " + ctype.encode("latin-1") + b"\r\n\r\n" + seen.body
+            )
+            for part in msg.iter_parts() if msg.is_multipart() else ():
+                name = part.get_param("name", header="content-disposition")
+                payload = part.get_payload(decode=True)
+                if isinstance(name, str) and isinstance(payload, bytes):
+                    form[name] = (part.get_filename(), part.get_content_type(), payload)
+        upload = form.get("file")
+        if upload is None:
+            message = "Invalid request: upload a file as multipart/form-data field 'file'"
+            self._reply(Reply.error(400, "invalid_request_error", message), False, key, seen)
+            return
+        filename, content_type, content = upload
+        purpose = form.get("purpose", (None, "", b"file-extract"))[2].decode("utf-8", "replace")
+        f = self.server.fake._add_file(key.account, filename or "upload", purpose, content, content_type)
+        self._send_json(200, _file_object(f), seen, extra)
 
     def _echo(self, seen: Seen) -> None:
         self._send_json(
@@ -714,7 +884,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif probe == "usages":
             self._send_json(200, fake._usage_body(key.account), seen, extra)
         else:
-            bal = fake._balance(key.account)
+            bal = fake.balance(key.account)
             body = {
                 "code": 0,
                 "data": {"available_balance": bal, "voucher_balance": 0.0, "cash_balance": bal},
@@ -750,13 +920,14 @@ class _Handler(BaseHTTPRequestHandler):
         fault = fake._take_fault(key.key, _BODY_FAULTS)
         seen.fault = fault
         prompt_tokens = max(1, len(seen.body) // 4)
+        cached = fake._cached_tokens(key, req, prompt_tokens)
         if req.get("stream") is True:
             if fault == "trickle":
                 interval = _TRICKLE_INTERVAL
             include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
-            self._stream(fmt, key, seen, model, events, interval, fault, prompt_tokens, include_usage)
+            self._stream(fmt, key, seen, model, events, interval, fault, prompt_tokens, include_usage, cached)
         else:
-            self._complete(fmt, key, seen, model, fault, prompt_tokens)
+            self._complete(fmt, key, seen, model, fault, prompt_tokens, cached)
 
     def _complete(
         self,
@@ -766,6 +937,7 @@ class _Handler(BaseHTTPRequestHandler):
         model: str,
         fault: FaultKind | None,
         prompt_tokens: int,
+        cached: int | None,
     ) -> None:
         text = f"ok {key.name}"
         if fault == "error_midstream":
@@ -779,7 +951,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "created": int(time.time()),
                 "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 2, "total_tokens": prompt_tokens + 2},
+                "usage": _openai_usage(prompt_tokens, 2, cached),
             }
         else:
             obj = {
@@ -790,7 +962,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "model": model,
                 "stop_reason": "end_turn",
                 "stop_sequence": None,
-                "usage": {"input_tokens": prompt_tokens, "output_tokens": 2},
+                "usage": _anthropic_usage(prompt_tokens, 2, cached),
             }
         data = json.dumps(obj).encode()
         headers = {"content-type": "application/json", **self._success_headers(key)}
@@ -818,6 +990,7 @@ class _Handler(BaseHTTPRequestHandler):
         fault: FaultKind | None,
         prompt_tokens: int,
         include_usage: bool,
+        cached: int | None,
     ) -> None:
         headers = {
             "content-type": "text/event-stream",
@@ -858,7 +1031,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "model": model,
                 "stop_reason": None,
                 "stop_sequence": None,
-                "usage": {"input_tokens": prompt_tokens, "output_tokens": 1},
+                "usage": _anthropic_usage(prompt_tokens, 1, cached),
             }
             self._chunk(an("message_start", {"type": "message_start", "message": start_msg}))
             self._chunk(
@@ -890,7 +1063,7 @@ class _Handler(BaseHTTPRequestHandler):
         if events == 0 and fault == "reset_midstream":
             self._cut()
 
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": events, "total_tokens": prompt_tokens + events}
+        usage = _openai_usage(prompt_tokens, events, cached)
         if fmt == "openai":
             if include_usage:
                 self._chunk(oa({}, "stop", usage=usage))
@@ -918,6 +1091,23 @@ class _Handler(BaseHTTPRequestHandler):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+class FakeClock:
+    """A settable wall clock (epoch seconds) for ``FakeKimi(clock=...)`` or ``fake.clock = ...``: rate-limit windows,
+    plan windows and reset times follow it, so a test moves time with :meth:`advance` instead of sleeping."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self._now = start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += seconds
+
+
 class FakeKimi:
     """A scriptable Kimi / Moonshot upstream on ``https://127.0.0.1:<port>``.
 
@@ -937,8 +1127,12 @@ class FakeKimi:
         max_connections: int = 512,
         idle_timeout: float = 60.0,
         handshake_timeout: float = 10.0,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.pki = pki
+        # Wall-clock seconds for every window and reset time; reset() puts back the one given here.
+        self._default_clock: Callable[[], float] = clock or time.time
+        self.clock: Callable[[], float] = self._default_clock
         self.echo = echo
         self.events = events
         self.interval = interval
@@ -973,7 +1167,15 @@ class FakeKimi:
         self._fraction_retry_after: float | None = 1
         self._rng = random.Random()
         self._usage: dict[str, _Usage] = {}
-        self._balances: dict[str, float] = {}
+        self._balances: dict[str, _Wallet] = {}
+        self._plans: dict[str, _Plan] = {}
+        self._accounts: dict[str, _AccountMeta] = {}
+        self._cache_accounts: frozenset[str] | None = None
+        self._cache_on = False
+        self._cache: dict[str, set[str]] = {}  # account -> hashes of every prefix it has served
+        self._cache_hits: dict[str, int] = {}
+        self._files_on = False
+        self._files: dict[str, _File] = {}
 
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -1175,13 +1377,20 @@ class FakeKimi:
         concurrency: int | None = None,
         window: float = 60.0,
         retry_after_header: bool = True,
+        style: LimitStyle = "open_platform",
+        ratelimit_headers: bool = False,
     ) -> None:
         """Enforce an account-wide limit on inference calls, as Kimi does (its limits are per account, not per key):
-        at most ``rpm`` admitted requests per sliding ``window`` seconds, and/or ``concurrency`` in flight. Excess → 429
-        rate_limit_reached_error with "please try again after N seconds" (N = when the window frees a slot) and,
-        unless disabled, the same N in Retry-After. Refused requests do not count. Probes are not limited."""
+        at most ``rpm`` admitted requests per sliding ``window`` seconds of :attr:`clock`, and/or ``concurrency`` in
+        flight (an open stream counts until its last byte). Excess → 429 rate_limit_reached_error with "please try
+        again after N seconds" (N = when the window frees a slot) and, unless disabled, the same N in Retry-After.
+        Refused requests do not count. Probes are not limited.
+
+        ``style="kimi_code"`` words both refusals as Kimi Code does ("We're receiving too many requests…", no number,
+        Retry-After 1). ``ratelimit_headers=True`` adds ``X-RateLimit-Limit/-Remaining/-Reset`` (Reset in seconds;
+        Kimi's real format is unknown) for the RPM cap to answers and refusals."""
         with self._lock:
-            self._limits[account] = _Limit(rpm, concurrency, window, retry_after_header)
+            self._limits[account] = _Limit(rpm, concurrency, window, retry_after_header, style, ratelimit_headers)
 
     def clear_limits(self) -> None:
         with self._lock:
@@ -1209,39 +1418,73 @@ class FakeKimi:
                 self._fraction_accounts = frozenset(account)
             self._fraction_retry_after = retry_after
 
-    def _admit(self, key: _Key) -> Reply | None:
-        now = time.monotonic()
+    def _admit(self, key: _Key) -> tuple[Reply | None, dict[str, str]]:
+        """Admit an inference call (counting it) or refuse it; also the X-RateLimit headers to send either way."""
+        now = self.clock()
         with self._lock:
+            plan = self._plans.get(key.account)
+            if plan is not None:
+                plan.window.roll(now)
+                plan.weekly.roll(now)
+                if plan.window.remaining <= 0 or plan.weekly.remaining <= 0:
+                    return Reply.billing(), {}
+            wallet = self._balances.get(key.account)
+            if wallet is not None and wallet.charge is not None and wallet.available <= 0:
+                return Reply.quota(), {}
             lim = self._limits.get(key.account)
+            rate_headers: dict[str, str] = {}
             if lim is not None:
-                if lim.concurrency is not None and self._inflight.get(key.account, 0) >= lim.concurrency:
-                    return Reply.rate_limit(
-                        1 if lim.retry_after_header else None,
-                        message="Your account {account}<{ak}> request reached organization max concurrency: "
-                        f"{lim.concurrency}, please try again after 1 seconds",
-                    )
                 if lim.rpm is not None:
                     while lim.stamps and lim.stamps[0] <= now - lim.window:
                         lim.stamps.popleft()
-                    if len(lim.stamps) >= lim.rpm:
-                        wait = max(1, math.ceil(lim.stamps[0] + lim.window - now))
-                        return Reply.rate_limit(
-                            wait if lim.retry_after_header else None,
-                            message="Your account {account}<{ak}> request reached organization max RPM: "
-                            f"{lim.rpm}, please try again after {wait} seconds",
-                        )
+                if lim.concurrency is not None and self._inflight.get(key.account, 0) >= lim.concurrency:
+                    message = (
+                        "Your account {account}<{ak}> request reached organization max concurrency: "
+                        f"{lim.concurrency}, please try again after 1 seconds"
+                    )
+                    return self._limit_refusal(lim, 1, message), self._rate_headers(lim, now)
+                if lim.rpm is not None and len(lim.stamps) >= lim.rpm:
+                    wait = max(1, math.ceil(lim.stamps[0] + lim.window - now))
+                    message = (
+                        "Your account {account}<{ak}> request reached organization max RPM: "
+                        f"{lim.rpm}, please try again after {wait} seconds"
+                    )
+                    return self._limit_refusal(lim, wait, message), self._rate_headers(lim, now)
             if (
                 self._fraction > 0
                 and (self._fraction_accounts is None or key.account in self._fraction_accounts)
                 and self._rng.random() < self._fraction
             ):
-                return Reply.rate_limit(self._fraction_retry_after)
+                return Reply.rate_limit(self._fraction_retry_after), {}
             if lim is not None and lim.rpm is not None:
                 lim.stamps.append(now)
+                rate_headers = self._rate_headers(lim, now)
+            if plan is not None:
+                plan.window.used += plan.cost
+                plan.weekly.used += plan.cost
+            if wallet is not None and wallet.charge is not None:
+                wallet.available = round(wallet.available - wallet.charge, 6)
             n = self._inflight.get(key.account, 0) + 1
             self._inflight[key.account] = n
             self._peak[key.account] = max(self._peak.get(key.account, 0), n)
-        return None
+        return None, rate_headers
+
+    @staticmethod
+    def _limit_refusal(lim: _Limit, wait: int, message: str) -> Reply:
+        if lim.style == "kimi_code":
+            return Reply.too_many_requests(1 if lim.retry_after_header else None)
+        return Reply.rate_limit(wait if lim.retry_after_header else None, message=message)
+
+    @staticmethod
+    def _rate_headers(lim: _Limit, now: float) -> dict[str, str]:
+        if not lim.ratelimit_headers or lim.rpm is None:
+            return {}
+        reset = math.ceil(lim.stamps[0] + lim.window - now) if lim.stamps else 0
+        return {
+            "x-ratelimit-limit": str(lim.rpm),
+            "x-ratelimit-remaining": str(max(0, lim.rpm - len(lim.stamps))),
+            "x-ratelimit-reset": str(max(0, reset)),
+        }
 
     def _release(self, key: _Key) -> None:
         with self._lock:
@@ -1274,10 +1517,84 @@ class FakeKimi:
         with self._lock:
             self._usage[account] = _Usage(limit, weekly_remaining, window_remaining, weekly_reset, window_reset)
 
-    def _usage_body(self, account: str) -> dict[str, Any]:
+    def set_plan(
+        self,
+        account: str,
+        *,
+        window_limit: int = 100,
+        weekly_limit: int = 1000,
+        window_used: int = 0,
+        weekly_used: int = 0,
+        window_reset_in: float | None = None,
+        weekly_reset_in: float | None = None,
+        window_seconds: float = 5 * 3600,
+        week_seconds: float = 7 * 86400,
+        cost: int = 1,
+        level: str = "LEVEL_INTERMEDIATE",
+    ) -> None:
+        """Give ``account`` a live Kimi Code plan: each admitted inference call spends ``cost`` from a rolling
+        5-hour window and a weekly quota; when either has nothing left, inference gets 403 "reached your usage
+        limit for this billing cycle" until that window resets. A window resets ``*_reset_in`` seconds from now
+        (default: a full period) on :attr:`clock`, then every period after, or at once by :meth:`refresh_plan`.
+        ``GET /coding/v1/usages`` then reports both windows (limit/used/remaining/resetTime); this replaces
+        :meth:`set_usage` for the account."""
+        now = self.clock()
         with self._lock:
+            self._plans[account] = _Plan(
+                window=_PlanWindow(
+                    window_limit,
+                    window_used,
+                    window_seconds,
+                    now + (window_seconds if window_reset_in is None else window_reset_in),
+                ),
+                weekly=_PlanWindow(
+                    weekly_limit,
+                    weekly_used,
+                    week_seconds,
+                    now + (week_seconds if weekly_reset_in is None else weekly_reset_in),
+                ),
+                cost=cost,
+                level=level,
+            )
+
+    def refresh_plan(self, account: str, which: PlanWindow = "both") -> None:
+        """Reset the plan's window(s) now, as a new period would: nothing used, next reset one period away."""
+        now = self.clock()
+        with self._lock:
+            plan = self._plans[account]
+            windows = {"window": (plan.window,), "weekly": (plan.weekly,), "both": (plan.window, plan.weekly)}
+            for w in windows[which]:
+                w.used = 0
+                w.reset_at = now + w.period
+
+    def plan_remaining(self, account: str) -> tuple[int, int]:
+        """(5-hour window, weekly) units left on the account's plan, as /usages would report them now."""
+        now = self.clock()
+        with self._lock:
+            plan = self._plans[account]
+            plan.window.roll(now)
+            plan.weekly.roll(now)
+            return plan.window.remaining, plan.weekly.remaining
+
+    def _usage_body(self, account: str) -> dict[str, Any]:
+        now_s = self.clock()
+        with self._lock:
+            plan = self._plans.get(account)
+            if plan is not None:
+                plan.window.roll(now_s)
+                plan.weekly.roll(now_s)
+                return {
+                    "user": {"membership": {"level": plan.level}},
+                    "usage": plan.weekly.detail(),
+                    "limits": [
+                        {
+                            "window": {"duration": round(plan.window.period / 60), "timeUnit": "TIME_UNIT_MINUTE"},
+                            "detail": plan.window.detail(),
+                        }
+                    ],
+                }
             u = self._usage.get(account) or _Usage()
-        now = dt.datetime.now(dt.UTC)
+        now = dt.datetime.fromtimestamp(now_s, dt.UTC)
         weekly_reset = _iso(u.weekly_reset or now + dt.timedelta(days=3))
         window_reset = _iso(u.window_reset or now + dt.timedelta(hours=2))
         # Numbers as decimal strings, as the real endpoint sends them.
@@ -1297,14 +1614,120 @@ class FakeKimi:
             ],
         }
 
-    def set_balance(self, account: str, available: float) -> None:
-        """What ``GET /v1/users/me/balance`` reports for the account (default 49.58894)."""
+    def set_balance(self, account: str, available: float, *, charge: float | None = None) -> None:
+        """What ``GET /v1/users/me/balance`` reports for the account (default 49.58894). With ``charge`` (0 allowed)
+        the balance is also enforced: each admitted inference call spends ``charge``, and at or below zero inference
+        gets 429 exceeded_current_quota_error "suspended due to insufficient balance" until a new set_balance."""
         with self._lock:
-            self._balances[account] = available
+            self._balances[account] = _Wallet(available, charge)
 
-    def _balance(self, account: str) -> float:
+    def balance(self, account: str) -> float:
+        """The account's available balance now."""
         with self._lock:
-            return self._balances.get(account, 49.58894)
+            wallet = self._balances.get(account)
+            return 49.58894 if wallet is None else wallet.available
+
+    # -- account metadata, context cache, files ------------------------------------------------------------------
+
+    def set_account(self, account: str, *, org_id: str | None = None, gid: str | None = None) -> None:
+        """Send ``Msh-Org-Id`` / ``Msh-Gid`` (tier, e.g. ``enterprise-tier-3``) wherever ``Msh-Uid`` is sent for this
+        account (errors by default, every answer with ``msh_headers="always"``), as seen on a real 429."""
+        with self._lock:
+            self._accounts[account] = _AccountMeta(org_id, gid)
+
+    def _msh_headers(self, key: _Key) -> dict[str, str]:
+        out = {"msh-uid": key.account}
+        with self._lock:
+            meta = self._accounts.get(key.account)
+        if meta is not None and meta.org_id is not None:
+            out["msh-org-id"] = meta.org_id
+        if meta is not None and meta.gid is not None:
+            out["msh-gid"] = meta.gid
+        return out
+
+    def enable_context_cache(self, accounts: str | Iterable[str] | None = None) -> None:
+        """Imitate Kimi's automatic, per-account context cache (for the given accounts, or all): a call whose leading
+        messages (with model, system and tools) equal those of an earlier call *on the same account* reports the
+        cached prefix's tokens, as ``usage.cached_tokens`` (OpenAI routes; ``prompt_tokens`` includes them) and
+        ``usage.cache_read_input_tokens`` (Anthropic routes; ``input_tokens`` excludes them, as Anthropic counts),
+        streamed or not. While enabled the field is always present, 0 on a miss."""
+        with self._lock:
+            self._cache_on = True
+            if accounts is None:
+                self._cache_accounts = None
+            elif isinstance(accounts, str):
+                self._cache_accounts = frozenset({accounts})
+            else:
+                self._cache_accounts = frozenset(accounts)
+
+    def forget_context_cache(self, account: str | None = None) -> None:
+        """Evict the account's cached prefixes (or every account's), as an expired cache would."""
+        with self._lock:
+            if account is None:
+                self._cache.clear()
+            else:
+                self._cache.pop(account, None)
+
+    def cache_hits(self, account: str) -> int:
+        """Inference calls of ``account`` that were answered with cached tokens > 0."""
+        with self._lock:
+            return self._cache_hits.get(account, 0)
+
+    def _cached_tokens(self, key: _Key, req: dict[str, Any], prompt_tokens: int) -> int | None:
+        """Cached tokens for this call (None: the cache is off for the account), and remember its prefixes."""
+        with self._lock:
+            if not self._cache_on or (self._cache_accounts is not None and key.account not in self._cache_accounts):
+                return None
+        messages = req.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return 0
+        head = [req.get("model"), req.get("system"), req.get("tools")]
+        prefixes: list[tuple[str, int]] = []
+        for n in range(1, len(messages) + 1):
+            text = json.dumps([head, messages[:n]], sort_keys=True, default=str)
+            prefixes.append((hashlib.sha256(text.encode()).hexdigest(), max(1, len(text) // 4)))
+        with self._lock:
+            seen = self._cache.setdefault(key.account, set())
+            cached = next((tokens for digest, tokens in reversed(prefixes) if digest in seen), 0)
+            seen.update(digest for digest, _ in prefixes)
+            if cached:
+                self._cache_hits[key.account] = self._cache_hits.get(key.account, 0) + 1
+        return min(cached, prompt_tokens)
+
+    def enable_files(self) -> None:
+        """Serve ``/v1/files`` as the Open Platform does: ``POST`` (multipart ``file`` + ``purpose``) stores a file
+        owned by the uploading key's *account*; ``GET /v1/files`` lists that account's files; ``GET`` / ``DELETE
+        /v1/files/{id}`` and ``GET /v1/files/{id}/content`` succeed for any key of the owning account. A key of
+        another account gets the same 404 resource_not_found_error as an unknown id (kimi-api.md names no error for
+        this; 404 is what an OpenAI-style API answers for another organisation's file). Without this call those
+        paths stay 404 "method not found", as before."""
+        with self._lock:
+            self._files_on = True
+
+    def file_owner(self, file_id: str) -> str | None:
+        """The account that uploaded ``file_id`` (None: no such file)."""
+        with self._lock:
+            f = self._files.get(file_id)
+            return f.account if f else None
+
+    def _add_file(self, account: str, filename: str, purpose: str, content: bytes, content_type: str) -> _File:
+        f = _File(uuid.uuid4().hex[:20], account, filename, purpose, content, content_type, int(self.clock()))
+        with self._lock:
+            self._files[f.id] = f
+        return f
+
+    def _file_for(self, file_id: str, account: str) -> _File | None:
+        with self._lock:
+            f = self._files.get(file_id)
+            return f if f is not None and f.account == account else None
+
+    def _files_of(self, account: str) -> list[_File]:
+        with self._lock:
+            return [f for f in self._files.values() if f.account == account]
+
+    def _drop_file(self, file_id: str) -> None:
+        with self._lock:
+            self._files.pop(file_id, None)
 
     # -- faults ------------------------------------------------------------------------------------------------------
 
@@ -1388,7 +1811,8 @@ class FakeKimi:
             self._requests.clear()
 
     def reset(self) -> None:
-        """Forget requests, scripts, faults, limits and probe state; keep the keys and the running server."""
+        """Forget requests, scripts, faults, limits, probe and account state (plans, balances, cache, files) and put
+        back the constructor's clock; keep the keys and the running server."""
         with self._lock:
             self._requests.clear()
             self._scripts.clear()
@@ -1398,7 +1822,16 @@ class FakeKimi:
             self._peak.clear()
             self._usage.clear()
             self._balances.clear()
+            self._plans.clear()
+            self._accounts.clear()
+            self._cache_on = False
+            self._cache_accounts = None
+            self._cache.clear()
+            self._cache_hits.clear()
+            self._files_on = False
+            self._files.clear()
             self._handshakes = 0
+        self.clock = self._default_clock
 
     # -- clients -----------------------------------------------------------------------------------------------------
 
