@@ -17,6 +17,7 @@ import pytest
 from certs import SERVER_DNS_NAMES, TestPKI, make_test_pki
 from cryptography import x509
 from fakekimi import (
+    FakeClock,
     FakeKimi,
     Reply,
     event_text,
@@ -479,6 +480,178 @@ def test_rate_limit_fraction(fake: FakeKimi, client: httpx.Client) -> None:
     fake.rate_limit_fraction(0.5, seed=7, account="a1")
     again = [client.post(OA, headers=bearer(K1), json=CHAT).status_code for _ in range(40)]
     assert again == statuses
+
+
+USAGES = "https://api.kimi.com/coding/v1/usages"
+BALANCE = "https://api.moonshot.cn/v1/users/me/balance"
+FILES = "https://api.moonshot.cn/v1/files"
+
+
+def test_rpm_window_follows_injected_clock(fake: FakeKimi, client: httpx.Client) -> None:
+    clock = FakeClock()
+    fake.clock = clock
+    fake.set_limit("a1", rpm=2, ratelimit_headers=True)
+    r = client.post(OA, headers=bearer(K1), json=CHAT)
+    assert (r.headers["x-ratelimit-limit"], r.headers["x-ratelimit-remaining"]) == ("2", "1")
+    clock.advance(20)
+    assert client.post(OA, headers=bearer(K2), json=CHAT).status_code == 200
+    r = client.post(OA, headers=bearer(K1), json=CHAT)
+    assert r.status_code == 429 and r.headers["retry-after"] == "40"  # the first call leaves the window at t=60
+    assert r.json()["error"] == {
+        "type": "rate_limit_reached_error",
+        "message": "Your account a1<ak-k1> request reached organization max RPM: 2, please try again after 40 seconds",
+    }
+    assert (r.headers["msh-uid"], r.headers["x-ratelimit-remaining"], r.headers["x-ratelimit-reset"]) == (
+        "a1",
+        "0",
+        "40",
+    )
+    clock.advance(40)  # one slot free again, no sleep
+    assert client.post(OA, headers=bearer(K1), json=CHAT).status_code == 200
+    assert client.post(OA, headers=bearer(K1), json=CHAT).status_code == 429
+    fake.reset()
+    assert fake.clock is not clock  # reset() puts back the real clock
+
+
+def test_concurrency_cap_counts_open_streams_kimi_code_wording(fake: FakeKimi) -> None:
+    fake.set_limit("a1", concurrency=1, style="kimi_code")
+    fake.set_account("a1", org_id="org-a1", gid="enterprise-tier-1")
+    with fake.client(timeout=5) as c1, fake.client(timeout=5) as c2:
+        hdr = {"x-api-key": K1, "x-fake-events": "2", "x-fake-interval": "0.05"}
+        with c1.stream("POST", KC_AN, headers=hdr, json=STREAM) as r1:
+            assert r1.status_code == 200
+            r2 = c2.post(KC_AN, headers={"x-api-key": K2}, json=CHAT)  # the other key of the account
+            assert r2.status_code == 429 and r2.headers["retry-after"] == "1"
+            assert r2.json()["error"]["message"].startswith("We're receiving too many requests")
+            assert (r2.headers["msh-uid"], r2.headers["msh-org-id"], r2.headers["msh-gid"]) == (
+                "a1",
+                "org-a1",
+                "enterprise-tier-1",
+            )
+            assert c2.post(KC_AN, headers={"x-api-key": K3}, json=CHAT).status_code == 200  # another account
+            r1.read()
+    assert fake.peak_inflight("a1") == 1
+
+
+def test_plan_windows_spend_refuse_and_reset_on_the_clock(fake: FakeKimi, client: httpx.Client) -> None:
+    clock = FakeClock(1_800_000_000.0)
+    fake.clock = clock
+    fake.set_plan("a1", window_limit=2, weekly_limit=3, window_reset_in=600)
+    for key in (K1, K2):  # both keys draw on the account's one quota
+        assert client.post(KC_OA, headers=bearer(key), json=CHAT).status_code == 200
+    usages = client.get(USAGES, headers=bearer(K2)).json()
+    assert usages["usage"] == {"limit": "3", "used": "2", "remaining": "1", "resetTime": "2027-01-22T08:00:00Z"}
+    assert usages["limits"] == [
+        {
+            "window": {"duration": 300, "timeUnit": "TIME_UNIT_MINUTE"},
+            "detail": {"limit": "2", "used": "2", "remaining": "0", "resetTime": "2027-01-15T08:10:00Z"},
+        }
+    ]
+    r = client.post(KC_AN, headers={"x-api-key": K1}, json=CHAT)
+    assert r.status_code == 403 and "usage limit for this billing cycle" in r.json()["error"]["message"]
+    assert client.post(KC_OA, headers=bearer(K3), json=CHAT).status_code == 200  # account a2 has no plan
+    clock.advance(600)  # the 5-hour window resets; the next period ends 5 h later
+    assert fake.plan_remaining("a1") == (2, 1)
+    detail = client.get(USAGES, headers=bearer(K1)).json()["limits"][0]["detail"]
+    assert (detail["remaining"], detail["resetTime"]) == ("2", "2027-01-15T13:10:00Z")
+    assert client.post(KC_OA, headers=bearer(K1), json=CHAT).status_code == 200
+    assert client.post(KC_OA, headers=bearer(K1), json=CHAT).status_code == 403  # now the weekly quota is spent
+    fake.refresh_plan("a1", "weekly")
+    assert fake.plan_remaining("a1") == (1, 3)
+    assert client.post(KC_OA, headers=bearer(K1), json=CHAT).status_code == 200
+
+
+def test_enforced_balance_is_spent_then_refuses(fake: FakeKimi, client: httpx.Client) -> None:
+    fake.set_balance("a2", 0.5, charge=0.25)
+    assert [client.post(OA, headers=bearer(K3), json=CHAT).status_code for _ in range(3)] == [200, 200, 429]
+    r = client.post(OP_AN, headers=bearer(K3), json=CHAT)
+    assert r.status_code == 429 and r.json()["error"]["type"] == "exceeded_current_quota_error"
+    assert "insufficient balance" in r.json()["error"]["message"]
+    assert client.get(BALANCE, headers=bearer(K3)).json()["data"]["available_balance"] == 0.0
+    fake.set_balance("a2", 10.0, charge=0.25)  # a top-up
+    assert client.post(OA, headers=bearer(K3), json=CHAT).status_code == 200
+    assert fake.balance("a2") == 9.75
+    fake.set_balance("a1", 0.0)  # without charge: reported only, as before
+    assert client.post(OA, headers=bearer(K1), json=CHAT).status_code == 200
+
+
+def conversation(turns: int) -> list[dict[str, str]]:
+    msgs = []
+    for i in range(turns):
+        msgs += [{"role": "user", "content": f"question {i} " * 20}, {"role": "assistant", "content": f"answer {i}"}]
+    return msgs[:-1]
+
+
+def test_context_cache_is_per_account_in_both_shapes(fake: FakeKimi, client: httpx.Client) -> None:
+    plain = client.post(OA, headers=bearer(K1), json={**CHAT, "messages": conversation(2)}).json()
+    assert "cached_tokens" not in plain["usage"]  # off by default
+    fake.enable_context_cache()
+    first = client.post(OA, headers=bearer(K1), json={**CHAT, "messages": conversation(2)}).json()["usage"]
+    assert first["cached_tokens"] == 0
+    # The next turn of the conversation on another key of the same account: its first three messages are cached.
+    usage = client.post(OA, headers=bearer(K2), json={**CHAT, "messages": conversation(3)}).json()["usage"]
+    assert 0 < usage["cached_tokens"] < usage["prompt_tokens"]
+    assert fake.cache_hits("a1") == 1
+    # Same conversation on another account: no cache there.
+    assert (
+        client.post(OA, headers=bearer(K3), json={**CHAT, "messages": conversation(3)}).json()["usage"]["cached_tokens"]
+        == 0
+    )
+    # Anthropic shape, non-streamed and streamed; input_tokens counts only the uncached part.
+    body = {"model": "kimi-for-coding", "system": "be brief", "messages": conversation(2)}
+    assert client.post(KC_AN, headers={"x-api-key": K1}, json=body).json()["usage"]["cache_read_input_tokens"] == 0
+    fast = {"x-fake-interval": "0"}
+    r = client.post(
+        KC_AN, headers={"x-api-key": K1, **fast}, json={**body, "messages": conversation(3), "stream": True}
+    )
+    start = parse_sse(r.content)[0].json()["message"]["usage"]
+    assert start["cache_read_input_tokens"] > 0 and start["input_tokens"] > 0
+    # OpenAI streamed, both usage placements. The whole conversation is cached on a1 by now, so more than before.
+    streamed = []
+    for extra in ({"stream_options": {"include_usage": True}}, {}):
+        r = client.post(
+            OA, headers={**bearer(K2), **fast}, json={**CHAT, "messages": conversation(3), "stream": True, **extra}
+        )
+        last = [e.json() for e in parse_sse(r.content) if e.data != "[DONE]"][-1]
+        streamed.append((last["usage"] if extra else last["choices"][0]["usage"])["cached_tokens"])
+    assert streamed[0] == streamed[1] > usage["cached_tokens"]
+    fake.forget_context_cache("a1")
+    again = client.post(OA, headers=bearer(K1), json={**CHAT, "messages": conversation(3)}).json()["usage"]
+    assert again["cached_tokens"] == 0
+
+
+def test_files_belong_to_the_uploading_account(fake: FakeKimi, client: httpx.Client) -> None:
+    assert client.post(FILES, headers=bearer(K1), files={"file": ("a.txt", b"x")}).status_code == 404  # off
+    fake.enable_files()
+    r = client.post(
+        FILES,
+        headers=bearer(K1),
+        files={"file": ("notes.txt", b"hello file", "text/plain")},
+        data={"purpose": "file-extract"},
+    )
+    assert r.status_code == 200
+    obj = r.json()
+    assert (obj["object"], obj["bytes"], obj["filename"], obj["purpose"]) == ("file", 10, "notes.txt", "file-extract")
+    fid = obj["id"]
+    assert fake.file_owner(fid) == "a1"
+    # Any key of the owning account may read it ...
+    assert client.get(f"{FILES}/{fid}", headers=bearer(K2)).json()["id"] == fid
+    content = client.get(f"{FILES}/{fid}/content", headers=bearer(K2)).json()
+    assert (content["content"], content["filename"], content["file_type"]) == ("hello file", "notes.txt", "text/plain")
+    assert [f["id"] for f in client.get(FILES, headers=bearer(K1)).json()["data"]] == [fid]
+    # ... another account's key sees no such file, exactly like an unknown id.
+    for url in (f"{FILES}/{fid}", f"{FILES}/{fid}/content"):
+        r = client.get(url, headers=bearer(K3))
+        assert r.status_code == 404 and r.json()["error"] == {
+            "type": "resource_not_found_error",
+            "message": f"file {fid} not found",
+        }
+    assert client.get(FILES, headers=bearer(K3)).json()["data"] == []
+    assert client.get(f"{FILES}/{fid}", headers=bearer("sk-nope")).status_code == 401
+    assert client.post(FILES, headers=bearer(K1), json={}).status_code == 400  # not multipart
+    assert client.delete(f"{FILES}/{fid}", headers=bearer(K3)).status_code == 404
+    assert client.delete(f"{FILES}/{fid}", headers=bearer(K1)).json()["deleted"] is True
+    assert client.get(f"{FILES}/{fid}", headers=bearer(K1)).status_code == 404
 
 
 # ---------------------------------------------------------------------------------------------------------------------
