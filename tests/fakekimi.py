@@ -1685,7 +1685,9 @@ class FakeKimi:
         prefixes: list[tuple[str, int]] = []
         for n in range(1, len(messages) + 1):
             text = json.dumps([head, messages[:n]], sort_keys=True, default=str)
-            prefixes.append((hashlib.sha256(text.encode()).hexdigest(), max(1, len(text) // 4)))
+            # Tokens from the messages alone (compact), so the cached part stays below the whole prompt's estimate.
+            size = len(json.dumps(messages[:n], separators=(",", ":"), default=str))
+            prefixes.append((hashlib.sha256(text.encode()).hexdigest(), max(1, size // 4)))
         with self._lock:
             seen = self._cache.setdefault(key.account, set())
             cached = next((tokens for digest, tokens in reversed(prefixes) if digest in seen), 0)
