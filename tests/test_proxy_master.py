@@ -23,6 +23,7 @@ from kimi_rotator.proxy import (
     ON_DEMAND,
     REFUSED,
     CachedAddonManager,
+    FlushSoon,
     ProxyConfig,
     ProxyError,
     build_master,
@@ -233,3 +234,34 @@ def test_the_readme_troubleshooting_row_is_what_a_port_in_use_prints() -> None:
     line = listen_error("127.0.0.1", 8080, OSError(errno.EADDRINUSE, "in use"))
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert f"| **`error: {line}`** |" in readme
+
+
+class _CountingStream:
+    def __init__(self) -> None:
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+async def test_lines_are_flushed_soon_once_per_burst_from_any_thread() -> None:
+    import threading
+
+    from kimi_rotator import proxy
+
+    stream = _CountingStream()
+    flusher = FlushSoon(asyncio.get_running_loop(), stream)  # type: ignore[arg-type]
+    record = logging.LogRecord("kimi_rotate", logging.INFO, __file__, 1, "a line", None, None)
+    for _ in range(3):
+        flusher.handle(record)
+    other = threading.Thread(target=flusher.handle, args=(record,))
+    other.start()
+    other.join()
+    assert stream.flushes == 0  # not per line
+    await asyncio.sleep(proxy.FLUSH_SECONDS + 0.1)
+    assert stream.flushes == 1  # the burst in one write, a fraction of a second later
+    other = threading.Thread(target=flusher.handle, args=(record,))  # a line from another thread, alone
+    other.start()
+    other.join()
+    await asyncio.sleep(proxy.FLUSH_SECONDS + 0.1)
+    assert stream.flushes == 2

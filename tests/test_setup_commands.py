@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import queue
 import re
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -219,6 +221,26 @@ def test_proxy_prints_a_line_per_request_and_per_key_state_change(tmp_path: Path
     assert "secret=query" not in output and "private words" not in output and "ok third" not in output
     assert _leaks(output) == []
     assert "client connect" not in output  # mitmproxy's own lines per connection stay out of the way
+
+
+def test_a_request_line_reaches_a_pipe_while_the_proxy_runs(cli_proxy):
+    """stdout is block-buffered for speed; the line must still show soon to whoever reads the pipe."""
+    proxy, _, confdir = cli_proxy
+    assert proxy.proc.stdout is not None
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(b.decode()) for b in proxy.proc.stdout], daemon=True).start()
+    assert curl(proxy.url, KC_CHAT, ca=confdir / "mitmproxy-ca-cert.pem", headers={"authorization": "Bearer x"},
+                body={"model": "kimi-for-coding", "messages": []}).status == 200
+    answered = time.monotonic()
+    while (left := answered + 1.0 - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if "kimi-code POST /coding/v1/chat/completions" in line:
+            assert " 200 " in line, line
+            return
+    raise AssertionError("no request line within 1 s of the answer")
 
 
 def test_proxy_quiet_keeps_only_what_needs_the_user(tmp_path: Path, pki, fake_kimi_server):
