@@ -8,7 +8,6 @@ makes a kill -9 at any moment harmless. A file that is not a healthy store is ne
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import functools
 import json
@@ -20,7 +19,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -75,7 +74,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
 )
-_KEY_COLUMNS = tuple(f.name for f in dataclasses.fields(KeyRecord))
+_KEY_COLUMNS = tuple(f.name for f in fields(KeyRecord))
 
 
 class StoreError(UserError):
@@ -537,7 +536,7 @@ class Store:
             if row is not None:
                 problem = f"a key named {name!r} already exists ([{_position(db, row[0])}])"
                 raise DuplicateKey([Conflict(0, problem, "choose another name")])
-            changed = dataclasses.replace(key, name=name)
+            changed = replace(key, name=name)
             _save_keys(db, [changed])
         return key, changed
 
@@ -545,7 +544,7 @@ class Store:
         """Puts a key in an account (None: in none). Returns (before, after)."""
         with self._write() as db:
             key = _one_key(db, key_id)
-            changed = dataclasses.replace(key, account=account)
+            changed = replace(key, account=account)
             _save_keys(db, [changed])
         return key, changed
 
@@ -671,10 +670,10 @@ _SELECT_KEYS = f"SELECT {', '.join(_KEY_COLUMNS)} FROM keys"
 
 
 def _row_to_key(row: Sequence[Any]) -> KeyRecord:
-    fields = dict(zip(_KEY_COLUMNS, row, strict=True))
-    fields["secret"] = Secret(fields["secret"])
-    fields["surface"] = Surface(fields["surface"])
-    return KeyRecord(**fields)
+    values = dict(zip(_KEY_COLUMNS, row, strict=True))
+    values["secret"] = Secret(values["secret"])
+    values["surface"] = Surface(values["surface"])
+    return KeyRecord(**values)
 
 
 def _load_keys(db: sqlite3.Connection) -> list[KeyRecord]:
