@@ -46,7 +46,7 @@ from .keys import (
     validate_name,
     validate_reason,
 )
-from .models import KeyRecord, KeyState, PoolSettings, Strategy, Surface
+from .models import KeyRecord, KeyState, Strategy, Surface
 from .roster import Roster
 from .store import DuplicateKey, KeyNotFound, NewKey, Store, StoreError, utc_day
 from .symbols import PLAIN, symbols
@@ -411,22 +411,20 @@ def add_keys(
     _warn_kimi_code([k.surface for k in added])
 
 
-def key_json(
-    index: int, k: KeyRecord, settings: PoolSettings, now: float, marked: set[int] | None = None
-) -> dict[str, Any]:
+def key_json(s: views.KeyStatus, now: float) -> dict[str, Any]:
     """One element of `list-keys --json`. Scripts rely on these names and types: only ever add fields.
 
     index (int, as the other commands take it), name, masked_key (prefix + last 4), fingerprint
-    (10 hex chars), surface, account (str|null), current (bool: in `marked`, the ids list-keys marks;
-    without it, the settings' current key of its surface), health (int 0-100, time recovery
-    included), state ("active"|"cooling"|"disabled"), reason (str|null: why cooling or disabled),
-    cooldown_until (epoch s|null, set while cooling), total_requests = successful_requests +
-    rate_limited_requests + failed_requests (ints), last_used and added_at (epoch s|null).
+    (10 hex chars), surface, account (str|null), current (bool: the key list-keys marks), health
+    (int 0-100, time recovery included), state ("active"|"cooling"|"disabled"), reason (str|null:
+    why cooling or disabled), cooldown_until (epoch s|null, set while cooling), total_requests =
+    successful_requests + rate_limited_requests + failed_requests (ints), last_used and added_at
+    (epoch s|null).
     """
-    s = views.key_status(index, k, settings, now, k.id in marked if marked is not None else settings.is_current(k))
+    k = s.key
     cooling = k.cooldown_until is not None and k.cooldown_until > now
     return {
-        "index": index,
+        "index": s.index,
         "name": k.name,
         "masked_key": mask(k.secret.get_secret_value()),
         "fingerprint": k.fingerprint,
@@ -482,8 +480,7 @@ def list_keys(
         if (only_state is None or s.state is only_state) and (only_surface is None or s.key.surface is only_surface)
     ]
     if as_json:
-        marked = {s.key.id for s in statuses if s.current}
-        rows = [key_json(s.index, s.key, snap.settings, now, marked) for s in shown]
+        rows = [key_json(s, now) for s in shown]
         # \u escapes where the output cannot encode a character: the same JSON to any parser.
         typer.echo(json.dumps(rows, indent=2, ensure_ascii=symbols() is PLAIN))
         return

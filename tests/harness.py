@@ -199,7 +199,9 @@ def cli_keys(home: Path) -> dict[str, dict[str, Any]]:
 
 def key_rows(home: Path) -> dict[str, dict[str, Any]]:
     """The rows `list-keys --json` would print, built in-process by the same function (no second of start-up)."""
+    from kimi_rotator import views
     from kimi_rotator.cli import key_json
+    from kimi_rotator.roster import Roster
 
     store = Store(home)
     try:
@@ -207,7 +209,7 @@ def key_rows(home: Path) -> dict[str, dict[str, Any]]:
     finally:
         store.close()
     now = time.time()
-    return {k.name: key_json(i, k, snap.settings, now) for i, k in enumerate(snap.keys)}
+    return {s.key.name: key_json(s, now) for s in views.key_statuses(Roster(snap.keys), snap.settings, now)}
 
 
 # -- the proxy process -----------------------------------------------------------------------------------------------
