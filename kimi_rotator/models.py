@@ -83,6 +83,101 @@ class Outcome:
     reason: str = ""
     latency_ms: float | None = None
     account_hint: str | None = None
+    caps: tuple[LearnedCap, ...] = ()  # account limits the answer stated (a 429's "max RPM: 200", a tier header)
+
+
+class Limit(StrEnum):
+    """The per-account caps Kimi enforces (every key of an account shares them)."""
+
+    RPM = "rpm"  # requests admitted in any 60 s
+    CONCURRENCY = "concurrency"  # requests in flight at once (an open stream counts until its end)
+    TPM = "tpm"  # tokens a minute: learned and shown, not enforced (Kimi counts them at admission)
+    TPD = "tpd"  # tokens a day: likewise
+
+
+class CapSource(StrEnum):
+    """How a cap was learned, weakest first: a stronger source replaces a weaker one, never the other way."""
+
+    DEFAULT = "default"  # a documented default for the surface (Kimi Code's concurrency of 30)
+    TIER = "tier"  # the tier in Msh-Gid, through Kimi's published tier table
+    HEADER = "header"  # X-RateLimit-Limit
+    MESSAGE = "message"  # the number in a 429's text ("max RPM: 200")
+
+    @property
+    def strength(self) -> int:
+        return _CAP_SOURCE_ORDER.index(self)
+
+
+_CAP_SOURCE_ORDER = (CapSource.DEFAULT, CapSource.TIER, CapSource.HEADER, CapSource.MESSAGE)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LearnedCap:
+    limit: Limit
+    value: int
+    source: CapSource
+    at: float = 0.0  # when it was learned (the classifier leaves 0: the pool stamps it)
+    detail: str = ""  # words for views, e.g. "tier enterprise-tier-3"; never an account id
+
+
+# An account as the caps see it: (surface, account label), or (surface, "key:<fingerprint>") for an unlabelled key.
+Group = tuple[Surface, str]
+UNLABELLED_PREFIX = "key:"
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaWindow:
+    """One quota window Kimi reported (a Kimi Code plan's 5-hour window or its weekly quota)."""
+
+    name: str  # "5h", "weekly"...
+    limit: float | None
+    remaining: float
+    reset_at: float | None  # epoch seconds
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Quota:
+    """What a zero-token probe last said about an account's money or plan."""
+
+    checked_at: float
+    balance: float | None = None  # Open Platform available balance (CNY on .cn, USD on .ai)
+    windows: tuple[QuotaWindow, ...] = ()  # Kimi Code
+    level: str | None = None  # Kimi Code membership level
+
+    def exhausted_until(self) -> float | None:
+        """When the earliest exhausted window resets (None: no window is exhausted, or its reset is unknown)."""
+        ends = [w.reset_at for w in self.windows if w.remaining <= 0 and w.reset_at is not None]
+        return min(ends, default=None)
+
+    def expiring(self, now: float) -> float | None:
+        """When the quota still left runs out by itself: the earliest reset among windows with quota left
+        (None: unknown, or nothing expires)."""
+        if any(w.remaining <= 0 for w in self.windows):
+            return None
+        ends = [w.reset_at for w in self.windows if w.reset_at is not None and w.reset_at > now]
+        return min(ends, default=None)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AccountRecord:
+    """What the pool knows about one account: caps stated by the user, caps learned from Kimi, the last quota."""
+
+    surface: Surface
+    account: str
+    stated: dict[Limit, int] = field(default_factory=dict)
+    learned: dict[Limit, LearnedCap] = field(default_factory=dict)
+    quota: Quota | None = None
+
+    @property
+    def group(self) -> Group:
+        return (self.surface, self.account)
+
+    def cap(self, limit: Limit) -> int | None:
+        """The cap in force: a stated one wins over a learned one."""
+        if limit in self.stated:
+            return self.stated[limit]
+        learned = self.learned.get(limit)
+        return learned.value if learned is not None else None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -122,6 +217,11 @@ class KeyRecord:
     def account_group(self) -> tuple[Surface, str] | None:
         """Keys sharing this group share rate limits (accounts never span surfaces)."""
         return (self.surface, self.account) if self.account else None
+
+    @property
+    def limit_group(self) -> Group:
+        """The account whose caps this key counts against: a key with no account label is an account of its own."""
+        return (self.surface, self.account) if self.account else (self.surface, UNLABELLED_PREFIX + self.fingerprint)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
