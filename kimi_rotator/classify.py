@@ -4,6 +4,8 @@ Pure: no I/O, no clock, no mitmproxy. RULES is Kimi's error taxonomy: for each d
 and message, who is at fault (the key, its account, the request, the client or the platform) and what to do.
 Message text is matched before `error.type` and status because Kimi reuses both across unrelated failures: one
 `access_terminated_error` is an account ban, another is a client-identity gate that every key would hit.
+Each answer's account caps (a 429's "max RPM: 200", X-RateLimit-Limit, the tier in Msh-Gid) go into `Outcome.caps`
+for the pool to keep through `caps.merge_caps`.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
+from functools import lru_cache
 from typing import Final, Literal
 
 import brotli  # type: ignore[import-untyped]  # ships with mitmproxy, no stubs
 import zstandard
 
-from kimi_rotator.models import Outcome, OutcomeKind, Scope
+from kimi_rotator.caps import MAX_CAP, tier_caps
+from kimi_rotator.models import CapSource, LearnedCap, Limit, Outcome, OutcomeKind, Scope
 
 MIN_COOLDOWN: Final = 1.0
 MAX_COOLDOWN: Final = 8 * 86400.0
@@ -84,7 +88,8 @@ RULES: Final[tuple[Rule, ...]] = (
          K.SERVER_ERROR, S.SERVER, None, False, False, _OVERLOADED),
     Rule(None, (), ("tpd rate limit",), K.RATE_LIMITED, S.ACCOUNT, NEXT_UTC_DAY, True, True),
     Rule(None, ("rate_limit_reached_error", "rate_limit_error"),
-         ("max rpm", "max concurrency", "tpm rate limit", "organization rate limit"),
+         ("max rpm", "max concurrency", "max organization concurrency", "reached max request:", "tpm rate limit",
+          "organization rate limit"),
          K.RATE_LIMITED, S.ACCOUNT, RATE_LIMIT_DEFAULT, True, True),
     Rule(429, (), ("too many requests",), K.RATE_LIMITED, S.ACCOUNT, RATE_LIMIT_DEFAULT, True, True),
     Rule(401, (), (), K.INVALID_KEY, S.KEY, None, False, True),
@@ -109,20 +114,24 @@ def classify(
     status: int, headers: Iterable[tuple[str, str]], body: bytes, now: float, latency_ms: float | None = None
 ) -> Verdict:
     pairs = list(headers)  # read several times below; callers may pass a generator
+    caps = header_caps(pairs)
     if 200 <= status < 300:
-        # A 2xx body is model output: never mine it for account ids or error text.
+        # A 2xx body is model output: never mine it for account ids, error text or caps.
         hint = account_hint(pairs, "")
         return Verdict(Outcome(kind=OutcomeKind.SUCCESS, reason=str(status), latency_ms=latency_ms,
-                               account_hint=hint), False, None)
+                               account_hint=hint, caps=caps), False, None)
     etype, message = error_message(body)
     reason = _reason(status, etype)
     hint = account_hint(pairs, message)
-    rule = _match(status, etype, _normalise(message)) if 400 <= status < 600 else None
+    text = _normalise(message)
+    if 400 <= status < 500:
+        caps = message_caps(text, status) + caps
+    rule = _match(status, etype, text) if 400 <= status < 600 else None
     if rule is None:  # 1xx/3xx or non-HTTP: nothing a key did; hand it back untouched
         return Verdict(Outcome(kind=OutcomeKind.REQUEST_ERROR, scope=Scope.REQUEST, reason=reason,
-                               account_hint=hint), False, None)
+                               account_hint=hint, caps=caps), False, None)
     outcome = Outcome(kind=rule.kind, scope=rule.scope, until=_until(rule, pairs, message, now),
-                      reason=reason, account_hint=hint)
+                      reason=reason, account_hint=hint, caps=caps)
     return Verdict(outcome, rule.failover, rule.diagnostic)
 
 
@@ -220,6 +229,58 @@ def retry_delay(headers: Iterable[tuple[str, str]], message: str, now: float, de
         if name == "x-ratelimit-reset" and (seconds := _reset_delay(value, now)) is not None:
             return seconds
     return _clamp(default)
+
+
+# A cap is a whole number standing alone: not the "1" of "1,500,000" or "3.5", nor a prefix of a longer number.
+_CAP_NUMBER = r"([0-9]{1,13})(?![0-9]|[.,][0-9])"
+# On normalised text. Kimi's wordings, old and new: "request reached organization max RPM: 200", "request reached
+# max request: 3" (RPM), "organization max concurrency: 50", "max organization concurrency: 1", "request reached
+# organization TPM rate limit, current: 3025143, limit: 3000000", "TPD rate limit,current:1501880, limit:1500000".
+_MESSAGE_CAPS: Final = (  # (limit, a word its wording must contain: a cheap test before the search, pattern)
+    (Limit.RPM, "max", re.compile(r"\bmax (?:organization )?(?:rpm|requests?)(?: ?[:=] ?| )" + _CAP_NUMBER)),
+    (Limit.CONCURRENCY, "concurren",
+     re.compile(r"\bmax (?:organization )?(?:concurrency|concurrent requests)(?: ?[:=] ?| )" + _CAP_NUMBER)),
+    (Limit.TPM, "tpm", re.compile(r"\b(?:max (?:organization )?tpm|tpm rate limit\b(?:.{0,60}?\blimit)?)(?: ?[:=] ?| )"
+                                  + _CAP_NUMBER)),
+    (Limit.TPD, "tpd", re.compile(r"\b(?:max (?:organization )?tpd|tpd rate limit\b(?:.{0,60}?\blimit)?)(?: ?[:=] ?| )"
+                                  + _CAP_NUMBER)),
+)
+
+
+def message_caps(text: str, status: int) -> tuple[LearnedCap, ...]:
+    """The caps an error message states, from its normalised text (see _normalise). The detail names only the
+    status ("a 429"): the message itself carries account ids."""
+    found = []
+    for limit, word, pattern in _MESSAGE_CAPS:
+        if word in text and (match := pattern.search(text)) and 0 < (value := int(match.group(1))) <= MAX_CAP:
+            found.append(LearnedCap(limit=limit, value=value, source=CapSource.MESSAGE, detail=f"a {status}"))
+    return tuple(found)
+
+
+_PLAIN_INT = re.compile(r"[0-9]{1,13}")
+
+
+def header_caps(headers: Iterable[tuple[str, str]]) -> tuple[LearnedCap, ...]:
+    """Caps in an answer's headers: X-RateLimit-Limit (taken as the RPM cap, the one Kimi's help centre pairs it
+    with) and the tier Msh-Gid names. Runs on every success, so one plain pass; a name needs no strip() here
+    (HTTP forbids whitespace in one, and what parsed the answer has refused any that had it), and both caps
+    are built once per distinct value."""
+    caps: tuple[LearnedCap, ...] = ()
+    for name, value in headers:
+        key = name.lower()
+        if key == "x-ratelimit-limit":
+            caps += _rate_limit_cap(value)
+        elif key == "msh-gid":
+            caps += tier_caps(value)
+    return caps
+
+
+@lru_cache(maxsize=64)  # an account's answers repeat one limit: build its cap once, not on every success
+def _rate_limit_cap(value: str) -> tuple[LearnedCap, ...]:
+    text = value.strip()
+    if not _PLAIN_INT.fullmatch(text) or not 0 < (limit := int(text)) <= MAX_CAP:
+        return ()
+    return (LearnedCap(limit=Limit.RPM, value=limit, source=CapSource.HEADER, detail="X-RateLimit-Limit"),)
 
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kimi_rotator import classify as mod
+from kimi_rotator.caps import MAX_CAP, tier_caps
 from kimi_rotator.classify import (
     MAX_COOLDOWN,
     RULES,
@@ -32,7 +33,7 @@ from kimi_rotator.classify import (
     parse_retry_after,
     retry_delay,
 )
-from kimi_rotator.models import OutcomeKind, Scope
+from kimi_rotator.models import CapSource, LearnedCap, Limit, OutcomeKind, Scope
 
 NOW = 1_750_000_123.0  # 2025-06-15T15:08:43Z: deliberately not at a UTC midnight
 HOUR, DAY = 3600.0, 86400.0
@@ -157,6 +158,10 @@ CASES: tuple[Case, ...] = (
          K.RATE_LIMITED, S.ACCOUNT, True, 1.0, 9),
     Case(429, "rate_limit_reached_error", "request reached max concurrency: 1",
          K.RATE_LIMITED, S.ACCOUNT, True, 60.0, 9),
+    Case(429, None, "Your account cn0a<ak-b2> request reached max request: 3, please try again after 1 seconds",
+         K.RATE_LIMITED, S.ACCOUNT, True, 1.0, 9),  # the older wording of the RPM cap
+    Case(429, None, "request reached max organization concurrency: 3, please try again after 2 seconds",
+         K.RATE_LIMITED, S.ACCOUNT, True, 2.0, 9),
     Case(429, None, "request reached organization TPM rate limit", K.RATE_LIMITED, S.ACCOUNT, True, 60.0, 9),
     Case(429, None, "Organization Rate limit exceeded", K.RATE_LIMITED, S.ACCOUNT, True, 60.0, 9),
     T(429, "rate_limit_reached_error", "opaque", K.RATE_LIMITED, S.ACCOUNT, True, 60.0, 9),
@@ -281,6 +286,135 @@ def test_connection_error_is_server_scope_with_failover_and_no_penalty() -> None
     assert "\n" not in out.reason and out.reason.startswith("connection error: ConnectionRefusedError: [Errno 111]")
     assert len(out.reason) < 160
     assert classify_connection_error("").outcome.reason == "connection error"
+
+
+# --- caps an answer states (Outcome.caps) ---------------------------------------------------------------
+
+RPM, CONC, TPM, TPD = Limit.RPM, Limit.CONCURRENCY, Limit.TPM, Limit.TPD
+ACCOUNT_TEXT = ("cn0a", "org-a1", "ak-", "<", "your account")  # what a message says that must never reach detail
+
+MESSAGE_CAPS: tuple[tuple[str, dict[Limit, int]], ...] = (
+    # Kimi's current wordings (platform error table), and what the fake sends
+    ("Your account cn0a<ak-b2> request reached organization max RPM: 200, please try again after 1 seconds",
+     {RPM: 200}),
+    ("Your account cn0a<ak-b2> request reached organization max concurrency: 50, please try again after 1 seconds",
+     {CONC: 50}),
+    ("Your account org-a1<ak-b2> request reached organization TPM rate limit, current: 3025143, limit: 3000000",
+     {TPM: 3_000_000}),
+    ("Your account org-a1<ak-b2> request reached organization TPD rate limit,current:1501880, limit:1500000",
+     {TPD: 1_500_000}),
+    # older wordings (uid instead of organization), still in Kimi's docs and in users' logs
+    ("Your account cn0a<ak-b2> request reached max request: 3, please try again after 1 seconds", {RPM: 3}),
+    ("Your account cn0a<ak-b2> request reached max concurrency: 1, please try again after 1 seconds", {CONC: 1}),
+    ("Your account cn0a<ak-b2> request reached TPM rate limit, current:563653, limit:500000", {TPM: 500_000}),
+    ("Your account cn0a<ak-b2> request reached TPD rate limit,current:1500001, limit:1500000", {TPD: 1_500_000}),
+    ("request reached max organization concurrency: 3, please try again after 1 seconds", {CONC: 3}),
+    ("Your account organization concurrency: 1, request reached max organization concurrency: 1, please try again "
+     "after 0 seconds", {CONC: 1}),
+    # the issue's own shorthand
+    ("request reached organization max TPM: 2000000", {TPM: 2_000_000}),
+    ("request reached organization max TPD: 1500000", {TPD: 1_500_000}),
+    # liberal in case and spacing
+    ("REQUEST REACHED ORGANIZATION   MAX\n RPM:200", {RPM: 200}),
+    ("max rpm = 20", {RPM: 20}),
+    ("max RPM 3, max concurrency 2", {RPM: 3, CONC: 2}),
+    ("TPM rate limit: 3000000", {TPM: 3_000_000}),
+    ("tpm  rate limit , current : 12 , limit : 34", {TPM: 34}),
+)
+
+NO_CAPS: tuple[str, ...] = (
+    "Organization-level RPM limit reached", "Organization-level concurrency limit reached",
+    "We're receiving too many requests at the moment. Please wait a moment and try again.",
+    "The engine is currently overloaded, please try again later",
+    "Your account cn0a<ak-b2> request reached organization TPM rate limit, current: 3025143",  # only the current
+    "max RPM: 0", "max RPM: -3", "max RPM: 3.5", "max RPM: 1,500", "max RPM: 99999999999999", "max RPM: abc",
+    "max RPM: \uff13", "max RPM: \u0663", "max RPM:", "maximum rpm: 5", "minmax rpm: 5", "max request size: 1000",
+    "max requests per minute", "Invalid request: exceeded model token limit: 262144",
+    "tpm rate limit, current: 5, limit: -1", "tpm rate limit, current: 5, limit: 0x10",
+    "Your account cn0a<ak-b2> request reached TPD rate limit, current: 1500001" + ", x" * 40 + ", limit: 7",
+)
+
+
+def caps_of(status: int, headers: list[tuple[str, str]], body: bytes) -> dict[tuple[Limit, CapSource], int]:
+    caps = classify(status, headers, body, NOW).outcome.caps
+    for found in caps:
+        assert found.at == 0.0  # the pool stamps the time
+        assert not any(t in found.detail.lower() for t in ACCOUNT_TEXT)
+    out = {(c.limit, c.source): c.value for c in caps}
+    assert len(out) == len(caps)
+    return out
+
+
+@pytest.mark.parametrize("envelope", ALL_ENVELOPES)
+@pytest.mark.parametrize(("message", "expected"), MESSAGE_CAPS, ids=[m[:50] for m, _ in MESSAGE_CAPS])
+def test_message_caps(message: str, expected: dict[Limit, int], envelope: Envelope) -> None:
+    body = envelope(429, "rate_limit_reached_error", message)
+    assert caps_of(429, [], body) == {(limit, CapSource.MESSAGE): v for limit, v in expected.items()}
+    assert {c.detail for c in classify(429, [], body, NOW).outcome.caps} == {"a 429"}
+
+
+@pytest.mark.parametrize("envelope", ALL_ENVELOPES)
+@pytest.mark.parametrize("message", NO_CAPS, ids=[m[:50] for m in NO_CAPS])
+def test_nothing_is_learned_from_messages_without_a_cap(message: str, envelope: Envelope) -> None:
+    assert caps_of(429, [], envelope(429, "rate_limit_reached_error", message)) == {}
+
+
+def test_message_caps_come_from_4xx_errors_only() -> None:
+    body = openai(429, "rate_limit_reached_error", "request reached organization max RPM: 200")
+    assert caps_of(403, [], body) == {(RPM, CapSource.MESSAGE): 200}
+    assert [c.detail for c in classify(403, [], body, NOW).outcome.caps] == ["a 403"]
+    for status in (200, 204, 302, 500, 503):  # a success's body is model output; a 5xx says nothing of the account
+        assert caps_of(status, [], body) == {}
+
+
+@pytest.mark.parametrize("status", [200, 429, 500, 302])
+def test_x_ratelimit_limit_is_the_rpm_cap_on_any_answer(status: int) -> None:
+    headers = [("X-RateLimit-Limit", " 200 "), ("X-RateLimit-Remaining", "12"), ("X-RateLimit-Reset", "30")]
+    assert caps_of(status, headers, b"") == {(RPM, CapSource.HEADER): 200}
+    cap = classify(status, headers, b"", NOW).outcome.caps[0]
+    assert cap == LearnedCap(limit=RPM, value=200, source=CapSource.HEADER, detail="X-RateLimit-Limit")
+    assert caps_of(status, [("x-ratelimit-limit", "7")], b"") == {(RPM, CapSource.HEADER): 7}
+    assert caps_of(status, [("X-RATELIMIT-LIMIT", "7")], b"") == {(RPM, CapSource.HEADER): 7}
+
+
+@pytest.mark.parametrize("value", ["", "0", "-1", "200.5", "1e3", "abc", "200, 200;w=60", "\uff12\uff10",
+                                   "99999999999999", "+5", "0x10", str(MAX_CAP + 1)])
+def test_x_ratelimit_limit_must_be_a_plain_positive_integer(value: str) -> None:
+    assert caps_of(200, [("X-RateLimit-Limit", value)], b"") == {}
+
+
+def test_msh_gid_names_the_tier_on_any_answer() -> None:
+    tier3 = {(CONC, CapSource.TIER): 200, (RPM, CapSource.TIER): 5_000, (TPM, CapSource.TIER): 3_000_000}
+    assert caps_of(200, [("Msh-Gid", "enterprise-tier-3")], b"") == tier3
+    assert caps_of(429, [("msh-gid", "Tier3")], openai(429, "rate_limit_reached_error", "opaque")) == tier3
+    assert {c.detail for c in classify(200, [("Msh-Gid", "enterprise-tier-3")], b"", NOW).outcome.caps} == {
+        "tier enterprise-tier-3"}
+    assert caps_of(200, [("Msh-Gid", "tier-0")], b"")[(TPD, CapSource.TIER)] == 1_500_000
+    assert tuple(classify(200, [("Msh-Gid", "tier-1")], b"", NOW).outcome.caps) == tier_caps("tier-1")
+
+
+@pytest.mark.parametrize("gid", ["", "cn0abc123", "org-a1", "tier-9", "enterprise-tier-3; uid=cn0a", "ak-b2"])
+def test_msh_gid_that_is_no_tier_yields_nothing(gid: str) -> None:
+    assert caps_of(200, [("Msh-Gid", gid)], b"") == {}
+
+
+def test_a_429_carries_every_cap_it_states() -> None:
+    headers = [("Msh-Uid", "cn0a"), ("Msh-Gid", "enterprise-tier-1"), ("X-RateLimit-Limit", "200")]
+    message = "Your account cn0a<ak-b2> request reached organization max RPM: 190, please try again after 1 seconds"
+    body = openai(429, "rate_limit_reached_error", message)
+    assert caps_of(429, headers, body) == {
+        (RPM, CapSource.MESSAGE): 190, (RPM, CapSource.HEADER): 200,
+        (RPM, CapSource.TIER): 200, (CONC, CapSource.TIER): 50, (TPM, CapSource.TIER): 2_000_000,
+    }
+    out = classify(429, headers, body, NOW).outcome
+    assert (out.kind, out.scope, out.account_hint) == (K.RATE_LIMITED, S.ACCOUNT, "uid:cn0a")  # as before
+
+
+def test_success_learns_from_headers_only() -> None:
+    body = b'{"error":{"type":"rate_limit_reached_error","message":"request reached organization max RPM: 3"}}'
+    assert caps_of(200, [("Content-Type", "application/json")], body) == {}
+    assert caps_of(200, [("X-RateLimit-Limit", "60"), ("Msh-Gid", "nonsense")], body) == {
+        (RPM, CapSource.HEADER): 60}
 
 
 # --- reason and account hints -----------------------------------------------------------------------------
@@ -598,13 +732,15 @@ def test_zstd_refuses_windows_beyond_http_limit() -> None:
 
 PHRASES = [*sorted({t for rule in RULES for t in rule.texts}), "try again after 5 seconds", "cn0a<ak-b>"]
 TYPES = [*sorted({t for rule in RULES for t in rule.types}), "invalid_request_error", "server_error"]
-HEADER_NAMES = ["Retry-After", "retry-after", "X-RateLimit-Reset", "Msh-Uid", "Msh-Org-Id", "Content-Type"]
+HEADER_NAMES = ["Retry-After", "retry-after", "X-RateLimit-Reset", "Msh-Uid", "Msh-Org-Id", "Content-Type",
+                "X-RateLimit-Limit", "Msh-Gid"]
 
 header_values = st.one_of(
     st.text(max_size=40),
     st.integers(-(10**15), 10**15).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(str),
     st.datetimes(timezones=st.just(UTC)).map(lambda d: d.strftime("%a, %d %b %Y %H:%M:%S GMT")),
+    st.sampled_from(["enterprise-tier-3", "tier0", "Tier-5", "tier-7", " 200 ", "0"]),
 )
 header_names = st.one_of(st.sampled_from(HEADER_NAMES), st.text(max_size=20))
 headers_st = st.lists(st.tuples(header_names, header_values), max_size=6)
@@ -683,3 +819,30 @@ def test_error_message_total(body: bytes) -> None:
     etype, msg = error_message(body)
     assert etype is None or isinstance(etype, str)
     assert isinstance(msg, str)
+
+
+CAP_PHRASES = ["max rpm:", "max organization concurrency:", "max request:", "tpm rate limit, current: 5, limit:",
+               "tpd rate limit", "max tpm", "limit:", ","]
+CAP_DETAIL_RE = re.compile(r"a 4[0-9]{2}|X-RateLimit-Limit|tier (?:[a-z]{1,16}[-_]){0,2}tier[-_]?[0-9]{1,2}")
+cap_text = st.lists(st.one_of(st.sampled_from(CAP_PHRASES), st.integers(-(10**15), 10**15).map(str),
+                              st.text(max_size=12)), max_size=8).map(" ".join)
+
+
+@settings(max_examples=400)
+@given(
+    status=st.integers(100, 599),
+    headers=headers_st,
+    message=cap_text,
+    envelope=st.sampled_from(ALL_ENVELOPES),
+)
+def test_caps_are_always_positive_bounded_and_say_nothing_of_the_message(
+    status: int, headers: list[tuple[str, str]], message: str, envelope: Envelope
+) -> None:
+    for cap in classify(status, headers, envelope(status, "rate_limit_reached_error", message), NOW).outcome.caps:
+        assert isinstance(cap.value, int) and 0 < cap.value <= MAX_CAP
+        assert cap.at == 0.0
+        assert CAP_DETAIL_RE.fullmatch(cap.detail), cap.detail
+        if cap.source is CapSource.MESSAGE:
+            assert 400 <= status < 500 and cap.detail == f"a {status}"
+        else:
+            assert cap.source in (CapSource.HEADER, CapSource.TIER)
