@@ -139,9 +139,9 @@ class Rig:
         return proxy
 
 
-def make_rig(work: Path, stated: bool) -> Rig:
+def make_rig(work: Path, stated: bool, duration: float) -> Rig:
     pki = make_test_pki(work / "pki")
-    fake = FakeKimi(pki, events=EVENTS, max_connections=2048).start()
+    fake = FakeKimi(pki, events=EVENTS, interval=duration / EVENTS, max_connections=2048).start()
     pristine = work / "pristine"
     for i, account in enumerate(ACCOUNTS, 1):
         fake.add_key(KEYS[account], account=account, name=account)
@@ -165,9 +165,10 @@ def start(rig: Rig, mode: str, caps: list[Caps], missing: set[str]) -> tuple[Cli
         return rig.proxy(mode, sets, caps), missing
     except RuntimeError as e:
         found = UNKNOWN.search(str(e))
-        if not found:
-            raise
-        missing = missing | {n.strip() for n in found.group(1).split(",")}
+        unknown = {n.strip() for n in found.group(1).split(",")} if found else set()
+        if not unknown or not unknown <= set(FEATURES) - missing:
+            raise  # not (only) a feature this build lacks
+        missing = missing | unknown
         if mode == "on":
             return None, missing
         return start(rig, mode, caps, missing)
@@ -428,7 +429,7 @@ def main() -> int:
     missing: set[str] = set()
     work = Path(tempfile.mkdtemp(prefix="kimi-goodput-"))
     try:
-        rig = make_rig(work, args.stated and not args.features_off_only)
+        rig = make_rig(work, args.stated and not args.features_off_only, args.duration)
         try:
             for mode in ("off",) if args.features_off_only else ("on", "off"):
                 result, missing = run_mode(rig, mode, caps, args, missing)
