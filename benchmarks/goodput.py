@@ -276,8 +276,10 @@ def queue_waits(log: str) -> list[float]:
 def load_phase(rig: Rig, proxy: CliProxy, caps: list[Caps], args: argparse.Namespace) -> dict[str, Any]:
     fake = rig.fake
     cap = capacity(caps, args.seconds, args.duration)
-    t0, outcomes = asyncio.run(open_loop(proxy, 2 * cap / args.seconds, args.seconds, args.timeout, args.seed))
-    proxy.stop()
+    try:
+        t0, outcomes = asyncio.run(open_loop(proxy, 2 * cap / args.seconds, args.seconds, args.timeout, args.seed))
+    finally:
+        proxy.stop()
     seen = [s for s in fake.requests if s.method == "POST"]
     ok_ids = {o.id for o in outcomes if o.kind == "ok"}
     good = [s for s in seen if s.status == 200 and s.headers.get(ID) in ok_ids and t0 <= s.at <= t0 + args.seconds]
@@ -306,8 +308,10 @@ def load_phase(rig: Rig, proxy: CliProxy, caps: list[Caps], args: argparse.Names
 
 def affinity_phase(rig: Rig, proxy: CliProxy, args: argparse.Namespace) -> dict[str, Any]:
     fake = rig.fake
-    outcomes = asyncio.run(conversations(proxy, 8, args.turns, args.timeout))
-    proxy.stop()
+    try:
+        outcomes = asyncio.run(conversations(proxy, 8, args.turns, args.timeout))
+    finally:
+        proxy.stop()
     served: dict[str, list[str]] = {}  # conversation -> accounts of its successes, in order
     for s in fake.requests:
         rid = s.headers.get(ID, "")
