@@ -19,7 +19,9 @@ whose 5-hour window and weekly quota are spent by requests and reset on the fake
 an Open Platform balance that requests draw down (:meth:`FakeKimi.set_balance` with ``charge``), a per-account
 context cache reporting cached tokens (:meth:`FakeKimi.enable_context_cache`), account-owned ``/v1/files``
 (:meth:`FakeKimi.enable_files`) and Msh-Org-Id / Msh-Gid headers (:meth:`FakeKimi.set_account`). Time for all of it
-comes from ``FakeKimi.clock`` (wall-clock seconds; pass a :class:`FakeClock` to move it without sleeping).
+comes from ``FakeKimi.clock`` (wall-clock seconds; pass a :class:`FakeClock` to move it without sleeping). Every
+request is kept as a :class:`Seen` (the key and account that served it, the status, which check refused it), and
+:meth:`FakeKimi.account_counts` counts them per account, e.g. the 429s each account sent.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ __all__ = [
     "FakeKimi",
     "FaultKind",
     "LoopbackTransport",
+    "Refusal",
     "Reply",
     "SSEEvent",
     "Seen",
@@ -66,6 +69,8 @@ __all__ = [
 
 FaultKind = Literal["reset_midstream", "trickle", "hang", "close_before_headers", "error_midstream"]
 ScriptOn = Literal["inference", "probe"]
+# Which of the fake's own admission checks refused an inference call (scripted replies are not refusals).
+Refusal = Literal["rpm", "concurrency", "plan", "balance", "fraction"]
 LimitStyle = Literal["open_platform", "kimi_code"]
 PlanWindow = Literal["window", "weekly", "both"]
 MshHeaders = Literal["never", "errors", "always"]
@@ -353,6 +358,7 @@ class Seen:
     at: float = 0.0  # time.monotonic() when the request head was read
     status: int | None = None
     fault: str | None = None  # fault kind applied to this request, if any
+    refusal: Refusal | None = None  # the account-state check that refused it (a cap, the plan, the balance, …)
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -764,7 +770,8 @@ class _Handler(BaseHTTPRequestHandler):
 
         refusal, self._extra_headers = fake._admit(key)
         if refusal is not None:
-            self._reply(refusal, anthropic, key, seen)
+            seen.refusal, reply = refusal
+            self._reply(reply, anthropic, key, seen)
             return
         try:
             self._inference(fmt, key, seen)
@@ -1418,8 +1425,9 @@ class FakeKimi:
                 self._fraction_accounts = frozenset(account)
             self._fraction_retry_after = retry_after
 
-    def _admit(self, key: _Key) -> tuple[Reply | None, dict[str, str]]:
-        """Admit an inference call (counting it) or refuse it; also the X-RateLimit headers to send either way."""
+    def _admit(self, key: _Key) -> tuple[tuple[Refusal, Reply] | None, dict[str, str]]:
+        """Admit an inference call (counting it) or refuse it (why, and the answer); also the X-RateLimit headers to
+        send either way."""
         now = self.clock()
         with self._lock:
             plan = self._plans.get(key.account)
@@ -1427,10 +1435,10 @@ class FakeKimi:
                 plan.window.roll(now)
                 plan.weekly.roll(now)
                 if plan.window.remaining <= 0 or plan.weekly.remaining <= 0:
-                    return Reply.billing(), {}
+                    return ("plan", Reply.billing()), {}
             wallet = self._balances.get(key.account)
             if wallet is not None and wallet.charge is not None and wallet.available <= 0:
-                return Reply.quota(), {}
+                return ("balance", Reply.quota()), {}
             lim = self._limits.get(key.account)
             rate_headers: dict[str, str] = {}
             if lim is not None:
@@ -1442,20 +1450,20 @@ class FakeKimi:
                         "Your account {account}<{ak}> request reached organization max concurrency: "
                         f"{lim.concurrency}, please try again after 1 seconds"
                     )
-                    return self._limit_refusal(lim, 1, message), self._rate_headers(lim, now)
+                    return ("concurrency", self._limit_refusal(lim, 1, message)), self._rate_headers(lim, now)
                 if lim.rpm is not None and len(lim.stamps) >= lim.rpm:
                     wait = max(1, math.ceil(lim.stamps[0] + lim.window - now))
                     message = (
                         "Your account {account}<{ak}> request reached organization max RPM: "
                         f"{lim.rpm}, please try again after {wait} seconds"
                     )
-                    return self._limit_refusal(lim, wait, message), self._rate_headers(lim, now)
+                    return ("rpm", self._limit_refusal(lim, wait, message)), self._rate_headers(lim, now)
             if (
                 self._fraction > 0
                 and (self._fraction_accounts is None or key.account in self._fraction_accounts)
                 and self._rng.random() < self._fraction
             ):
-                return Reply.rate_limit(self._fraction_retry_after), {}
+                return ("fraction", Reply.rate_limit(self._fraction_retry_after)), {}
             if lim is not None and lim.rpm is not None:
                 lim.stamps.append(now)
                 rate_headers = self._rate_headers(lim, now)
@@ -1795,6 +1803,16 @@ class FakeKimi:
             for s in self._requests:
                 if s.key_name is not None:
                     out[s.key_name] = out.get(s.key_name, 0) + 1
+            return out
+
+    def account_counts(self, status: int | None = None) -> dict[str, int]:
+        """Requests per account (any route), only those answered ``status`` if given: ``account_counts(429)`` is
+        how many 429s each account sent, whatever their cause. Every account of a registered key is listed."""
+        with self._lock:
+            out = {k.account: 0 for k in self._keys.values()}
+            for s in self._requests:
+                if s.account is not None and (status is None or s.status == status):
+                    out[s.account] = out.get(s.account, 0) + 1
             return out
 
     def wait_for(self, predicate: Callable[[list[Seen]], bool], timeout: float = 5.0) -> list[Seen]:

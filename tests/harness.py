@@ -261,7 +261,8 @@ asyncio.open_connection = guarded_open_connection
 addons = [Guard()]
 '''
 
-_LISTENING = re.compile(r"listening at (?:http://)?\[?([0-9a-fA-F.:]+?)\]?:(\d+)")
+# mitmdump says "listening at 127.0.0.1:N", `kimi-rotate proxy` "listening on http://127.0.0.1:N".
+_LISTENING = re.compile(r"listening (?:at|on) (?:http://)?\[?([0-9a-fA-F.:]+?)\]?:(\d+)")
 
 
 def _option_args(options: Mapping[str, object] | Iterable[tuple[str, object]]) -> list[str]:

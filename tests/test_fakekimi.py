@@ -575,6 +575,88 @@ def test_enforced_balance_is_spent_then_refuses(fake: FakeKimi, client: httpx.Cl
     assert client.post(OA, headers=bearer(K1), json=CHAT).status_code == 200
 
 
+def error_of(r: httpx.Response, anthropic: bool) -> dict[str, str]:
+    """The ``error`` object of a refusal, checking it is JSON in the route's envelope (never an event stream)."""
+    assert r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert (body.get("type") == "error") is anthropic
+    return dict(body["error"])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+@pytest.mark.parametrize("url", [OA, OP_AN], ids=["openai", "anthropic"])
+def test_caps_refuse_plain_and_streamed_calls_alike_and_the_records_tell(
+    fake: FakeKimi, client: httpx.Client, url: str, stream: bool
+) -> None:
+    """A call that would break a cap gets Kimi's 429 before any event, streamed or not; each record names the key,
+    the account and the cap that refused it, and account_counts(429) counts the 429s per account."""
+    fake.set_limit("a1", rpm=2, concurrency=1)
+    anthropic = url == OP_AN
+    body = {**CHAT, "stream": stream}
+    held: list[httpx.Response] = []
+
+    def hold_a_slot() -> None:  # a plain call holds its slot through its delay, a stream until its last event
+        with fake.client(timeout=5) as c:
+            held.append(c.post(url, headers={**bearer(K1), "x-fake-delay": "0.4", "x-fake-interval": "0"}, json=body))
+
+    holder = threading.Thread(target=hold_a_slot)
+    holder.start()
+    fake.wait_for(lambda reqs: fake.inflight("a1") == 1)
+    r = client.post(url, headers=bearer(K2), json=body)  # the other key of the account shares the cap
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    assert error_of(r, anthropic) == {
+        "type": "rate_limit_reached_error",
+        "message": "Your account a1<ak-k2> request reached organization max concurrency: 1, please try again after 1 "
+        "seconds",
+    }
+    holder.join(5)
+    assert held[0].status_code == 200
+    assert held[0].headers["content-type"] == ("text/event-stream" if stream else "application/json")
+    fake.wait_for(lambda reqs: fake.inflight("a1") == 0)
+    assert client.post(url, headers=bearer(K2), json=body).status_code == 200
+    r = client.post(url, headers=bearer(K1), json=body)
+    assert r.status_code == 429
+    wait = r.headers["retry-after"]
+    assert error_of(r, anthropic)["message"] == (
+        f"Your account a1<ak-k1> request reached organization max RPM: 2, please try again after {wait} seconds"
+    )
+    assert client.post(url, headers=bearer(K3), json=body).status_code == 200  # account a2 has no cap
+    fake.script(K3, [Reply.overloaded()])  # a 429 that is no cap of the fake's still counts as a 429 sent
+    assert client.post(url, headers=bearer(K3), json=body).status_code == 429
+
+    assert [(s.key_name, s.account, s.status, s.refusal) for s in fake.requests] == [
+        ("k1", "a1", 200, None),
+        ("k2", "a1", 429, "concurrency"),
+        ("k2", "a1", 200, None),
+        ("k1", "a1", 429, "rpm"),
+        ("k3", "a2", 200, None),
+        ("k3", "a2", 429, None),
+    ]
+    assert fake.account_counts(429) == {"a1": 2, "a2": 1}
+    assert fake.account_counts(200) == {"a1": 2, "a2": 1}
+    assert fake.account_counts() == {"a1": 4, "a2": 2}
+    assert fake.peak_inflight("a1") == 1
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_plan_and_balance_are_spent_and_enforced_streamed_or_not(
+    fake: FakeKimi, client: httpx.Client, stream: bool
+) -> None:
+    fake.set_plan("a1", window_limit=1, weekly_limit=10)
+    fake.set_balance("a2", 0.3, charge=0.2)
+    body = {**CHAT, "stream": stream}
+    fast = {"x-fake-interval": "0"}
+    assert client.post(KC_OA, headers={**bearer(K1), **fast}, json=body).status_code == 200
+    r = client.post(KC_AN, headers={"x-api-key": K2, **fast}, json=body)  # the account's window is spent
+    assert r.status_code == 403 and "usage limit for this billing cycle" in error_of(r, True)["message"]
+    assert fake.plan_remaining("a1") == (0, 9)
+    assert client.get(USAGES, headers=bearer(K2)).json()["limits"][0]["detail"]["used"] == "1"
+    statuses = [client.post(OA, headers={**bearer(K3), **fast}, json=body).status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]  # 0.3 → 0.1 → -0.1, then refused
+    assert client.get(BALANCE, headers=bearer(K3)).json()["data"]["available_balance"] == -0.1
+    assert [s.refusal for s in fake.requests if s.method == "POST"] == [None, "plan", None, None, "balance"]
+
+
 def conversation(turns: int) -> list[dict[str, str]]:
     msgs = []
     for i in range(turns):
