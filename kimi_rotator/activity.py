@@ -58,6 +58,8 @@ def request_line(job: Job, status: int | str, seconds: float) -> str:
     line = f"{job.surface.value} {job.method} {path} {key} {status} {duration(seconds)}"
     if len(job.trail) > 1:
         line += f" ({' → '.join(job.trail)})"
+    if job.queued:
+        line += f" (queued {job.queued:.3f} s)"
     return line
 
 

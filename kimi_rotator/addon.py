@@ -36,13 +36,13 @@ import certifi
 from mitmproxy import command, connection, ctx, exceptions, http, tls
 from mitmproxy.proxy import mode_specs, server_hooks
 
-from . import activity, engine, views
+from . import activity, affinity, engine, views
 from .access import KeyAccess, from_this_machine, key_access, refusal
 from .activity import describe
 from .envelopes import INTERNAL_ERROR, error_response
 from .failover import Failover, Job, Reply, broke_off
 from .flowview import StreamCopy, add_flows, attempt_flows, keeps_flows, link_note
-from .models import Surface
+from .models import KeyRecord, Surface
 from .pool import LivePool
 from .relay import TOKEN_HEADER, Handover, Relay
 from .routing import (
@@ -57,6 +57,7 @@ from .routing import (
     real_target,
     reverse_resolve,
 )
+from .scheduler import Scheduler, SchedulerOptions
 from .store import Store, StoreError, store_home
 from .upstream import UpstreamClient, UpstreamError, UpstreamSettings, UpstreamTimeout
 
@@ -85,6 +86,7 @@ class KimiRotate:
         self.store_error: str | None = None
         self.pool: LivePool | None = None
         self.failover: Failover | None = None
+        self.scheduler: Scheduler | None = None  # lives as long as its pool: it holds the counts and the pins
         self.relay: Relay | None = None
         self.relayed: dict[str, RelayedFlow] = {}
         self._warned: set[Surface] = set()
@@ -105,7 +107,16 @@ class KimiRotate:
         add("kimi_allow_remote", bool, False, "Give keys to clients on other machines without kimi_client_token or "
                                               "proxyauth: anyone who can reach the proxy can then spend them.")
         add("kimi_max_attempts", int, 5, "Most keys one request is tried on (never more than the eligible keys).")
-        add("kimi_max_wait", int, 3, "Seconds a request may wait for a cooling key before a local 429.")
+        add("kimi_max_wait", int, 3, "Seconds a request may wait for a cooling key or for an account under its "
+                                     "caps before a local 429.")
+        add("kimi_admission", bool, True, "Hold each account under its caps (requests in flight, per minute) before "
+                                          "sending, queueing requests when every account is full.")
+        add("kimi_affinity", bool, True, "Keep each conversation on the account that served it (health-based), and "
+                                         "send file requests to the account that uploaded the file.")
+        add("kimi_affinity_idle", int, 1800, "Seconds after its last request that a conversation's account is "
+                                             "forgotten.")
+        add("kimi_quota_aware", bool, True, "Under health-based, spend first the quota that Kimi says will reset "
+                                            "within the hour.")
         add("kimi_upstream_timeout", int, 600, "Seconds to wait for Kimi to connect (at most 15) or send more.")
         add("kimi_intercept_all", bool, False, "Decrypt every TLS connection, not only the Kimi hosts.")
 
@@ -121,8 +132,9 @@ class KimiRotate:
             raise exceptions.OptionsError(str(e)) from None
         if opts.kimi_max_attempts < 1:
             raise exceptions.OptionsError("kimi_max_attempts must be at least 1")
-        if opts.kimi_max_wait < 0 or opts.kimi_upstream_timeout < 1:
-            raise exceptions.OptionsError("kimi_max_wait must be >= 0 and kimi_upstream_timeout >= 1")
+        if opts.kimi_max_wait < 0 or opts.kimi_upstream_timeout < 1 or opts.kimi_affinity_idle < 1:
+            raise exceptions.OptionsError("kimi_max_wait must be >= 0, kimi_upstream_timeout and kimi_affinity_idle "
+                                          ">= 1")
         self.access = key_access(opts.kimi_client_token, getattr(opts, "proxyauth", None), opts.kimi_allow_remote)
         if self.access is not self._access_logged:
             self._access_logged = self.access
@@ -132,8 +144,9 @@ class KimiRotate:
             self._open_store(Path(opts.kimi_home).expanduser() if opts.kimi_home else store_home())
         upstream_opts = {"ssl_insecure", "ssl_verify_upstream_trusted_ca", "ssl_verify_upstream_trusted_confdir",
                          "mode", "upstream_auth", "kimi_resolve", "kimi_upstream_timeout"}
-        if self.pool is not None and (self.failover is None or updated & upstream_opts or
-                                      updated & {"kimi_max_attempts", "kimi_max_wait", "kimi_home"}):
+        scheduler_opts = {"kimi_max_attempts", "kimi_max_wait", "kimi_home", "kimi_admission", "kimi_affinity",
+                          "kimi_affinity_idle", "kimi_quota_aware"}
+        if self.pool is not None and (self.failover is None or updated & upstream_opts or updated & scheduler_opts):
             self._build_failover()
 
     def _open_store(self, home: Path) -> None:
@@ -169,8 +182,15 @@ class KimiRotate:
             resolve=self.resolve,
             timeout=float(opts.kimi_upstream_timeout),
         )
+        options = SchedulerOptions(admission=opts.kimi_admission, affinity=opts.kimi_affinity,
+                                   quota_aware=opts.kimi_quota_aware, affinity_idle=float(opts.kimi_affinity_idle))
+        if self.scheduler is None or self.scheduler.pool is not self.pool:
+            self.scheduler = Scheduler(self.pool, time.time, opts.kimi_max_wait, options)
+        else:
+            self.scheduler.configure(options, opts.kimi_max_wait)
         old = self.failover
-        self.failover = Failover(self.pool, UpstreamClient(settings), opts.kimi_max_attempts, opts.kimi_max_wait)
+        self.failover = Failover(self.pool, UpstreamClient(settings), opts.kimi_max_attempts,
+                                 scheduler=self.scheduler)
         if old is not None:
             _spawn(old.upstream.aclose())
 
@@ -270,8 +290,13 @@ class KimiRotate:
                             f"(kimi-rotate add-key --surface {surface.value})")
             return
         host, _ = real_target((flow.request.host, flow.request.port), self.resolved_back, flow.client_conn.sni)
-        job = Job(surface=surface, host=host, method=flow.request.method, path=flow.request.path,
-                  headers=tuple(headers.fields), body=flow.request.raw_content or b"")
+        req = flow.request
+        body = req.raw_content or b""
+        file = affinity.file_route(req.method, req.path)
+        job = Job(surface=surface, host=host, method=req.method, path=req.path, headers=tuple(headers.fields),
+                  body=body, inference=affinity.is_inference(req.method, req.path),
+                  conversation=affinity.conversation(req.method, req.path, body, headers.get("content-encoding")),
+                  file_id=file.file_id if file is not None else None)
         try:
             reply = await self.failover.run(job)
             try:
@@ -279,6 +304,8 @@ class KimiRotate:
                     self._hand_over(flow, job, reply)
                     return  # finished in `response` or `error`, once the stream has ended
                 flow.response = await _to_mitmproxy(reply, job.path)
+                if file is not None and file.kind == "upload" and job.key is not None:
+                    self._remember_upload(flow.response, job.key)
             finally:
                 if flow.id not in self.relayed:  # once handed over, the relay closes it
                     await reply.aclose()
@@ -289,6 +316,12 @@ class KimiRotate:
             self._take_back(flow)
             flow.response = error_response(502, INTERNAL_ERROR, job.path)
         self._finish(flow, job)
+
+    def _remember_upload(self, response: http.Response, key: KeyRecord) -> None:
+        """A file uploaded through the proxy belongs to the key's account: later requests about it go there."""
+        file_id = affinity.uploaded_file_id(response.status_code, response.content or b"")
+        if file_id is not None and self.pool is not None:
+            self.pool.remember_file(file_id, key, time.time())
 
     def _hand_over(self, flow: http.HTTPFlow, job: Job, reply: Reply) -> None:
         """Give an open stream to the relay and point the flow at it; mitmproxy then streams what the relay sends."""
@@ -366,6 +399,9 @@ class KimiRotate:
             hide_credential(flow.request.headers, job.key.fingerprint)
         if job.trail:
             flow.comment = " → ".join(job.trail)
+        notes = [n for n in (job.placement, f"queued {job.queued:.3f} s" if job.queued else "") if n]
+        if notes:
+            flow.comment += f" ({'; '.join(notes)})"
         if job.failed_over:
             flow.marked = MARK_FAILOVER
         if activity.log.isEnabledFor(logging.INFO):

@@ -23,7 +23,7 @@ import hashlib
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
@@ -364,6 +364,11 @@ class Pins:
         self._expire(now)
         return MappingProxyType(self._loads)
 
+    def retain_keys(self, key_ids: Collection[int]) -> None:
+        """Drop every pin to a key not in `key_ids` (keys removed from the pool). O(pins)."""
+        for conversation_id in [c for c, p in self._pins.items() if p.key_id not in key_ids]:
+            self._count(self._pins.pop(conversation_id).group, -1)
+
     def forget_group(self, group: Group) -> None:
         """Drop every pin to `group` (its account was removed). O(pins)."""
         for conversation_id in [c for c, p in self._pins.items() if p.group == group]:
@@ -430,3 +435,8 @@ def uploaded_file_id(status: int, body: bytes) -> str | None:
         return None
     file_id = answer.get("id")
     return file_id if isinstance(file_id, str) and _FILE_ID.fullmatch(file_id) else None
+
+
+def is_inference(method: str, path: str) -> bool:
+    """A model call (Chat Completions or Messages): the requests Kimi's per-account caps count."""
+    return _inference_format(method, path) is not None

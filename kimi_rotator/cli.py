@@ -703,7 +703,8 @@ def set_cooldown(
 def clear_limits(
     ref: Annotated[str, typer.Argument(metavar="INDEX|NAME|all", help="A key, or all keys.")],
 ) -> None:
-    """End the cooldown of one key or all keys (health is left as it is)."""
+    """End the cooldown of one key or all keys, and forget the caps learned for their accounts (health and stated
+    caps stay)."""
     with _store() as store:
         if ref.strip().lower() == "all":
             cleared = store.clear_limits(None)

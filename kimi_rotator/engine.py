@@ -8,12 +8,12 @@ transaction and the addon can run it in memory with the same result.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
-from .models import KeyRecord, Outcome, OutcomeKind, PoolSettings, Scope, Strategy, Surface
+from .models import Group, KeyRecord, Outcome, OutcomeKind, PoolSettings, Scope, Strategy, Surface
 from .roster import Ranking, Roster
 
 START_HEALTH = 100.0
@@ -79,12 +79,16 @@ def _freshness(key: KeyRecord, now: float) -> float:
     return min(FRESHNESS_CAP, max(0.0, now - last) / 3600.0)
 
 
-def _usable(key: KeyRecord, now: float, surface: Surface | None, exclude: Collection[int]) -> bool:
+def _usable(
+    key: KeyRecord, now: float, surface: Surface | None, exclude: Collection[int], full: Collection[Group] = ()
+) -> bool:
+    """Can serve now: not disabled, not cooling, of the surface, not tried yet, and its account under its caps."""
     return (
         key.disabled_reason is None
         and (key.cooldown_until is None or key.cooldown_until <= now)
         and (surface is None or key.surface == surface)
         and key.id not in exclude
+        and (not full or key.limit_group not in full)
     )
 
 
@@ -96,11 +100,15 @@ def select(
     surface: Surface | None = None,
     exclude: Collection[int] = (),
     forced: bool = False,
+    full: Collection[Group] = (),
+    prefer: Sequence[Group] = (),
 ) -> Selection | NoEligibleKey:
     """Pick the key for the next attempt.
 
     `exclude` holds keys this request already tried (a request never goes twice to one key);
-    `forced` is `rotate`: the current key is left out under every strategy.
+    `forced` is `rotate`: the current key is left out under every strategy. `full` holds the accounts at
+    their caps (admission): their keys are passed over as if cooling. `prefer` lists accounts whose quota
+    runs out by itself soon, soonest first: under health-based their healthy keys serve first.
     """
     current = roster.get(settings.current_id(surface))
     if current is not None and surface is not None and current.surface is not surface:
@@ -108,6 +116,8 @@ def select(
     skip: Collection[int] = exclude
     if forced and current is not None:
         skip = {*exclude, current.id}
+    if full:  # the ranking's scans know only `skip`: keys of full accounts join it
+        skip = {*skip, *(roster.keys[pos].id for group in full for pos in roster.in_group(group))}
     current_ok = current is not None and _usable(current, now, surface, skip)
     recover = settings.auto_refresh_health
 
@@ -142,6 +152,10 @@ def select(
         return _nothing(roster, ranking, now, surface, exclude)
 
     # health-based
+    for group in prefer:
+        expiring = best_in_group(roster, group, now, surface, skip, recover, healthy_only=True)
+        if expiring is not None:
+            return Selection(expiring, "quota-expiring")
     if current_ok and current is not None and _score(current, now, recover) + CURRENT_KEY_BONUS > _BEST_OTHER_SCORE:
         return Selection(current, "health-sticky")
     ranking = _surface_ranking(roster, surface, recover, now)
@@ -149,6 +163,73 @@ def select(
     if best is None:
         return _nothing(roster, ranking, now, surface, exclude)
     return Selection(best, "health-sticky" if best is current else "health-based")
+
+
+def best_in_group(
+    roster: Roster,
+    group: Group,
+    now: float,
+    surface: Surface | None,
+    exclude: Collection[int],
+    recover: bool,
+    healthy_only: bool = False,
+    full: Collection[Group] = (),
+) -> KeyRecord | None:
+    """The best usable key of one account: healthy first, then the higher score, then the lower position."""
+    if group in full:
+        return None
+    best: KeyRecord | None = None
+    best_rank = (False, -1.0)
+    for pos in roster.in_group(group):
+        k = roster.keys[pos]
+        if not _usable(k, now, surface, exclude):
+            continue
+        health = health_at(k, now, recover)
+        if healthy_only and health < MIN_HEALTH:
+            continue
+        rank = (health >= MIN_HEALTH, health + _freshness(k, now))
+        if rank > best_rank:
+            best, best_rank = k, rank
+    return best
+
+
+def place(
+    roster: Roster,
+    settings: PoolSettings,
+    now: float,
+    *,
+    surface: Surface,
+    loads: Mapping[Group, int],
+    exclude: Collection[int] = (),
+    full: Collection[Group] = (),
+    prefer: Sequence[Group] = (),
+) -> Selection | NoEligibleKey:
+    """Pick the key for a conversation's first request, under health-based (other strategies use `select`).
+
+    Accounts whose quota runs out soon come first, as in `select`; then the account with the fewest live
+    conversations (`loads`), so parallel conversations spread over accounts and each keeps its own; among
+    equally loaded accounts, a healthy key before an unhealthy one, then the current key (health-based's
+    stickiness), then the better score, then the lower position.
+    One pass over the surface's keys: it runs once per conversation, not per request."""
+    recover = settings.auto_refresh_health
+    for group in prefer:
+        expiring = best_in_group(roster, group, now, surface, exclude, recover, healthy_only=True, full=full)
+        if expiring is not None:
+            return Selection(expiring, "quota-expiring")
+    current = settings.current_id(surface)
+    best: KeyRecord | None = None
+    best_rank: tuple[bool, int, bool, float, int] | None = None
+    for pos, k in enumerate(roster.keys):
+        if not _usable(k, now, surface, exclude, full):
+            continue
+        health = health_at(k, now, recover)
+        rank = (health >= MIN_HEALTH, -loads.get(k.limit_group, 0), k.id == current, health + _freshness(k, now),
+                -pos)
+        if best_rank is None or rank > best_rank:
+            best, best_rank = k, rank
+    if best is None:
+        return select(roster, settings, now, surface=surface, exclude=exclude, full=full)
+    return Selection(best, "spread")
 
 
 def _score(key: KeyRecord, now: float, recover: bool) -> float:

@@ -7,18 +7,20 @@ It imports no mitmproxy: the loop is tested, and can run, without a proxy.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from . import engine, http1
-from .activity import trail_entry
+from .activity import describe, trail_entry
+from .admission import Lease
+from .affinity import Conversation
 from .classify import Verdict, classify, classify_connection_error, decode_body
-from .models import KeyRecord, Scope, Surface
+from .models import Group, KeyRecord, OutcomeKind, Scope, Surface
 from .pool import LivePool
 from .routing import with_credential
+from .scheduler import Capped, Scheduler
 from .upstream import Response, UpstreamClient, UpstreamError, UpstreamTimeout
 
 ERROR_BODY_LIMIT = 1 << 20  # error bodies are small; never buffer more than this to classify one
@@ -54,11 +56,19 @@ class Job:
     headers: tuple[tuple[bytes, bytes], ...]  # as the client sent them, raw (its own credential included)
     body: bytes
     tried: set[int] = field(default_factory=set)
+    barred: set[int] = field(default_factory=set)  # keys not to try again: all tried ones but those refused for a cap
     key: KeyRecord | None = None  # the key of the latest attempt
     wait_deadline: float | None = None  # kimi_max_wait is for the whole request, however many attempts wait
     trail: list[str] = field(default_factory=list)
     server_failures: int = 0
     attempts: list[Attempt] = field(default_factory=list)  # failed attempts the client did not get, oldest first
+    inference: bool = False  # a model call: counted against its account's caps (admission)
+    conversation: Conversation | None = None
+    placement: str = ""  # what became of the conversation's pin: "pin held", "pin moved", "new conversation"
+    file_id: str | None = None  # the uploaded file the request is about
+    file_owner: Group | None = None  # the account that uploaded it, once looked up
+    lease: Lease | None = None  # the latest attempt's place in its account's counts
+    queued: float = 0.0  # seconds spent waiting for an account under its caps
 
     @property
     def failed_over(self) -> bool:
@@ -76,8 +86,11 @@ class Reply:
     message: str = ""
     retry_after: float | None = None
     attempt: Attempt | None = None  # what a failed attempt received, kept in case another key answers instead
+    lease: Lease | None = None  # given back when the answer has ended: until then it counts as in flight
 
     async def aclose(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
         if self.response is not None:
             await self.response.aclose()
 
@@ -131,14 +144,17 @@ class Failover:
         pool: LivePool,
         upstream: UpstreamClient,
         max_attempts: int,
-        max_wait: float,
+        max_wait: float = 0.0,
         clock: Callable[[], float] = time.time,
+        scheduler: Scheduler | None = None,
     ) -> None:
+        """`scheduler`: the addon's, which outlives a failover rebuilt for new options (it holds the counts and the
+        pins); without one, a scheduler of its own with `max_wait`."""
         self.pool = pool
         self.upstream = upstream
         self.max_attempts = max_attempts
-        self.max_wait = max_wait
         self.clock = clock
+        self.scheduler = scheduler if scheduler is not None else Scheduler(pool, clock, max_wait)
 
     def settle(self, job: Job, key: KeyRecord, status: int | str, verdict: Verdict) -> None:
         """Record one attempt's verdict and add it to the job's trail."""
@@ -149,30 +165,19 @@ class Failover:
             job.server_failures += 1
 
     def may_retry(self, job: Job, verdict: Verdict) -> bool:
-        if not verdict.failover or len(job.tried) >= self.max_attempts:
+        if not verdict.failover or len(job.trail) >= self.max_attempts:
             return False
         return verdict.outcome.scope is not Scope.SERVER or job.server_failures <= SERVER_RETRIES
-
-    async def next_key(self, job: Job) -> KeyRecord | engine.NoEligibleKey:
-        """The next key for this job, waiting for a cooling one to free up while the request's max_wait lasts."""
-        if job.wait_deadline is None:
-            job.wait_deadline = self.clock() + self.max_wait
-        deadline = job.wait_deadline
-        while True:
-            now = self.clock()
-            result = self.pool.select(job.surface, now, exclude=job.tried)
-            if isinstance(result, engine.Selection):
-                return result.key
-            free = result.next_free_at
-            if free is None or free > deadline:
-                return result
-            await asyncio.sleep(max(0.01, free - now))
 
     async def run(self, job: Job) -> Reply:
         """Try keys until one answers with something to pass on. The caller closes the result."""
         reply: Reply | None = None
-        while len(job.tried) < self.max_attempts:
-            key = await self.next_key(job)
+        capped: Capped | None = None
+        while len(job.trail) < self.max_attempts:
+            key = await self.scheduler.next_key(job)
+            if isinstance(key, Capped):
+                capped = key
+                break
             if isinstance(key, engine.NoEligibleKey):
                 break
             job.tried.add(key.id)
@@ -182,16 +187,38 @@ class Failover:
                     job.attempts.append(reply.attempt)
                 await reply.aclose()
             reply, verdict, status = await self._attempt(job, key)
+            if verdict.outcome.kind is not OutcomeKind.RATE_LIMITED:
+                # A key refused for its account's cap may serve this request once the account has room again (the
+                # queue waits for that); a key that failed for any other reason is not asked again.
+                job.barred.add(key.id)
+            reply.lease, job.lease = job.lease, None
+            if reply.lease is not None and (reply.response is None or verdict.outcome.kind is OutcomeKind.RATE_LIMITED):
+                reply.lease.release(refused=reply.response is not None)  # over already; a refusal used no quota
             self.settle(job, key, status, verdict)
             if reply.attempt is not None:
                 reply.attempt = dataclasses.replace(reply.attempt, summary=job.trail[-1])
+            if verdict.outcome.kind is OutcomeKind.SUCCESS:
+                self.scheduler.served(job, key)
             if not self.may_retry(job, verdict):
-                return reply
+                return await self._about_file(job, reply)
         if reply is None:
-            return self.exhausted(job.surface)
+            return at_caps(job.surface, capped) if capped is not None else self.exhausted(job.surface)
         if reply.response is not None:
-            reply.retry_after = self.retry_after(job.surface)
-        return reply
+            reply.retry_after = capped.retry_after if capped is not None else self.retry_after(job.surface)
+        return await self._about_file(job, reply)
+
+    async def _about_file(self, job: Job, reply: Reply) -> Reply:
+        """A file request that another account answered "not found" learns whose file it is."""
+        owner = job.file_owner
+        if owner is None or job.key is None or job.key.limit_group == owner or reply.response is None \
+                or reply.response.status != 404:
+            return reply
+        keys = [k for k in self.pool.roster.keys if k.limit_group == owner]
+        who = ", ".join(describe(k) for k in keys) or "a key no longer in the pool"
+        message = (f"kimi-rotate: file {job.file_id} belongs to another account (uploaded with {who}), which has no "
+                   "key that can serve; enable or re-add that key (`kimi-rotate list-keys`), or upload the file again")
+        await reply.aclose()  # Kimi's "not found" is replaced by the reason
+        return Reply(status=404, message=message, attempt=reply.attempt)
 
     async def _attempt(self, job: Job, key: KeyRecord) -> tuple[Reply, Verdict, int | str]:
         started = self.clock()
@@ -231,7 +258,7 @@ class Failover:
 
     def retry_after(self, surface: Surface) -> float | None:
         now = self.clock()
-        result = self.pool.select(surface, now)
+        result = self.pool.peek(surface, now)
         if isinstance(result, engine.NoEligibleKey) and result.next_free_at is not None:
             return result.next_free_at - now
         return None
@@ -239,10 +266,19 @@ class Failover:
     def exhausted(self, surface: Surface) -> Reply:
         """The local answer when no key can take the request."""
         now = self.clock()
-        result = self.pool.select(surface, now)
+        result = self.pool.peek(surface, now)
         if isinstance(result, engine.Selection):  # keys remain, but this request used its attempts
             return Reply(status=429, message="kimi-rotate: every attempt for this request was refused", retry_after=1)
         return no_key_answer(surface, result, now)
+
+
+def at_caps(surface: Surface, capped: Capped) -> Reply:
+    return Reply(
+        status=429,
+        message=(f"kimi-rotate: every {surface.value} account that can serve is at its caps (requests in flight or "
+                 "per minute); retry after the time given, add keys of another account, or raise kimi_max_wait"),
+        retry_after=capped.retry_after,
+    )
 
 
 def _failed(seen: Attempt, now: float, error: str) -> Attempt:

@@ -11,15 +11,30 @@ store's edit count (a few microseconds) and, when a command has committed, reads
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import threading
 import time
+import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import overload
 
-from . import activity, engine
-from .models import KeyRecord, Outcome, PoolSettings, Surface
+from . import activity, caps, engine
+from .admission import Caps
+from .models import (
+    AccountRecord,
+    Group,
+    KeyRecord,
+    KeyState,
+    LearnedCap,
+    Limit,
+    Outcome,
+    PoolSettings,
+    Surface,
+)
 from .roster import Roster
 from .store import BUSY_TIMEOUT, Attempt, Snapshot, Store, StoreBusy, StoreError
 
@@ -29,6 +44,11 @@ POLL_SECONDS = 0.2  # how soon other proxies' outcomes are seen
 FLUSH_WAIT = 0.05  # seconds the writer waits for the store's write lock before trying again next pass
 FLUSH_BATCH = 256  # outcomes that make the writer go before its next poll
 MAX_PENDING = 100_000  # outcomes kept while the store cannot be written (then the oldest are dropped)
+HEARTBEAT_SECONDS = 2.0  # how often a proxy tells the store it is alive
+PROXY_TTL = 10.0  # a proxy not heard from for this long is gone: its share of the caps goes to the others
+# Kimi Code documents a concurrency cap of 30 per account; used until Kimi or the user says otherwise.
+KIMI_CODE_CONCURRENCY = 30
+QUOTA_HORIZON = 3600.0  # quota that runs out by itself within this many seconds is spent first
 
 
 @dataclass
@@ -68,6 +88,17 @@ class LivePool:
     _back_timer: asyncio.TimerHandle | None = field(default=None, init=False)
     _back_at: float | None = field(default=None, init=False)
     _back_checked: float = field(default=0.0, init=False)
+    # What is known of each account (caps, quota): the snapshot's, plus caps learned since.
+    accounts: dict[Group, AccountRecord] = field(default_factory=dict, init=False)
+    on_caps_changed: Callable[[], None] | None = None  # caps were learned, stated, or shared anew
+    _caps: dict[Group, Caps] = field(default_factory=dict, init=False)  # caps() answers, until something changes
+    # Proxies on this store share each account's caps: (how many are alive, this one's place among them).
+    share: tuple[int, int] = field(default=(1, 0), init=False)
+    proxy_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12], init=False)
+    started_at: float = field(default_factory=time.time, init=False)
+    _files: dict[str, tuple[int, Group]] = field(default_factory=dict, init=False)  # file id -> uploader
+    _files_to_save: list[tuple[str, int, Group, float]] = field(default_factory=list, init=False)
+    generation: int = field(default=0, init=False)  # moves whenever keys are added or removed
 
     def __post_init__(self) -> None:
         # Read the version first: a commit between the two reads is then seen again, never missed.
@@ -87,10 +118,73 @@ class LivePool:
         self._install(snapshot)
 
     def select(
-        self, surface: Surface, now: float, exclude: Collection[int] = ()
+        self,
+        surface: Surface,
+        now: float,
+        exclude: Collection[int] = (),
+        full: Collection[Group] = (),
+        prefer: Sequence[Group] = (),
     ) -> engine.Selection | engine.NoEligibleKey:
         self.catch_up()
-        result = engine.select(self.roster, self.settings, now, surface=surface, exclude=exclude)
+        result = engine.select(self.roster, self.settings, now, surface=surface, exclude=exclude, full=full,
+                               prefer=prefer)
+        return self._chosen(result)
+
+    def place(
+        self,
+        surface: Surface,
+        now: float,
+        loads: Mapping[Group, int],
+        exclude: Collection[int] = (),
+        full: Collection[Group] = (),
+        prefer: Sequence[Group] = (),
+    ) -> engine.Selection | engine.NoEligibleKey:
+        """As select, for a new conversation (engine.place)."""
+        self.catch_up()
+        return self._chosen(engine.place(self.roster, self.settings, now, surface=surface, loads=loads,
+                                         exclude=exclude, full=full, prefer=prefer))
+
+    def pick_in_group(
+        self,
+        group: Group,
+        key_id: int,
+        surface: Surface,
+        now: float,
+        exclude: Collection[int],
+        full: Collection[Group],
+        ignore_cooldown: bool = False,
+    ) -> engine.Selection | None:
+        """Key `key_id` if it can serve, else the best key of its account that can; None if none can (the account
+        is full, or has no usable key). `ignore_cooldown`: a cooling key serves too (a file only its account has)."""
+        self.catch_up()
+        if group[0] is not surface:
+            return None
+        roster = self.roster
+        key = roster.get(key_id)
+        if key is not None and key.limit_group == group and key.id not in exclude and group not in full and (
+                key.disabled_reason is None and (ignore_cooldown or key.state_at(now) is not KeyState.COOLING)):
+            return self._chosen(engine.Selection(key, "pinned"))
+        if ignore_cooldown:
+            others = [roster.keys[p] for p in roster.in_group(group)]
+            spare = next((k for k in others if k.disabled_reason is None and k.id not in exclude), None)
+            return self._chosen(engine.Selection(spare, "same account")) if spare is not None else None
+        best = engine.best_in_group(roster, group, now, surface, exclude, self.settings.auto_refresh_health,
+                                    full=full)
+        return self._chosen(engine.Selection(best, "same account")) if best is not None else None
+
+    def peek(
+        self, surface: Surface, now: float, exclude: Collection[int] = ()
+    ) -> engine.Selection | engine.NoEligibleKey:
+        """What select would give with no account full, changing nothing."""
+        return engine.select(self.roster, self.settings, now, surface=surface, exclude=exclude)
+
+    @overload
+    def _chosen(self, result: engine.Selection) -> engine.Selection: ...
+    @overload
+    def _chosen(self, result: engine.Selection | engine.NoEligibleKey) -> engine.Selection | engine.NoEligibleKey: ...
+
+    def _chosen(self, result: engine.Selection | engine.NoEligibleKey) -> engine.Selection | engine.NoEligibleKey:
+        """Make a pick the current key of its surface."""
         if isinstance(result, engine.Selection):
             settings = engine.after_selection(self.settings, result)
             if settings is not self.settings:
@@ -99,12 +193,77 @@ class LivePool:
                     self._active_to_save = (result.key.id, self._rev)
         return result
 
+    # -- accounts ------------------------------------------------------------------------------
+
+    def caps(self, group: Group) -> Caps:
+        """(concurrency, rpm) this proxy holds `group` to: the cap in force (stated, else learned, else Kimi Code's
+        documented concurrency), split with the other proxies on this store."""
+        found = self._caps.get(group)
+        if found is None:
+            record = self.accounts.get(group)
+            concurrency = record.cap(Limit.CONCURRENCY) if record is not None else None
+            if concurrency is None and group[0] is Surface.KIMI_CODE:
+                concurrency = KIMI_CODE_CONCURRENCY
+            rpm = record.cap(Limit.RPM) if record is not None else None
+            found = self._caps[group] = (_share_of(concurrency, self.share), _share_of(rpm, self.share))
+        return found
+
+    def expiring_first(self, surface: Surface, now: float) -> list[Group]:
+        """Accounts of `surface` whose quota left runs out by itself within QUOTA_HORIZON, soonest first."""
+        ends = []
+        for group, record in self.accounts.items():
+            if group[0] is surface and record.quota is not None:
+                end = record.quota.expiring(now)
+                if end is not None and end - now <= QUOTA_HORIZON:
+                    ends.append((end, group))
+        return [group for _, group in sorted(ends)]
+
+    def _learn(self, group: Group, found: Iterable[LearnedCap], now: float) -> bool:
+        merged = caps.merge_caps(self.accounts.get(group), group, found, now)
+        if merged is None:
+            return False
+        self.accounts[group] = merged
+        self._caps_moved()
+        return True
+
+    def _caps_moved(self) -> None:
+        self._caps.clear()
+        if self.on_caps_changed is not None:
+            self.on_caps_changed()
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def remember_file(self, file_id: str, key: KeyRecord, now: float) -> None:
+        self._files[file_id] = (key.id, key.limit_group)
+        with self._queue_lock:
+            self._files_to_save.append((file_id, key.id, key.limit_group, now))
+        self._wake.set()
+
+    def file_owner(self, file_id: str) -> tuple[int, Group] | None:
+        """The key that uploaded `file_id` and its account: this proxy's uploads, else the store's (another proxy's,
+        or an earlier run's)."""
+        owner = self._files.get(file_id)
+        if owner is None:
+            try:
+                owner = self.store.file_owner(file_id)
+            except StoreError:
+                return None
+            if owner is not None:
+                self._files[file_id] = owner
+        return owner
+
     def record(self, key_id: int, outcome: Outcome, now: float) -> list[KeyRecord]:
         """Apply an attempt's outcome now; it reaches the store within POLL_SECONDS."""
         before = self.roster
         updates = engine.apply_outcome(before, key_id, outcome, now, self.settings.auto_refresh_health)
         self.roster = before.with_updates(updates)
         changed_state = False
+        if outcome.caps:
+            key = self.roster.get(key_id)
+            if key is not None and self._learn(key.limit_group, outcome.caps, now):
+                changed_state = True  # other proxies and views should know at once
+            else:  # nothing new: the store has nothing to merge
+                outcome = replace(outcome, caps=())
         if outcome.kind in engine.DISABLING or outcome.kind in engine.DEFAULT_COOLDOWN:  # never a success
             changes = activity.changes([before.get(u.id) for u in updates], updates, now)
             if changes:
@@ -153,11 +312,16 @@ class LivePool:
 
     def _run(self) -> None:
         last_version = self._version  # not now: a commit since the snapshot would never be installed
+        beat_at = 0.0
         while True:
             self._wake.wait(POLL_SECONDS)
             self._wake.clear()
             stopping = self._stop.is_set()
             self._pass_failed = False
+            now = time.time()
+            if not stopping and now >= beat_at:
+                beat_at = now + HEARTBEAT_SECONDS
+                self._heartbeat(now)
             # Read first: SQLite readers never wait for writers, so other processes' changes (a key
             # disabled with the CLI) are seen on time even while the write lock is hard to get.
             try:
@@ -175,6 +339,8 @@ class LivePool:
             # A busy store is no failure: the batch waits for the next pass (but not at shutdown).
             self._flush(wait=BUSY_TIMEOUT if stopping else FLUSH_WAIT)
             if stopping:
+                with contextlib.suppress(StoreError):  # else the row ages out by itself
+                    self.store.leave(self.proxy_id, time.time(), PROXY_TTL)
                 return
             if self._failing and not self._pass_failed:  # a full disk was freed, a lock released...
                 self._failing = False
@@ -187,6 +353,16 @@ class LivePool:
         with self._queue_lock:
             batch, self._queue = self._queue, []
             active, self._active_to_save = self._active_to_save, None
+            files, self._files_to_save = self._files_to_save, []
+        for i, (file_id, owner_id, group, at) in enumerate(files):
+            try:
+                self.store.remember_file(file_id, owner_id, group, at)
+            except StoreError as e:  # this proxy knows already; the others learn it when it is written
+                with self._queue_lock:
+                    self._files_to_save[:0] = files[i:]
+                if not isinstance(e, StoreBusy):
+                    self._report(e)
+                break
         if not batch and active is None:
             return self._seq_written
         try:
@@ -210,6 +386,21 @@ class LivePool:
             self._loop.call_soon_threadsafe(self._forget, self._seq_written)
         return self._seq_written
 
+    def _heartbeat(self, now: float) -> None:
+        """Tell the store this proxy is alive, and work out its share of every account's caps."""
+        try:
+            live = self.store.heartbeat(self.proxy_id, os.getpid(), self.started_at, now, PROXY_TTL)
+        except StoreError:
+            return  # busy or failing: the next beat tries again (a store that fails is reported by the flush)
+        ids = [proxy_id for proxy_id, _, _ in live]
+        share = (len(ids), ids.index(self.proxy_id)) if self.proxy_id in ids else (1, 0)
+        if share != self.share and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._set_share, share)
+
+    def _set_share(self, share: tuple[int, int]) -> None:
+        self.share = share
+        self._caps_moved()
+
     def _report(self, error: StoreError) -> None:
         if not self._failing:  # once per episode, not on every retry
             log.warning("kimi-rotate: %s", error)
@@ -231,10 +422,20 @@ class LivePool:
             roster = _prepared(snapshot)
         settings_changed = snapshot.rev != self._rev
         recover = snapshot.settings.auto_refresh_health
+        accounts = dict(snapshot.accounts)
         for p in self._unflushed:
             if p.seq > snapshot.recorded:  # the snapshot says exactly which of our outcomes it holds
                 a = p.attempt
                 roster = roster.with_updates(engine.apply_outcome(roster, a.key_id, a.outcome, a.at, recover))
+                key = roster.get(a.key_id)
+                if a.outcome.caps and key is not None:
+                    merged = caps.merge_caps(accounts.get(key.limit_group), key.limit_group, a.outcome.caps, a.at)
+                    if merged is not None:
+                        accounts[key.limit_group] = merged
+        if accounts != self.accounts:
+            self.accounts = accounts
+            self._caps_moved()
+        old_keys = self.roster.keys if hasattr(self, "roster") else []
         if self._loop is None:  # the first snapshot, or one before the proxy runs
             self.roster = roster
         else:  # say what other processes changed (a key disabled with the CLI, ...)
@@ -243,7 +444,11 @@ class LivePool:
             activity.emit(activity.changes([old.get(k.id) for k in roster.keys], roster.keys, now))
             self._rewatch(now)  # deadlines may have moved either way
         # Keys change surface only through a new snapshot, so the per-request count is kept here.
-        self._counts = Counter(k.surface for k in roster.keys)
+        counts = Counter(k.surface for k in roster.keys)
+        if counts != self._counts or len(roster) != len(old_keys) or any(
+                roster.get(k.id) is None for k in old_keys):
+            self.generation += 1
+        self._counts = counts
         if settings_changed:
             self.settings = snapshot.settings
             self._rev = snapshot.rev
@@ -279,6 +484,15 @@ class LivePool:
         activity.emit((logging.INFO, line) for line in activity.back_lines(back))
         self._back_timer = self._back_at = None
         self._rewatch(now)
+
+
+def _share_of(cap: int | None, share: tuple[int, int]) -> int | None:
+    """This proxy's part of a cap split between `share[0]` proxies, as the `share[1]`-th of them: the parts add up
+    to the cap exactly, the older proxies taking the remainder (a proxy may get 0: the account is then full here)."""
+    if cap is None:
+        return None
+    count, rank = share
+    return cap // count + (1 if rank < cap % count else 0)
 
 
 def _earliest_cooldown(keys: Iterable[KeyRecord], now: float) -> float | None:

@@ -22,7 +22,7 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable, Iterator
 from heapq import merge
 
-from .models import KeyRecord, Surface
+from .models import Group, KeyRecord, Surface
 
 # A key's score at a time, and whether its health is full then.
 Ranker = Callable[[KeyRecord, float], tuple[float, bool]]
@@ -131,12 +131,22 @@ class Ranking:
 class Roster:
     """Keys in list order (the positions `list-keys` shows) with O(1) lookup by id."""
 
-    __slots__ = ("_pos", "_rankings", "keys")
+    __slots__ = ("_groups", "_pos", "_rankings", "keys")
 
     def __init__(self, keys: Iterable[KeyRecord]) -> None:
         self.keys: list[KeyRecord] = list(keys)
         self._pos: dict[int, int] = {k.id: i for i, k in enumerate(self.keys)}
         self._rankings: dict[tuple[Surface | None, Ranker], Ranking] = {}
+        self._groups: dict[Group, list[int]] | None = None
+
+    def in_group(self, group: Group) -> list[int]:
+        """Positions of the keys that count against one account's caps, ascending (built on first use)."""
+        if self._groups is None:
+            groups: dict[Group, list[int]] = {}
+            for pos, key in enumerate(self.keys):
+                groups.setdefault(key.limit_group, []).append(pos)
+            self._groups = groups
+        return self._groups.get(group, [])
 
     def get(self, key_id: int | None) -> KeyRecord | None:
         if key_id is None:
@@ -163,12 +173,15 @@ class Roster:
         out.keys = list(self.keys)
         out._pos = self._pos
         out._rankings, self._rankings = self._rankings, {}
+        out._groups = self._groups
         for r in records:
             i = self._pos.get(r.id)
             if i is not None:
                 old, out.keys[i] = out.keys[i], r
                 for ranking in out._rankings.values():
                     ranking.replace(i, old, r)
+                if old.account != r.account:  # an outcome named the key's account
+                    out._groups = None
         return out
 
     def __len__(self) -> int:

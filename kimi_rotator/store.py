@@ -597,11 +597,17 @@ class Store:
         return changed
 
     def clear_limits(self, key_ids: Sequence[int] | None) -> list[KeyRecord]:
+        """End the cooldowns of these keys (None: of every key), and forget the caps learned for their accounts
+        (None: for every account): a cap Kimi raised (a higher tier) is then learned afresh. Stated caps stay."""
         with self._write() as db:
             keys = _load_keys(db)
             chosen = keys if key_ids is None else [k for k in keys if k.id in set(key_ids)]
             cleared = [engine.clear_limits(k) for k in chosen]
             _save_keys(db, cleared)
+            groups = None if key_ids is None else {k.limit_group for k in chosen}
+            accounts = accounts_db.load_accounts(db)
+            accounts_db.save_accounts(db, [replace(r, learned={}) for g, r in accounts.items()
+                                           if r.learned and (groups is None or g in groups)])
         return cleared
 
     def refresh_health(self, now: float) -> list[tuple[KeyRecord, KeyRecord]]:
@@ -708,14 +714,14 @@ class Store:
         rev: int | None = None,
         wait: float = BUSY_TIMEOUT,
         mark: int = 0,
-        learned: Sequence[tuple[Group, LearnedCap]] = (),
     ) -> None:
         """Apply attempts' outcomes (and the proxy's current key) in one transaction.
 
         `rev` is the Snapshot.rev the caller chose its current key under: if a command (use-key, rotate,
         set-strategy) has moved the current key since, the caller's choice is stale and is not saved. `mark` (the
-        caller's number for this batch) shows as Snapshot.recorded in the snapshots read after the commit."""
-        if not attempts and active_key_id is None and not learned:
+        caller's number for this batch) shows as Snapshot.recorded in the snapshots read after the commit.
+        Caps an outcome learned are merged into its key's account."""
+        if not attempts and active_key_id is None:
             return
         with self._write(wait, mark) as db:
             settings = _load_settings(db)
@@ -724,12 +730,16 @@ class Store:
             roster = Roster(_load_involved(db, ids, hints))
             changed: dict[int, KeyRecord] = {}
             daily: Counter[tuple[int, str, bool]] = Counter()  # one upsert per key and day, not per attempt
+            learned: list[tuple[Group, LearnedCap]] = []
             for a in attempts:
                 updates = engine.apply_outcome(roster, a.key_id, a.outcome, a.at, settings.auto_refresh_health)
                 roster = roster.with_updates(updates)
                 changed.update((k.id, k) for k in updates)
                 if updates:
                     daily[(a.key_id, utc_day(a.at), a.outcome.kind is OutcomeKind.SUCCESS)] += 1
+                    if a.outcome.caps:
+                        group = updates[0].limit_group
+                        learned += [(group, replace(cap, at=a.at)) for cap in a.outcome.caps]
             db.executemany(
                 "INSERT INTO daily (key_id, day, requests, successes) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (key_id, day) DO UPDATE SET requests = requests + excluded.requests, "

@@ -157,9 +157,15 @@ def test_round_robin_cycles_over_the_keys(proxy: ProxyProcess, fake: FakeKimi, h
 
 
 def test_health_based_sticks_to_the_current_key(proxy: ProxyProcess, fake: FakeKimi) -> None:
-    for i in range(5):
+    """One conversation stays on the current key. A second one, going on at the same time, is placed on the account
+    with fewer live conversations, and stays there too (each keeps its account's context cache)."""
+    for _ in range(3):
+        assert ask(proxy, stream=False)[0] == 200
+    assert [name for name, _ in seen(fake)] == ["one"] * 3
+    fake.clear_requests()
+    for i in range(6):  # the streamed requests are another conversation (another prompt)
         assert ask(proxy, stream=bool(i % 2))[0] == 200
-    assert [name for name, _ in seen(fake)] == ["one"] * 5
+    assert [name for name, _ in seen(fake)] == ["one", "two"] * 3
 
 
 def test_sticky_stays_until_the_key_is_limited(proxy: ProxyProcess, fake: FakeKimi, home: Path) -> None:

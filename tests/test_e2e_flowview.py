@@ -76,7 +76,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory, module_proxy_factory: Any, f
     root = tmp_path_factory.mktemp("flowview")
     home, dump = root / "home", root / "flows.mitm"
     prepare(fake, home)
-    options = {**upstream_options(fake.port, pki.ca_cert), "kimi_max_wait": 0}
+    options = {**upstream_options(fake.port, pki.ca_cert), "kimi_max_wait": 0, "kimi_affinity": False}
     proxy = module_proxy_factory(home, options, dump=dump)
     bearer = {"authorization": f"Bearer {PLACEHOLDER}"}
     got: dict[str, Any] = {}
@@ -188,6 +188,7 @@ def test_mitmweb_lists_the_attempt_flow_with_its_comment(tmp_path: Path, fake_ki
     home = tmp_path / "home"
     prepare(fake_kimi, home)
     sets: dict[str, object] = {**upstream_options(fake_kimi.port, pki.ca_cert), "kimi_max_wait": 0,
+                               "kimi_affinity": False,
                                "web_columns": ["tls", "icon", "path", "method", "status", "size", "time", "comment"]}
     auth: dict[str, str] = {}
     if int(mitmproxy_version.VERSION.split(".")[0]) >= 12:  # mitmweb 12 asks for a password (a token by default)

@@ -80,7 +80,8 @@ def run(tmp_path_factory: pytest.TempPathFactory, module_proxy_factory: Any, fak
     root = tmp_path_factory.mktemp("visibility")
     home, dump, har = root / "home", root / "flows.mitm", root / "flows.har"
     reset_store(home, KEYS)
-    options = {**upstream_options(fake.port, pki.ca_cert), "kimi_max_wait": 0,
+    # Per-request picks (no conversation pins), so that the script below knows which key each request reaches.
+    options = {**upstream_options(fake.port, pki.ca_cert), "kimi_max_wait": 0, "kimi_affinity": False,
                "termlog_verbosity": "debug", "flow_detail": 4, "hardump": str(har)}
     proxy = module_proxy_factory(home, options, dump=dump)
     fake.reset()

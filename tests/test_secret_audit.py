@@ -92,23 +92,27 @@ def traffic(proxy: ProxyProcess, fake: FakeKimi) -> dict[str, int]:
         note("ok-h2-stream", curl(proxy, KC_MESSAGES, headers=api_key, body=stream_body).status)
         note("ok-cn", c.post(OP_CHAT, json=CHAT_BODY, headers=bearer).status_code)
         note("non-ascii", c.post(KC_CHAT, json=CHAT_BODY, headers={**bearer, "x-title": "Проект".encode()}).status_code)
-        # failovers, buffered and streamed: the key that served last (health-based sticks to it) fails first
+        # failovers, buffered and streamed: the key that served the conversation last (it stays on it) fails first
         by_name = {k.name: k.secret for k in KEYS}
+        served: dict[str, str] = {}  # path (each path here carries one conversation) -> the key that served it last
 
-        def current() -> str:
-            return next(s.key_name for s in reversed(fake.requests) if s.status == 200 and s.key_name)
+        def remember() -> None:
+            for s in fake.requests:
+                if s.status == 200 and s.key_name and s.host_header == "api.kimi.com":
+                    served[s.path] = s.key_name
 
-        last = current()
+        remember()
         for reply in (Reply.rate_limit(30), Reply.server_error(), Reply.invalid()):
             for label, stream in (("failover", False), ("failover-stream", True)):
+                path = "/coding/v1/messages" if stream else "/coding/v1/chat/completions"
                 fake.reset()
-                fake.script(by_name[last], [reply])
+                fake.script(by_name[served[path]], [reply])
                 if stream:
                     note(label, stream_request(c, KC_MESSAGES, body=stream_body, headers=api_key).status)
                 else:
                     note(label, c.post(KC_CHAT, json=CHAT_BODY, headers=bearer).status_code)
                 assert len(fake.requests) == 2, [(r.key_name, r.status) for r in fake.requests]
-                last = current()
+                remember()
         fake.reset()
         fake.fault(None, "close_before_headers", times=1)
         note("dropped", c.post(KC_CHAT, json={**CHAT_BODY, "stream": True}, headers=bearer).status_code)

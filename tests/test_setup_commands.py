@@ -195,11 +195,12 @@ def test_proxy_prints_a_line_per_request_and_per_key_state_change(tmp_path: Path
     assert curl(proxy.url, KC_CHAT + "?secret=query", ca=ca, headers={"authorization": "Bearer placeholder"},
                 body={"model": "kimi-for-coding", "messages": [{"role": "user", "content": "private words"}]}
                 ).status == 200  # one: 429 → two: 200
-    fake.script(TWO, [Reply.invalid()])
+    # A second conversation goes to the account with none yet (three), while the first stays on two.
+    fake.script(THREE, [Reply.invalid()])
     started = time.monotonic()
     with proxy.client(ca) as client:
         streamed = stream_request(client, KC_MESSAGES, body={**MESSAGES_BODY, "stream": True},
-                                  headers={"x-api-key": "placeholder"})  # two: 401 → three: 200, streamed
+                                  headers={"x-api-key": "placeholder"})  # three: 401 → two: 200, streamed
     stream_took = time.monotonic() - started
     assert streamed.status == 200 and len(streamed.data_lines) >= 5
     output = proxy.output_after_banner()
@@ -210,15 +211,15 @@ def test_proxy_prints_a_line_per_request_and_per_key_state_change(tmp_path: Path
                             rf"\({one}: 429 rate_limit_reached_error, account cooling (59|60) s → {two}: 200\)", line)
                for line in lines), output
     [stream_line] = [line for line in lines if "/coding/v1/messages" in line]
-    found = re.fullmatch(rf"\[[\d:.]+\] kimi-code POST /coding/v1/messages {three} 200 (\d+) ms "
-                         rf"\({two}: 401 \w+, disabled → {three}: 200\)", stream_line)
+    found = re.fullmatch(rf"\[[\d:.]+\] kimi-code POST /coding/v1/messages {two} 200 (\d+) ms "
+                         rf"\({three}: 401 \w+, disabled → {two}: 200\)", stream_line)
     assert found, stream_line
     assert 0.4 <= int(found.group(1)) / 1000 <= stream_took + 0.05  # the whole stream (5 events 0.1 s apart)
     assert any(re.fullmatch(rf"\[[\d:.]+\] key {one} cooling until \d\d:\d\d:\d\d \((59|60) s\): "
                             r"429 rate_limit_reached_error", line) for line in lines), output
-    assert any(re.fullmatch(rf"\[[\d:.]+\] key {two} disabled: 401 \w+; once it works again, "
-                            r"`kimi-rotate enable second` puts it back", line) for line in lines), output
-    assert "secret=query" not in output and "private words" not in output and "ok third" not in output
+    assert any(re.fullmatch(rf"\[[\d:.]+\] key {three} disabled: 401 \w+; once it works again, "
+                            r"`kimi-rotate enable third` puts it back", line) for line in lines), output
+    assert "secret=query" not in output and "private words" not in output and "ok second" not in output
     assert _leaks(output) == []
     assert "client connect" not in output  # mitmproxy's own lines per connection stay out of the way
 

@@ -59,17 +59,21 @@ def test_stated_caps_survive_caps_a_proxy_learns(tmp_path: Path) -> None:
     stated = store.update_account(GROUP, lambda r: AccountRecord(surface=GROUP[0], account=GROUP[1],
                                                                  stated={Limit.CONCURRENCY: 7}))
     assert stated is not None and stated.cap(Limit.CONCURRENCY) == 7
-    store.record([], learned=[(GROUP, rpm(200)),
-                              (GROUP, LearnedCap(limit=Limit.CONCURRENCY, value=50, source=CapSource.MESSAGE, at=NOW))])
+    (key,), _ = store.add_keys([NewKey(secret="sk-test-0000000000000001", surface=GROUP[0], account=GROUP[1])], NOW)
+
+    def learn(*found: LearnedCap, at: float = NOW) -> None:
+        store.record([Attempt(key.id, Outcome(kind=OutcomeKind.RATE_LIMITED, caps=found), at)])
+
+    learn(rpm(200), LearnedCap(limit=Limit.CONCURRENCY, value=50, source=CapSource.MESSAGE))
     record = store.accounts()[GROUP]
     assert record.stated == {Limit.CONCURRENCY: 7}
     assert record.cap(Limit.CONCURRENCY) == 7  # stated wins
     assert record.cap(Limit.RPM) == 200 and record.learned[Limit.RPM].source is CapSource.MESSAGE
     assert record.learned[Limit.RPM].at == NOW
     # A weaker source does not replace a message's number; a newer message corrects it.
-    store.record([], learned=[(GROUP, rpm(5000, CapSource.TIER, NOW + 1))])
+    learn(rpm(5000, CapSource.TIER), at=NOW + 1)
     assert store.accounts()[GROUP].cap(Limit.RPM) == 200
-    store.record([], learned=[(GROUP, rpm(150, at=NOW + 2))])
+    learn(rpm(150), at=NOW + 2)
     assert store.accounts()[GROUP].learned[Limit.RPM] == rpm(150, at=NOW + 2)
     store.close()
 
@@ -78,10 +82,10 @@ def test_learned_caps_ride_along_with_outcomes_in_one_transaction(tmp_path: Path
     store = Store(tmp_path / "h")
     (key,), _ = store.add_keys([NewKey(secret="sk-test-0000000000000001", surface=Surface.MOONSHOT_AI,
                                        account="uid:alice")], NOW)
-    ok = Outcome(kind=OutcomeKind.SUCCESS)
-    store.record([Attempt(key.id, ok, NOW)], learned=[(GROUP, rpm(200))], mark=3)
+    ok = Outcome(kind=OutcomeKind.SUCCESS, caps=(rpm(200, CapSource.HEADER, at=0.0),))
+    store.record([Attempt(key.id, ok, NOW)], mark=3)
     snap = store.snapshot()
-    assert snap.keys[0].total_requests == 1 and snap.accounts[GROUP].cap(Limit.RPM) == 200
+    assert snap.keys[0].total_requests == 1 and snap.accounts[GROUP].learned[Limit.RPM] == rpm(200, CapSource.HEADER)
     assert snap.recorded == 3
     store.close()
 
