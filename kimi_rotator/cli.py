@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from . import cli_setup, engine, views
+from . import account_views, cli_accounts, cli_setup, engine, views
 from .cli_help import HelpLayout, NoArgsIsHelp, UsageError, usage_message
 from .errors import UserError
 from .keys import (
@@ -46,7 +46,7 @@ from .keys import (
     validate_name,
     validate_reason,
 )
-from .models import KeyRecord, KeyState, Strategy, Surface
+from .models import AccountRecord, KeyRecord, KeyState, Strategy, Surface
 from .roster import Roster
 from .store import DuplicateKey, KeyNotFound, NewKey, Store, StoreError, utc_day
 from .symbols import PLAIN, symbols
@@ -411,7 +411,7 @@ def add_keys(
     _warn_kimi_code([k.surface for k in added])
 
 
-def key_json(s: views.KeyStatus, now: float) -> dict[str, Any]:
+def key_json(s: views.KeyStatus, now: float, account: AccountRecord | None = None) -> dict[str, Any]:
     """One element of `list-keys --json`. Scripts rely on these names and types: only ever add fields.
 
     index (int, as the other commands take it), name, masked_key (prefix + last 4), fingerprint
@@ -419,7 +419,8 @@ def key_json(s: views.KeyStatus, now: float) -> dict[str, Any]:
     (int 0-100, time recovery included), state ("active"|"cooling"|"disabled"), reason (str|null:
     why cooling or disabled), cooldown_until (epoch s|null, set while cooling), total_requests =
     successful_requests + rate_limited_requests + failed_requests (ints), last_used and added_at
-    (epoch s|null).
+    (epoch s|null); caps and quota of the key's account (`account`, the record of its limit_group), as
+    account_views.caps_json and quota_json give them.
     """
     k = s.key
     cooling = k.cooldown_until is not None and k.cooldown_until > now
@@ -441,6 +442,8 @@ def key_json(s: views.KeyStatus, now: float) -> dict[str, Any]:
         "failed_requests": k.failed_requests,
         "last_used": k.last_used,
         "added_at": k.added_at,
+        "caps": account_views.caps_json(account, now),
+        "quota": account_views.quota_json(account.quota if account else None),
     }
 
 
@@ -480,7 +483,7 @@ def list_keys(
         if (only_state is None or s.state is only_state) and (only_surface is None or s.key.surface is only_surface)
     ]
     if as_json:
-        rows = [key_json(s, now) for s in shown]
+        rows = [key_json(s, now, snap.accounts.get(s.key.limit_group)) for s in shown]
         # \u escapes where the output cannot encode a character: the same JSON to any parser.
         typer.echo(json.dumps(rows, indent=2, ensure_ascii=symbols() is PLAIN))
         return
@@ -501,6 +504,8 @@ def list_keys(
         width = shutil.get_terminal_size((0, 0)).columns or None  # not a terminal: lines are not cut
         for line in views.status_table(shown, width, now, sym):
             typer.echo(line)
+        if any(account_views.is_known(snap.accounts.get(s.key.limit_group)) for s in shown):  # too long for a column
+            typer.echo("\nCaps and quota: kimi-rotate account")
         return
     for s in shown:
         k = s.key
@@ -517,6 +522,11 @@ def list_keys(
         typer.echo(f"   Surface: {where}")
         typer.echo(f"   Health: {health_bar(s.health)} {views.pct(s.health)}%")
         typer.echo(f"   Requests: {k.successful_requests}/{k.total_requests} successful")
+        record = snap.accounts.get(k.limit_group)
+        if (caps := account_views.caps_short(record)) is not None:
+            cli_accounts.echo_fitted([f"   Caps: {caps}"])
+        if record is not None and (quota := account_views.quota_short(record.quota, now)) is not None:
+            cli_accounts.echo_fitted([f"   Quota: {quota}"])
         typer.echo(f"   Status: {status}\n")
 
 
@@ -591,6 +601,9 @@ def set_account(
         before, after = store.set_account(key.id, label)
     typer.echo(f"{symbols().ok} Key [{index}] {key.name}: account {after.account or 'none'} "
                f"(was: {before.account or 'none'})")
+
+
+app.command("account")(cli_accounts.account)
 
 
 @app.command("enable")
@@ -746,15 +759,19 @@ def refresh_health() -> None:
 def stats(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON document (stable field names).")] = False,
 ) -> None:
-    """Usage per key and in total: requests, success rate, response times, today and last 7 days."""
+    """Usage per key and in total: requests, success rate, response times, today and last 7 days; each account's
+    caps and quota."""
     now = _now()
     today = utc_day(now)
     week_start = utc_day(now - timedelta(days=6).total_seconds())  # today and the 6 days before
     with _store(readonly=True) as store:
         keys = store.keys()
         daily = store.daily(week_start)
+        accounts = account_views.accounts_of(keys, store.accounts())
     if as_json:
-        typer.echo(json.dumps(views.stats_json(keys, daily, today, week_start), indent=2, ensure_ascii=False))
+        document = {**views.stats_json(keys, daily, today, week_start),
+                    "accounts": [account_views.account_json(a, now) for a in accounts]}
+        typer.echo(json.dumps(document, indent=2, ensure_ascii=False))
         return
     if not keys:
         typer.echo("No keys configured.\nAdd one with: kimi-rotate add-key")
@@ -769,6 +786,14 @@ def stats(
     typer.echo(f"{symbols().totals}Aggregate Statistics")
     typer.echo(f"   Keys: {len(keys)}")
     _print_usage(usage.total, overall=True)
+    typer.echo("")
+    typer.echo(symbols().rule * 50)
+    known = [a for a in accounts if a.known()]
+    typer.echo(f"Accounts ({len(accounts)}; caps or quota known for {len(known)})")
+    if not known:
+        typer.echo("   None known yet; `kimi-rotate account NAME --rpm N` states a cap")
+    for a in known:
+        cli_accounts.echo_fitted(["   " + line for line in account_views.account_summary(a, now)])
     typer.echo("")
 
 

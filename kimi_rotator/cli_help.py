@@ -179,6 +179,8 @@ def _bad_value(error: Any, param: Any, see: str) -> str:
     if numeric:
         low, high = getattr(param, "min", None), getattr(param, "max", None)
         span = f" from {low} to {high}" if low is not None and high is not None else ""
+        if low is not None and high is None:
+            span = f" of at least {low}"
         return f"{_label(param)} must be a whole number{span}{got}; {see}"
     text = str(error.message).strip().rstrip(".")
     return f"invalid {_label(param)}: {text[:1].lower()}{text[1:]}; {see}"
