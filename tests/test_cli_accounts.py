@@ -61,7 +61,9 @@ def acme(store: Store) -> list[int]:
 
 
 def learn(store: Store, group: tuple[Surface, str], *caps: LearnedCap) -> None:
-    store.record([], learned=[(group, cap) for cap in caps])
+    """What a proxy stores when an answer states caps (each stamped with its own time)."""
+    for cap in caps:
+        store.update_account(group, lambda r, cap=cap: merge_caps(r, group, [cap], cap.at))  # type: ignore[misc]
 
 
 def shown(*args: str) -> list[dict[str, Any]]:
