@@ -404,7 +404,7 @@ def report(results: dict[str, dict[str, Any]]) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=60.0, help="length of each load run (default 60)")
-    ap.add_argument("--caps", default="60/4,60/4,600/1,600/1",
+    ap.add_argument("--caps", default="120/8,120/8,1200/2,1200/2",
                     help="RPM/CONCURRENCY of each of the 4 accounts (default: two RPM-bound, two concurrency-bound)")
     ap.add_argument("--duration", type=float, default=1.0, help="seconds one load reply streams (default 1)")
     ap.add_argument("--turns", type=int, default=20, help="requests per conversation in the affinity phase")

@@ -130,7 +130,13 @@ class Scheduler:
             job.placement = "pin moved"
         else:
             job.placement = job.placement or "new conversation"
-        return pool.place(surface, now, self.pins.loads(now), job.barred, full=full, prefer=prefer)
+        placed = pool.place(surface, now, self.pins.loads(now), job.barred, full=full, prefer=prefer)
+        if isinstance(placed, engine.Selection):
+            # Pinned now, not once it succeeds: conversations that start together must see each other's places,
+            # or they would all land on the same idle account.
+            key = placed.key
+            self.pins.pin(_pin_id(surface, conversation.id), key.limit_group, key.id, now)
+        return placed
 
     def _file_key(self, job: Job, now: float) -> engine.Selection | None:
         """The key that uploaded the job's file, else another key of its account; None (and `job.file_owner`

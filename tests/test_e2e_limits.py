@@ -221,3 +221,29 @@ def test_files_go_to_the_account_that_uploaded_them(pool: Any, fake_kimi: FakeKi
     assert "belongs to another account" in message and owner_key.name in message
     assert owner_key.secret not in message
     assert read_keys(home)  # the store is intact
+
+
+def test_proxies_on_one_store_split_an_accounts_caps(slow_streams: FakeKimi, pki: Any, proxy_factory: Any) -> None:
+    """Two proxies on one store: each holds a share of the account's cap (here 1 of 2 in flight), so together they
+    never exceed it, and nothing is refused."""
+    fake_kimi = slow_streams
+    keys = KEYS[:1]
+    fake_kimi.set_limit("acct-a", concurrency=2)
+    home = proxy_factory.home("shared")
+    base = prepare_pool(fake_kimi, pki.ca_cert, home, keys)
+    state_caps(home, "acct-a", concurrency=2)
+    proxies = [proxy_factory(home, {**base, "kimi_max_wait": 15}) for _ in range(2)]
+    deadline = time.monotonic() + 10
+    while len(Store(home, readonly=True).live_proxies(time.time(), 10)) < 2:  # each has said it is alive
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(2.5)  # and has read the other's row at its next heartbeat (pool.HEARTBEAT_SECONDS apart)
+    clients = [proxy_client(p, timeout=30) for p in proxies]
+    try:
+        results = parallel(8, lambda i: stream_request(clients[i % 2], OP_CHAT, body=chat(), headers=BEARER).status)
+    finally:
+        for c in clients:
+            c.close()
+    assert results == [200] * 8
+    assert fake_kimi.account_counts(429)["acct-a"] == 0  # alone, each proxy would have sent 2: 4 at once
+    assert fake_kimi.peak_inflight("acct-a") <= 2
