@@ -26,15 +26,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import certifi
 from mitmproxy import command, connection, ctx, exceptions, http, tls
-from mitmproxy.proxy import mode_specs, server_hooks
+from mitmproxy.proxy import server_hooks
 
 from . import activity, engine, views
 from .access import KeyAccess, from_this_machine, key_access, refusal
@@ -58,7 +56,7 @@ from .routing import (
     reverse_resolve,
 )
 from .store import Store, StoreError, store_home
-from .upstream import UpstreamClient, UpstreamError, UpstreamSettings, UpstreamTimeout
+from .upstream import UPSTREAM_OPTIONS, UpstreamClient, UpstreamError, UpstreamTimeout, settings_from_options
 
 log = logging.getLogger("kimi_rotate")
 
@@ -130,9 +128,7 @@ class KimiRotate:
             log.log(level, "kimi-rotate: %s", self.access.value)
         if "kimi_home" in updated or (self.store is None and self.store_error is None):
             self._open_store(Path(opts.kimi_home).expanduser() if opts.kimi_home else store_home())
-        upstream_opts = {"ssl_insecure", "ssl_verify_upstream_trusted_ca", "ssl_verify_upstream_trusted_confdir",
-                         "mode", "upstream_auth", "kimi_resolve", "kimi_upstream_timeout"}
-        if self.pool is not None and (self.failover is None or updated & upstream_opts or
+        if self.pool is not None and (self.failover is None or updated.intersection(UPSTREAM_OPTIONS) or
                                       updated & {"kimi_max_attempts", "kimi_max_wait", "kimi_home"}):
             self._build_failover()
 
@@ -162,13 +158,7 @@ class KimiRotate:
     def _build_failover(self) -> None:
         assert self.pool is not None
         opts = ctx.options
-        settings = UpstreamSettings(
-            verify=_upstream_tls(opts),
-            proxy=_upstream_proxy(opts.mode),
-            proxy_auth=getattr(opts, "upstream_auth", None) or None,
-            resolve=self.resolve,
-            timeout=float(opts.kimi_upstream_timeout),
-        )
+        settings = settings_from_options(lambda name: getattr(opts, name, None))
         old = self.failover
         self.failover = Failover(self.pool, UpstreamClient(settings), opts.kimi_max_attempts, opts.kimi_max_wait)
         if old is not None:
@@ -471,31 +461,6 @@ async def _to_mitmproxy(reply: Reply, path: str) -> http.Response:
     headers = http.Headers(reply.headers_to_pass_on(len(raw)))
     now = time.time()  # mitmproxy stamps the start itself when a request hook sets the response
     return http.Response(b"HTTP/1.1", resp.status, resp.reason, headers, raw, None, now, now)
-
-
-def _upstream_tls(opts: object) -> ssl.SSLContext | bool:
-    """Verify upstream certificates exactly as mitmproxy is told to."""
-    if getattr(opts, "ssl_insecure", False):
-        return False
-    cafile = getattr(opts, "ssl_verify_upstream_trusted_ca", None)
-    capath = getattr(opts, "ssl_verify_upstream_trusted_confdir", None)
-    if cafile or capath:
-        return ssl.create_default_context(cafile=cafile, capath=capath)
-    return ssl.create_default_context(cafile=certifi.where())
-
-
-def _upstream_proxy(modes: Sequence[str]) -> str | None:
-    """The upstream proxy of the first upstream mode, as `scheme://host:port`, read with mitmproxy's own parser:
-    a mode may end in `@port` or `@host:port` (where mitmproxy listens for it), which is no part of the proxy."""
-    for spec in modes:
-        try:
-            mode = mode_specs.ProxyMode.parse(spec)
-        except ValueError:  # mitmproxy's proxyserver rejects the option itself, saying why
-            continue
-        if isinstance(mode, mode_specs.UpstreamMode):
-            host, port = mode.address
-            return f"{mode.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
-    return None
 
 
 _background: set[asyncio.Task[None]] = set()

@@ -14,7 +14,7 @@ import asyncio
 import base64
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -63,6 +63,67 @@ class UpstreamSettings:
     proxy_auth: str | None = None  # mitmproxy's upstream_auth: "user:password"
     resolve: Mapping[str, tuple[str, int]] = field(default_factory=dict)  # kimi_resolve
     timeout: float = 600.0  # for connecting (capped at 15 s) and for each wait for more of the answer
+
+
+# The options that decide how Kimi is reached: mitmproxy's own upstream options and kimi-rotate's. The proxy reads
+# them from mitmproxy's options, `kimi-rotate check` from its `--set` options; both through settings_from_options.
+UPSTREAM_OPTIONS: tuple[str, ...] = (
+    "kimi_resolve", "kimi_upstream_timeout", "ssl_insecure", "ssl_verify_upstream_trusted_ca",
+    "ssl_verify_upstream_trusted_confdir", "mode", "upstream_auth",
+)
+
+
+def settings_from_options(get: Callable[[str], object]) -> UpstreamSettings:
+    """UpstreamSettings from option values by name (UPSTREAM_OPTIONS; an option not set reads as None).
+
+    Raises ValueError for a kimi_resolve entry that is not host=address:port."""
+    from .routing import parse_resolve  # it loads mitmproxy's authority parser
+
+    modes = get("mode")
+    timeout = get("kimi_upstream_timeout")
+    return UpstreamSettings(
+        verify=upstream_tls(get),
+        proxy=upstream_proxy(modes if isinstance(modes, Sequence) and not isinstance(modes, str) else ()),
+        proxy_auth=str(get("upstream_auth") or "") or None,
+        resolve=parse_resolve(_strings(get("kimi_resolve"))),
+        timeout=float(timeout) if isinstance(timeout, int | float) else UpstreamSettings.timeout,
+    )
+
+
+def _strings(value: object) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, Sequence) and not isinstance(value, str) else []
+
+
+def upstream_tls(get: Callable[[str], object]) -> ssl.SSLContext | bool:
+    """Verify upstream certificates exactly as mitmproxy is told to."""
+    if get("ssl_insecure"):
+        return False
+    cafile = get("ssl_verify_upstream_trusted_ca") or None
+    capath = get("ssl_verify_upstream_trusted_confdir") or None
+    if cafile or capath:
+        return ssl.create_default_context(cafile=str(cafile) if cafile else None,
+                                          capath=str(capath) if capath else None)
+    import certifi
+
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+def upstream_proxy(modes: Sequence[str]) -> str | None:
+    """The upstream proxy of the first upstream mode, as `scheme://host:port`, read with mitmproxy's own parser:
+    a mode may end in `@port` or `@host:port` (where mitmproxy listens for it), which is no part of the proxy."""
+    if not modes:
+        return None
+    from mitmproxy.proxy import mode_specs
+
+    for spec in modes:
+        try:
+            mode = mode_specs.ProxyMode.parse(spec)
+        except ValueError:  # mitmproxy's proxyserver rejects the option itself, saying why
+            continue
+        if isinstance(mode, mode_specs.UpstreamMode):
+            host, port = mode.address
+            return f"{mode.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+    return None
 
 
 def _tls_context(verify: ssl.SSLContext | bool) -> ssl.SSLContext:
