@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import platformdirs
 
@@ -31,6 +31,9 @@ from .errors import UserError
 from .keys import fingerprint, mask
 from .models import KeyRecord, Outcome, OutcomeKind, PoolSettings, Secret, Strategy, Surface
 from .roster import Roster
+
+if TYPE_CHECKING:
+    from .probe import ProbeResult
 
 HOME_ENV = "KIMI_ROTATE_HOME"
 STORE_FILE = "store.db"
@@ -618,6 +621,19 @@ class Store:
             if isinstance(result, engine.Selection):
                 _save_settings(db, settings.with_current(result.key, serve_next=True), bump=True)
         return result
+
+    def apply_probe(self, result: ProbeResult, now: float, replaces: str | None = None) -> list[KeyRecord]:
+        """Record what a zero-token probe found (see probe.updates), in one transaction: a refused key disabled, an
+        account cooled until the reset Kimi reported or freed when its quota is back, the account label filled.
+        `replaces` is the reason of the answer that asked for the probe. Returns the keys changed (none for a key
+        removed meanwhile). A probe is no request: no counter moves."""
+        from .probe import updates  # it loads the classifier, which most commands never need
+
+        hint = result.outcome.account_hint
+        with self._write() as db:
+            changed = updates(_load_involved(db, {result.key_id}, {hint} if hint else set()), result, now, replaces)
+            _save_keys(db, changed)
+        return changed
 
     # -- what the proxy reports ----------------------------------------------------------------
 
