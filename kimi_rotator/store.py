@@ -26,10 +26,22 @@ from typing import TYPE_CHECKING, Any
 
 import platformdirs
 
-from . import engine
+from . import accounts_db, caps, engine
 from .errors import UserError
 from .keys import fingerprint, mask
-from .models import KeyRecord, Outcome, OutcomeKind, PoolSettings, Secret, Strategy, Surface
+from .models import (
+    AccountRecord,
+    Group,
+    KeyRecord,
+    LearnedCap,
+    Outcome,
+    OutcomeKind,
+    PoolSettings,
+    Quota,
+    Secret,
+    Strategy,
+    Surface,
+)
 from .roster import Roster
 
 if TYPE_CHECKING:
@@ -37,7 +49,7 @@ if TYPE_CHECKING:
 
 HOME_ENV = "KIMI_ROTATE_HOME"
 STORE_FILE = "store.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT = 10.0  # seconds a transaction waits for other writers before giving up
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -76,6 +88,7 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    accounts_db.SCHEMA,  # 2: what is known of each account (caps, quota), file owners, running proxies
 )
 _KEY_COLUMNS = tuple(f.name for f in fields(KeyRecord))
 
@@ -156,6 +169,7 @@ class Snapshot:
     # committed when the snapshot was read, and the order of this Store's reads (a later one holds all an earlier did).
     recorded: int = field(default=0, compare=False)
     taken: int = field(default=0, compare=False)
+    accounts: dict[Group, AccountRecord] = field(default_factory=dict)
 
 
 def store_home() -> Path:
@@ -239,9 +253,16 @@ class Store:
             except sqlite3.Error as e:
                 raise self._unreadable(e) from None
             try:
-                if self._check(db) < SCHEMA_VERSION:
+                version = self._check(db)
+                if version == 0:
                     db.close()
                     return self._empty()  # created but never initialised (a crash right after creating it)
+                if version < SCHEMA_VERSION:  # an older store that cannot be upgraded here: read an upgraded copy
+                    copy = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+                    db.backup(copy)
+                    db.close()
+                    self._migrate(copy)
+                    return copy
                 return db
             except sqlite3.OperationalError as e:
                 db.close()
@@ -437,7 +458,8 @@ class Store:
             self._taken += 1
             taken, recorded = self._taken, self._recorded
         edits = _load_edits(db)
-        return Snapshot(_load_keys(db), _load_settings(db), rev, edits, recorded, taken)
+        return Snapshot(_load_keys(db), _load_settings(db), rev, edits, recorded, taken,
+                        accounts_db.load_accounts(db))
 
     def _probe_db(self) -> sqlite3.Connection:
         if self._probe is None:
@@ -452,6 +474,10 @@ class Store:
     def settings(self) -> PoolSettings:
         with self._read() as db:
             return _load_settings(db)
+
+    def accounts(self) -> dict[Group, AccountRecord]:
+        with self._read() as db:
+            return accounts_db.load_accounts(db)
 
     def resolve(self, ref: str) -> KeyRecord:
         """A key by its list index (as `list-keys` shows it) or its exact name."""
@@ -592,6 +618,60 @@ class Store:
             _save_keys(db, [after for _, after in pairs])
         return pairs
 
+    # -- accounts ------------------------------------------------------------------------------
+
+    def update_account(
+        self, group: Group, change: Callable[[AccountRecord | None], AccountRecord | None]
+    ) -> AccountRecord | None:
+        """A command's change to one account (stating caps...): `change` gets the stored record (None: none yet)
+        and returns the new one (None: leave it). Returns what is stored afterwards."""
+        with self._write() as db:
+            before = accounts_db.load_account(db, group)
+            after = change(before)
+            if after is None or after == before:
+                return before
+            accounts_db.save_accounts(db, [after])
+        return after
+
+    def record_quota(self, group: Group, quota: Quota) -> None:
+        """Save what a probe said about an account's quota (a proxy's or `check`'s: other proxies see it within
+        their poll, as they see outcomes)."""
+        with self._write(mark=0) as db:
+            before = accounts_db.load_account(db, group) or AccountRecord(surface=group[0], account=group[1])
+            accounts_db.save_accounts(db, [replace(before, quota=quota)])
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def remember_file(self, file_id: str, key_id: int, group: Group, now: float) -> None:
+        with self._write(mark=0) as db:
+            accounts_db.remember_file(db, file_id, key_id, group, now)
+
+    def file_owner(self, file_id: str) -> tuple[int, Group] | None:
+        """The key that uploaded a file and its account (None: unknown), on the event loop's connection."""
+        with self._probe_lock:
+            try:
+                return accounts_db.file_owner(self._probe_db(), file_id)
+            except sqlite3.Error as e:
+                raise StoreError(f"cannot read the store {self.path} ({e})") from None
+
+    # -- running proxies -----------------------------------------------------------------------
+
+    def heartbeat(
+        self, proxy_id: str, pid: int, started: float, now: float, ttl: float
+    ) -> list[tuple[str, int, float]]:
+        """Say this proxy is alive; returns the live proxies, oldest first (this one included)."""
+        with self._write(wait=0.05, mark=0) as db:
+            accounts_db.heartbeat(db, proxy_id, pid, started, now)
+            return accounts_db.live_proxies(db, now, ttl)
+
+    def live_proxies(self, now: float, ttl: float) -> list[tuple[str, int, float]]:
+        with self._read() as db:
+            return accounts_db.live_proxies(db, now, ttl)
+
+    def leave(self, proxy_id: str, now: float, ttl: float) -> None:
+        with self._write(mark=0) as db:
+            accounts_db.leave(db, proxy_id, now, ttl)
+
     # -- settings ------------------------------------------------------------------------------
 
     def use_key(self, key_id: int) -> KeyRecord:
@@ -644,13 +724,14 @@ class Store:
         rev: int | None = None,
         wait: float = BUSY_TIMEOUT,
         mark: int = 0,
+        learned: Sequence[tuple[Group, LearnedCap]] = (),
     ) -> None:
         """Apply attempts' outcomes (and the proxy's current key) in one transaction.
 
         `rev` is the Snapshot.rev the caller chose its current key under: if a command (use-key, rotate,
         set-strategy) has moved the current key since, the caller's choice is stale and is not saved. `mark` (the
         caller's number for this batch) shows as Snapshot.recorded in the snapshots read after the commit."""
-        if not attempts and active_key_id is None:
+        if not attempts and active_key_id is None and not learned:
             return
         with self._write(wait, mark) as db:
             settings = _load_settings(db)
@@ -672,6 +753,7 @@ class Store:
                 [(key_id, day, n, n if ok else 0) for (key_id, day, ok), n in daily.items()],
             )
             _save_keys(db, changed.values())
+            _learn(db, learned)
             stale = rev is not None and rev != _load_rev(db)
             chosen = roster.get(active_key_id)
             if chosen is not None and not stale:
@@ -681,6 +763,20 @@ class Store:
 
 
 # -- row helpers (run inside a transaction) ----------------------------------------------------
+
+def _learn(db: sqlite3.Connection, learned: Sequence[tuple[Group, LearnedCap]]) -> None:
+    """Merge caps a proxy learned into the stored accounts: merged here, not overwritten, so caps that other
+    proxies learned meanwhile, and caps a user stated, stay."""
+    by_group: dict[Group, list[LearnedCap]] = {}
+    for group, cap in learned:
+        by_group.setdefault(group, []).append(cap)
+    changed = []
+    for group, found in by_group.items():
+        merged = caps.merge_caps(accounts_db.load_account(db, group), group, found, max(c.at for c in found))
+        if merged is not None:
+            changed.append(merged)
+    accounts_db.save_accounts(db, changed)
+
 
 _SELECT_KEYS = f"SELECT {', '.join(_KEY_COLUMNS)} FROM keys"
 

@@ -1,0 +1,191 @@
+"""The store's account, file and proxy rows: how they are kept in SQLite (run inside the store's transactions).
+
+Accounts hold what the caps and quota code knows about each account, as JSON columns: the set of limits may grow,
+and a store written by a newer kimi-rotate then still reads (unknown limits are skipped, never an error).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable
+from typing import Any
+
+from .models import AccountRecord, CapSource, Group, LearnedCap, Limit, Quota, QuotaWindow, Surface
+
+SCHEMA = """
+    CREATE TABLE accounts (
+        surface TEXT NOT NULL,
+        account TEXT NOT NULL,
+        stated TEXT NOT NULL DEFAULT '{}',
+        learned TEXT NOT NULL DEFAULT '{}',
+        quota TEXT,
+        PRIMARY KEY (surface, account)
+    );
+    CREATE TABLE files (
+        file_id TEXT PRIMARY KEY,
+        key_id INTEGER NOT NULL,
+        surface TEXT NOT NULL,
+        account TEXT NOT NULL,
+        uploaded_at REAL NOT NULL
+    );
+    CREATE TABLE proxies (
+        id TEXT PRIMARY KEY,
+        pid INTEGER NOT NULL,
+        started REAL NOT NULL,
+        seen REAL NOT NULL
+    )
+"""
+
+
+def load_accounts(db: sqlite3.Connection) -> dict[Group, AccountRecord]:
+    out: dict[Group, AccountRecord] = {}
+    for surface, account, stated, learned, quota in db.execute(
+        "SELECT surface, account, stated, learned, quota FROM accounts"
+    ):
+        try:
+            record = AccountRecord(surface=Surface(surface), account=account, stated=_stated(stated),
+                                   learned=_learned(learned), quota=_quota(quota))
+        except ValueError:  # a surface this version does not know
+            continue
+        out[record.group] = record
+    return out
+
+
+def load_account(db: sqlite3.Connection, group: Group) -> AccountRecord | None:
+    row = db.execute("SELECT stated, learned, quota FROM accounts WHERE surface = ? AND account = ?",
+                     (group[0].value, group[1])).fetchone()
+    if row is None:
+        return None
+    return AccountRecord(surface=group[0], account=group[1], stated=_stated(row[0]), learned=_learned(row[1]),
+                         quota=_quota(row[2]))
+
+
+def save_accounts(db: sqlite3.Connection, records: Iterable[AccountRecord]) -> None:
+    db.executemany(
+        "INSERT INTO accounts (surface, account, stated, learned, quota) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (surface, account) DO UPDATE SET stated = excluded.stated, learned = excluded.learned, "
+        "quota = excluded.quota",
+        [(r.surface.value, r.account, _dump({k.value: v for k, v in r.stated.items()}),
+          _dump({k.value: _cap_fields(c) for k, c in r.learned.items()}), _quota_json(r.quota)) for r in records],
+    )
+
+
+def _dump(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _parse(text: str | None) -> Any:
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _stated(text: str) -> dict[Limit, int]:
+    data = _parse(text)
+    out: dict[Limit, int] = {}
+    if isinstance(data, dict):
+        for name, value in data.items():
+            if name in Limit._value2member_map_ and type(value) is int and value > 0:
+                out[Limit(name)] = value
+    return out
+
+
+def _cap_fields(cap: LearnedCap) -> dict[str, Any]:
+    return {"value": cap.value, "source": cap.source.value, "at": cap.at, "detail": cap.detail}
+
+
+def _learned(text: str) -> dict[Limit, LearnedCap]:
+    data = _parse(text)
+    out: dict[Limit, LearnedCap] = {}
+    if not isinstance(data, dict):
+        return out
+    for name, fields in data.items():
+        if name not in Limit._value2member_map_ or not isinstance(fields, dict):
+            continue
+        value, source = fields.get("value"), fields.get("source")
+        if type(value) is not int or value <= 0 or not isinstance(source, str) \
+                or source not in CapSource._value2member_map_:
+            continue
+        at = fields.get("at")
+        detail = fields.get("detail")
+        out[Limit(name)] = LearnedCap(limit=Limit(name), value=value, source=CapSource(source),
+                                      at=float(at) if isinstance(at, int | float) else 0.0,
+                                      detail=detail if isinstance(detail, str) else "")
+    return out
+
+
+def _quota_json(quota: Quota | None) -> str | None:
+    if quota is None:
+        return None
+    return _dump({
+        "checked_at": quota.checked_at,
+        "balance": quota.balance,
+        "windows": [{"name": w.name, "limit": w.limit, "remaining": w.remaining, "reset_at": w.reset_at}
+                    for w in quota.windows],
+        "level": quota.level,
+    })
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _quota(text: str | None) -> Quota | None:
+    data = _parse(text)
+    if not isinstance(data, dict) or _number(data.get("checked_at")) is None:
+        return None
+    windows = []
+    for w in data.get("windows") or ():
+        if isinstance(w, dict) and isinstance(w.get("name"), str) and _number(w.get("remaining")) is not None:
+            windows.append(QuotaWindow(name=w["name"], limit=_number(w.get("limit")),
+                                       remaining=float(w["remaining"]), reset_at=_number(w.get("reset_at"))))
+    level = data.get("level")
+    return Quota(checked_at=float(data["checked_at"]), balance=_number(data.get("balance")), windows=tuple(windows),
+                 level=level if isinstance(level, str) else None)
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+def remember_file(db: sqlite3.Connection, file_id: str, key_id: int, group: Group, now: float) -> None:
+    db.execute(
+        "INSERT INTO files (file_id, key_id, surface, account, uploaded_at) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (file_id) DO UPDATE SET key_id = excluded.key_id, surface = excluded.surface, "
+        "account = excluded.account, uploaded_at = excluded.uploaded_at",
+        (file_id, key_id, group[0].value, group[1], now),
+    )
+
+
+def file_owner(db: sqlite3.Connection, file_id: str) -> tuple[int, Group] | None:
+    row = db.execute("SELECT key_id, surface, account FROM files WHERE file_id = ?", (file_id,)).fetchone()
+    if row is None:
+        return None
+    try:
+        return int(row[0]), (Surface(row[1]), row[2])
+    except ValueError:
+        return None
+
+
+# -- proxies -------------------------------------------------------------------------------------
+
+def heartbeat(db: sqlite3.Connection, proxy_id: str, pid: int, started: float, now: float) -> None:
+    db.execute(
+        "INSERT INTO proxies (id, pid, started, seen) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (id) DO UPDATE SET seen = excluded.seen",
+        (proxy_id, pid, started, now),
+    )
+
+
+def live_proxies(db: sqlite3.Connection, now: float, ttl: float) -> list[tuple[str, int, float]]:
+    """(id, pid, started) of the proxies seen within `ttl` seconds, oldest first (ties by id): every proxy
+    reads the same order, which is what splitting an account's caps between them needs."""
+    rows = db.execute("SELECT id, pid, started FROM proxies WHERE seen >= ? ORDER BY started, id", (now - ttl,))
+    return [(str(i), int(p), float(s)) for i, p, s in rows]
+
+
+def leave(db: sqlite3.Connection, proxy_id: str, now: float, ttl: float) -> None:
+    """A proxy that stops removes its row, and the rows of proxies long gone."""
+    db.execute("DELETE FROM proxies WHERE id = ? OR seen < ?", (proxy_id, now - 10 * ttl))
