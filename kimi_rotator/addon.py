@@ -56,7 +56,14 @@ from .routing import (
     reverse_resolve,
 )
 from .store import Store, StoreError, store_home
-from .upstream import UPSTREAM_OPTIONS, UpstreamClient, UpstreamError, UpstreamTimeout, settings_from_options
+from .upstream import (
+    UPSTREAM_OPTIONS,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamTimeout,
+    settings_from_options,
+)
+from .upstream import add_options as add_upstream_options
 
 log = logging.getLogger("kimi_rotate")
 
@@ -98,13 +105,12 @@ class KimiRotate:
         add = loader.add_option  # type: ignore[attr-defined]
         add("kimi_home", str, "", "Folder of the key store (default: $KIMI_ROTATE_HOME or the user data folder).")
         add("kimi_hosts", Sequence[str], [], "Extra host=surface pairs to serve (repeat the option).")
-        add("kimi_resolve", Sequence[str], [], "host=address:port: connect there for that host (like curl --resolve).")
         add("kimi_client_token", str, "", "If set, only requests whose credential equals this token get a key.")
         add("kimi_allow_remote", bool, False, "Give keys to clients on other machines without kimi_client_token or "
                                               "proxyauth: anyone who can reach the proxy can then spend them.")
         add("kimi_max_attempts", int, 5, "Most keys one request is tried on (never more than the eligible keys).")
         add("kimi_max_wait", int, 3, "Seconds a request may wait for a cooling key before a local 429.")
-        add("kimi_upstream_timeout", int, 600, "Seconds to wait for Kimi to connect (at most 15) or send more.")
+        add_upstream_options(add)
         add("kimi_intercept_all", bool, False, "Decrypt every TLS connection, not only the Kimi hosts.")
 
     def configure(self, updated: set[str]) -> None:

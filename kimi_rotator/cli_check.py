@@ -57,12 +57,12 @@ def check(
     one whose quota is back stops cooling; an unlabelled key takes the account Kimi names. No proxy is needed.
     Exit code 0 when every key checked is valid, 1 when any is invalid or could not be checked.
     """
-    from .proxy import ProxyError, upstream_settings  # mitmproxy's option parser loads only for this command
     from .store import Store
+    from .upstream import settings_from_sets  # mitmproxy's option parser loads only for this command
 
     try:
-        settings = upstream_settings(set_ or [])
-    except ProxyError as e:
+        settings = settings_from_sets(set_ or [])
+    except ValueError as e:
         raise CheckError(str(e)) from None
     store = Store()
     try:

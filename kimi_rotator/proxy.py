@@ -43,7 +43,6 @@ from .access import KeyAccess, is_loopback
 from .addon import KimiRotate
 from .ca import CAInfo, ensure_ca, env_lines
 from .models import Surface
-from .upstream import UPSTREAM_OPTIONS, UpstreamSettings, settings_from_options
 
 FLUSH_SECONDS = 0.1  # how long a logged line may wait in stdout's buffer
 
@@ -125,42 +124,6 @@ def option_addons(sets: Sequence[str], known: Collection[str] = ()) -> tuple[lis
         loaded.add((module, cls))
         (before if first else after).append(getattr(importlib.import_module(f"mitmproxy.addons.{module}"), cls)())
     return before, after
-
-
-def upstream_settings(sets: Sequence[str]) -> UpstreamSettings:
-    """How the proxy would reach Kimi with these `--set NAME=VALUE` options (UPSTREAM_OPTIONS only), read by
-    mitmproxy's option parser as the proxy's are, with the addon's checks: ProxyError names a bad one."""
-    from mitmproxy.proxy import mode_specs
-
-    opts = options.Options()
-    KimiRotate().load(opts)
-    upstream_auth.UpstreamAuth().load(opts)
-    by_name: dict[str, list[str]] = {}
-    for spec in sets:
-        name = spec.partition("=")[0].strip()
-        if name not in UPSTREAM_OPTIONS:
-            raise ProxyError(f"--set {name or spec!r} is not an option `kimi-rotate check` reads; it reads "
-                             f"{', '.join(UPSTREAM_OPTIONS)}")
-        by_name.setdefault(name, []).append(spec)
-    for name, specs in by_name.items():
-        try:
-            opts.set(*specs)  # a repeated list option (kimi_resolve) keeps every value
-        except exceptions.OptionsError as e:
-            raise ProxyError(f"bad --set {name}: {e}") from None
-    for mode in opts.mode:
-        try:
-            mode_specs.ProxyMode.parse(mode)
-        except ValueError as e:
-            raise ProxyError(f"bad --set mode={mode}: {e}") from None
-    if opts.kimi_upstream_timeout < 1:
-        raise ProxyError("bad --set kimi_upstream_timeout: it must be at least 1 (seconds)")
-    try:
-        return settings_from_options(lambda name: getattr(opts, name, None))
-    except ValueError as e:  # kimi_resolve
-        raise ProxyError(f"bad --set {e}") from None
-    except OSError as e:  # the CA file or folder (ssl.SSLError is an OSError too)
-        where = opts.ssl_verify_upstream_trusted_ca or opts.ssl_verify_upstream_trusted_confdir
-        raise ProxyError(f"cannot load the trusted CA {where} ({e.strerror or e}); check the path") from None
 
 
 def listen_error(host: str, port: int, error: BaseException, web: bool = False) -> str:

@@ -90,6 +90,51 @@ def settings_from_options(get: Callable[[str], object]) -> UpstreamSettings:
     )
 
 
+def add_options(add: Callable[..., object]) -> None:
+    """Declare kimi-rotate's own upstream options with `add(name, type, default, help)`: the addon's `load`, and
+    settings_from_sets."""
+    add("kimi_resolve", Sequence[str], [], "host=address:port: connect there for that host (like curl --resolve).")
+    add("kimi_upstream_timeout", int, 600, "Seconds to wait for Kimi to connect (at most 15) or send more.")
+
+
+def settings_from_sets(sets: Sequence[str]) -> UpstreamSettings:
+    """UpstreamSettings from `--set NAME=VALUE` options (UPSTREAM_OPTIONS only), parsed by mitmproxy's option
+    parser as the proxy's are (a repeated list option keeps every value), with the addon's checks. Raises
+    ValueError, one line that names the bad option."""
+    from mitmproxy import exceptions, options  # mitmproxy's options alone: its addons cost seconds to import
+    from mitmproxy.proxy import mode_specs
+
+    opts = options.Options()
+    add_options(opts.add_option)
+    opts.add_option("upstream_auth", str | None, None, "user:password for the upstream proxy")  # as mitmproxy's addon
+    by_name: dict[str, list[str]] = {}
+    for spec in sets:
+        name = spec.partition("=")[0].strip()
+        if name not in UPSTREAM_OPTIONS:
+            raise ValueError(f"--set {name or spec!r} is not an option `kimi-rotate check` reads; it reads "
+                             f"{', '.join(UPSTREAM_OPTIONS)}")
+        by_name.setdefault(name, []).append(spec)
+    for name, specs in by_name.items():
+        try:
+            opts.set(*specs)
+        except exceptions.OptionsError as e:
+            raise ValueError(f"bad --set {name}: {e}") from None
+    for mode in opts.mode:
+        try:
+            mode_specs.ProxyMode.parse(mode)
+        except ValueError as e:
+            raise ValueError(f"bad --set mode={mode}: {e}") from None
+    if opts.kimi_upstream_timeout < 1:
+        raise ValueError("bad --set kimi_upstream_timeout: it must be at least 1 (seconds)")
+    try:
+        return settings_from_options(lambda name: getattr(opts, name, None))
+    except ValueError as e:  # kimi_resolve
+        raise ValueError(f"bad --set {e}") from None
+    except OSError as e:  # the CA file or folder (ssl.SSLError is an OSError too)
+        where = opts.ssl_verify_upstream_trusted_ca or opts.ssl_verify_upstream_trusted_confdir
+        raise ValueError(f"cannot load the trusted CA {where} ({e.strerror or e}); check the path") from None
+
+
 def _strings(value: object) -> list[str]:
     return [str(v) for v in value] if isinstance(value, Sequence) and not isinstance(value, str) else []
 
