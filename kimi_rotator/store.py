@@ -637,8 +637,7 @@ class Store:
         """Save what a probe said about an account's quota (a proxy's or `check`'s: other proxies see it within
         their poll, as they see outcomes)."""
         with self._write(mark=0) as db:
-            before = accounts_db.load_account(db, group) or AccountRecord(surface=group[0], account=group[1])
-            accounts_db.save_accounts(db, [replace(before, quota=quota)])
+            _save_quota(db, group, quota)
 
     # -- files ---------------------------------------------------------------------------------
 
@@ -704,15 +703,20 @@ class Store:
 
     def apply_probe(self, result: ProbeResult, now: float, replaces: str | None = None) -> list[KeyRecord]:
         """Record what a zero-token probe found (see probe.updates), in one transaction: a refused key disabled, an
-        account cooled until the reset Kimi reported or freed when its quota is back, the account label filled.
-        `replaces` is the reason of the answer that asked for the probe. Returns the keys changed (none for a key
-        removed meanwhile). A probe is no request: no counter moves."""
+        account cooled until the reset Kimi reported or freed when its quota is back, the account label filled, and
+        the quota saved on the key's account (its limit group). `replaces` is the reason of the answer that asked
+        for the probe. Returns the keys changed (none for a key removed meanwhile). A probe is no request: no
+        counter moves. A command's write: a running proxy sees it before its next request."""
         from .probe import updates  # it loads the classifier, which most commands never need
 
         hint = result.outcome.account_hint
         with self._write() as db:
-            changed = updates(_load_involved(db, {result.key_id}, {hint} if hint else set()), result, now, replaces)
+            involved = _load_involved(db, {result.key_id}, {hint} if hint else set())
+            changed = updates(involved, result, now, replaces)
             _save_keys(db, changed)
+            probed = next((k for k in [*changed, *involved] if k.id == result.key_id), None)
+            if probed is not None and result.quota is not None:
+                _save_quota(db, probed.limit_group, result.quota)
         return changed
 
     # -- what the proxy reports ----------------------------------------------------------------
@@ -763,6 +767,11 @@ class Store:
 
 
 # -- row helpers (run inside a transaction) ----------------------------------------------------
+
+def _save_quota(db: sqlite3.Connection, group: Group, quota: Quota) -> None:
+    before = accounts_db.load_account(db, group) or AccountRecord(surface=group[0], account=group[1])
+    accounts_db.save_accounts(db, [replace(before, quota=quota)])
+
 
 def _learn(db: sqlite3.Connection, learned: Sequence[tuple[Group, LearnedCap]]) -> None:
     """Merge caps a proxy learned into the stored accounts: merged here, not overwritten, so caps that other
