@@ -172,6 +172,33 @@ class Snapshot:
     accounts: dict[Group, AccountRecord] = field(default_factory=dict)
 
 
+# The store files this process has open, with how many Stores. SQLite's locks on a file are POSIX locks, which
+# belong to the process: closing any descriptor of the file drops them all, and a Store's connections then miss other
+# processes' commits. A second Store in one process (the proxy's quota watch, the kimi.rotate command) must
+# therefore not open the file itself to check its header.
+_OPEN_HERE: Counter[Path] = Counter()
+_OPEN_HERE_LOCK = threading.Lock()
+
+
+def _opened_here(path: Path) -> Path:
+    where = path.resolve()
+    with _OPEN_HERE_LOCK:
+        _OPEN_HERE[where] += 1
+    return where
+
+
+def _closed_here(where: Path) -> None:
+    with _OPEN_HERE_LOCK:
+        _OPEN_HERE[where] -= 1
+        if _OPEN_HERE[where] <= 0:
+            del _OPEN_HERE[where]
+
+
+def _is_open_here(path: Path) -> bool:
+    with _OPEN_HERE_LOCK:
+        return _OPEN_HERE[path.resolve()] > 0
+
+
 def store_home() -> Path:
     env = os.environ.get(HOME_ENV)
     return Path(env).expanduser() if env else Path(platformdirs.user_data_dir("kimi-rotate", appauthor=False))
@@ -195,6 +222,7 @@ class Store:
         self.readonly = readonly
         self._lock = threading.Lock()
         self._db = self._open_readonly() if readonly else self._open()
+        self._here: Path | None = _opened_here(self.path)
         # Held around each commit of _db and each snapshot's first read: so a snapshot's `recorded` and `taken` say
         # exactly which of this Store's own commits it holds, on whichever connection it was read.
         self._commit_lock = threading.Lock()
@@ -301,6 +329,8 @@ class Store:
         )
 
     def _check_header(self) -> None:
+        if _is_open_here(self.path):
+            return  # checked when it was first opened here; reading it now would cost the open Stores their locks
         try:
             with open(self.path, "rb") as f:
                 head = f.read(len(_SQLITE_MAGIC))
@@ -339,6 +369,9 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            here, self._here = self._here, None
+        if here is not None:
+            _closed_here(here)
         with self._probe_lock:
             if self._probe is not None:
                 self._probe.close()
