@@ -42,6 +42,7 @@ from .failover import Failover, Job, Reply, broke_off
 from .flowview import StreamCopy, add_flows, attempt_flows, keeps_flows, link_note
 from .models import Surface
 from .pool import LivePool
+from .quota_watch import QuotaWatch
 from .relay import TOKEN_HEADER, Handover, Relay
 from .routing import (
     KIMI_PORT,
@@ -90,6 +91,7 @@ class KimiRotate:
         self.store_error: str | None = None
         self.pool: LivePool | None = None
         self.failover: Failover | None = None
+        self.quota_watch: QuotaWatch | None = None  # probes an account whose quota Kimi says is used up
         self.relay: Relay | None = None
         self.relayed: dict[str, RelayedFlow] = {}
         self._warned: set[Surface] = set()
@@ -112,6 +114,8 @@ class KimiRotate:
         add("kimi_max_wait", int, 3, "Seconds a request may wait for a cooling key before a local 429.")
         add_upstream_options(add)
         add("kimi_intercept_all", bool, False, "Decrypt every TLS connection, not only the Kimi hosts.")
+        add("kimi_probe_interval", int, 0, "Seconds between zero-token quota probes of every account (0: only when "
+                                           "Kimi says a quota is used up; else at least 60).")
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -125,8 +129,9 @@ class KimiRotate:
             raise exceptions.OptionsError(str(e)) from None
         if opts.kimi_max_attempts < 1:
             raise exceptions.OptionsError("kimi_max_attempts must be at least 1")
-        if opts.kimi_max_wait < 0 or opts.kimi_upstream_timeout < 1:
-            raise exceptions.OptionsError("kimi_max_wait must be >= 0 and kimi_upstream_timeout >= 1")
+        if opts.kimi_max_wait < 0 or opts.kimi_upstream_timeout < 1 or opts.kimi_probe_interval < 0:
+            raise exceptions.OptionsError("kimi_max_wait and kimi_probe_interval must be >= 0 and "
+                                          "kimi_upstream_timeout >= 1")
         self.access = key_access(opts.kimi_client_token, getattr(opts, "proxyauth", None), opts.kimi_allow_remote)
         if self.access is not self._access_logged:
             self._access_logged = self.access
@@ -135,7 +140,8 @@ class KimiRotate:
         if "kimi_home" in updated or (self.store is None and self.store_error is None):
             self._open_store(Path(opts.kimi_home).expanduser() if opts.kimi_home else store_home())
         if self.pool is not None and (self.failover is None or updated.intersection(UPSTREAM_OPTIONS) or
-                                      updated & {"kimi_max_attempts", "kimi_max_wait", "kimi_home"}):
+                                      updated & {"kimi_max_attempts", "kimi_max_wait", "kimi_home",
+                                                 "kimi_probe_interval"}):
             self._build_failover()
 
     def _open_store(self, home: Path) -> None:
@@ -165,8 +171,14 @@ class KimiRotate:
         assert self.pool is not None
         opts = ctx.options
         settings = settings_from_options(lambda name: getattr(opts, name, None))
-        old = self.failover
-        self.failover = Failover(self.pool, UpstreamClient(settings), opts.kimi_max_attempts, opts.kimi_max_wait)
+        old, client = self.failover, UpstreamClient(settings)
+        if self.quota_watch is not None:
+            self.quota_watch.stop()
+        self.quota_watch = QuotaWatch(self.pool, client, opts.kimi_probe_interval)
+        self.failover = Failover(self.pool, client, opts.kimi_max_attempts, opts.kimi_max_wait,
+                                 on_outcome=self.quota_watch.saw)
+        if self._loop is not None:
+            self.quota_watch.start()
         if old is not None:
             _spawn(old.upstream.aclose())
 
@@ -174,6 +186,8 @@ class KimiRotate:
         loop = self._loop = asyncio.get_running_loop()
         if self.pool is not None:
             self.pool.start(loop)
+        if self.quota_watch is not None:
+            self.quota_watch.start()
         if self.relay is None:
             self.relay = Relay()
             _spawn(self.relay.start())
@@ -190,6 +204,8 @@ class KimiRotate:
             with contextlib.suppress(exceptions.AddonManagerError):
                 ctx.master.addons.remove(self._after_tlsconfig)
             self._after_tlsconfig = None
+        if self.quota_watch is not None:
+            self.quota_watch.stop()
         self._close_pool()
         if self.relay is not None:
             _spawn(self.relay.stop())

@@ -7,7 +7,6 @@ needs no running proxy. Everything heavy (mitmproxy's option parser, the client,
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import sys
@@ -44,9 +43,8 @@ def check(
         typer.Option(
             "--set",
             metavar="NAME=VALUE",
-            help="How to reach Kimi, as with `proxy --set` (repeatable): kimi_resolve, ssl_verify_upstream_trusted_ca, "
-            "ssl_verify_upstream_trusted_confdir, ssl_insecure, kimi_upstream_timeout, mode=upstream:URL, "
-            "upstream_auth.",
+            help="How to reach Kimi, as with `proxy --set` (repeatable): kimi_resolve, kimi_upstream_timeout, the "
+            "ssl_insecure and ssl_verify_upstream_* options, mode=upstream:URL, upstream_auth.",
         ),
     ] = None,
 ) -> None:
@@ -71,6 +69,8 @@ def check(
         if not chosen:
             typer.echo("[]" if as_json else "No keys configured.\nAdd one with: kimi-rotate add-key")
             return
+        import asyncio  # it loads ssl, which the everyday commands never need
+
         results = asyncio.run(_probe(settings, chosen, _progress(len(chosen))))
         for result in results:
             store.apply_probe(result, time.time())

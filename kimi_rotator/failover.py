@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from . import engine, http1
 from .activity import trail_entry
 from .classify import Verdict, classify, classify_connection_error, decode_body
-from .models import KeyRecord, Scope, Surface
+from .models import KeyRecord, Outcome, Scope, Surface
 from .pool import LivePool
 from .routing import with_credential
 from .upstream import Response, UpstreamClient, UpstreamError, UpstreamTimeout
@@ -133,17 +133,21 @@ class Failover:
         max_attempts: int,
         max_wait: float,
         clock: Callable[[], float] = time.time,
+        on_outcome: Callable[[KeyRecord, Outcome], None] | None = None,  # hears every recorded outcome (quota watch)
     ) -> None:
         self.pool = pool
         self.upstream = upstream
         self.max_attempts = max_attempts
         self.max_wait = max_wait
         self.clock = clock
+        self.on_outcome = on_outcome
 
     def settle(self, job: Job, key: KeyRecord, status: int | str, verdict: Verdict) -> None:
         """Record one attempt's verdict and add it to the job's trail."""
         now = self.clock()
         self.pool.record(key.id, verdict.outcome, now)
+        if self.on_outcome is not None:
+            self.on_outcome(key, verdict.outcome)
         job.trail.append(trail_entry(key, status, verdict, now))
         if verdict.outcome.scope is Scope.SERVER:
             job.server_failures += 1

@@ -7,8 +7,10 @@ same production options. What check records is read back through `list-keys --js
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -184,3 +186,26 @@ def test_no_keys_and_unknown_refs(home: Path, fake_kimi: FakeKimi, pki: TestPKI)
     result = check(home, fake_kimi, pki, "nosuch")
     assert result.returncode == 1 and "no key named 'nosuch'" in result.stderr
     assert fake_kimi.requests == []
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_drawn_only_on_a_terminal_and_only_above_four_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kimi_rotator import cli_check
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert cli_check._progress(50) is None  # a pipe or a file: never
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert cli_check._progress(4) is None
+    bar = cli_check._progress(5)
+    assert bar is not None
+    for _ in range(5):
+        bar.step(None)  # type: ignore[arg-type]  # the result is not looked at
+    bar.close()
+    drawn = terminal.getvalue().split("\r")
+    assert drawn[1].startswith("Checking keys ") and drawn[1].endswith(" 0/5")
+    assert drawn[-2].endswith(" 5/5") and drawn[-1] == "\033[K"  # erased at the end

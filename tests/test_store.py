@@ -738,6 +738,6 @@ def test_a_second_store_in_one_process_leaves_the_first_seeing_other_processes(t
         with opened(home) as second:
             second.clear_limits(None)
             replace_keys("c")
-            assert [k.name for k in first.keys()] == [k.name for k in second.keys()] == ["c"]
+            assert [k.name for k in first.snapshot().keys] == [k.name for k in second.snapshot().keys] == ["c"]
         replace_keys("d")
-        assert [k.name for k in first.keys()] == [k.name for k in first.fresh_snapshot().keys] == ["d"]
+        assert [k.name for k in first.snapshot().keys] == [k.name for k in first.fresh_snapshot().keys] == ["d"]
