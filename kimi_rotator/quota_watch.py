@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from typing import Any
 
 from .activity import describe
@@ -48,29 +50,35 @@ class QuotaWatch:
         self.clock = clock
         self._probed: dict[Group, float] = {}  # when each account was last probed
         self._found: dict[Group, ProbeResult] = {}  # what that probe found
+        self._due: set[Group] = set()  # accounts with a probe waiting for MIN_INTERVAL to pass
         self._tasks: set[asyncio.Task[None]] = set()
         self._rounds: asyncio.Task[None] | None = None
         self._store: Store | None = None
+        self._store_lock = threading.Lock()  # writes run in worker threads, perhaps two at once
         self._stopped = False
 
     # -- on the event loop -----------------------------------------------------------------------
 
     def saw(self, key: KeyRecord, outcome: Outcome) -> None:
-        """An attempt's outcome (already recorded in the pool). A used-up quota gets its account probed once; within
-        MIN_INTERVAL of that probe, what it found is applied again instead (another key of the account answered
-        the same, and its guess must not outlast the reset Kimi reported)."""
+        """An attempt's outcome (already recorded in the pool). A used-up quota gets its account probed once.
+        Within MIN_INTERVAL of that probe, a used-up quota it found is applied again instead (another key of the
+        account answered the same, and its guess must not outlast the reset Kimi reported); if it found quota
+        left, which this answer contradicts, the account is probed again once MIN_INTERVAL has passed."""
         if outcome.kind not in TRIGGERS:
             return
         key = self.pool.roster.get(key.id) or key  # the outcome may have given it its account
         group = key.limit_group
-        now = self.clock()
-        if now - self._probed.get(group, float("-inf")) >= MIN_INTERVAL:
-            self._probed[group] = now
+        wait = self._probed.get(group, float("-inf")) + MIN_INTERVAL - self.clock()
+        if wait <= 0:
+            self._probed[group] = self.clock()
             self._spawn(self._probe(key, outcome.reason))
             return
         found = self._found.get(group)
         if found is not None and found.quota is not None and found.outcome.kind in TRIGGERS:
-            self._spawn(self._apply([found], outcome.reason))
+            self._spawn(self._apply([replace(found, key_id=key.id)], outcome.reason))  # that key may be gone
+        elif group not in self._due:
+            self._due.add(group)
+            self._spawn(self._probe_later(key, outcome.reason, wait))
 
     def start(self) -> None:
         """Start the periodic round, if kimi_probe_interval asks for one (on the running loop)."""
@@ -85,9 +93,10 @@ class QuotaWatch:
             self._rounds = None
         for task in list(self._tasks):
             task.cancel()
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+        with self._store_lock:  # a write under way ends first
+            if self._store is not None:
+                self._store.close()
+                self._store = None
 
     # -- the probes ------------------------------------------------------------------------------
 
@@ -100,6 +109,14 @@ class QuotaWatch:
             log.info("kimi-rotate: probed the account of %s after its %s: %s", describe(key), replaces or "answer",
                      quota_text(result.quota, self.clock()))
         await self._apply([result], replaces)
+
+    async def _probe_later(self, key: KeyRecord, replaces: str | None, wait: float) -> None:
+        try:
+            await asyncio.sleep(wait)
+            self._probed[key.limit_group] = self.clock()
+            await self._probe(key, replaces)
+        finally:
+            self._due.discard(key.limit_group)
 
     async def _every(self) -> None:
         while True:
@@ -131,15 +148,16 @@ class QuotaWatch:
         await asyncio.to_thread(self._write, results, replaces)
 
     def _write(self, results: list[ProbeResult], replaces: str | None) -> None:
-        if self._stopped:
-            return
-        try:
-            if self._store is None:
-                self._store = Store(self.pool.store.home)
-            for result in results:
-                self._store.apply_probe(result, self.clock(), replaces)
-        except StoreError as e:  # the pool reports store trouble; a lost probe result only leaves the guess
-            log.warning("kimi-rotate: could not record a probe: %s", e)
+        with self._store_lock:
+            if self._stopped:
+                return
+            try:
+                if self._store is None:
+                    self._store = Store(self.pool.store.home)
+                for result in results:
+                    self._store.apply_probe(result, self.clock(), replaces)
+            except StoreError as e:  # the pool reports store trouble; a lost probe result only leaves the guess
+                log.warning("kimi-rotate: could not record a probe: %s", e)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)

@@ -182,3 +182,22 @@ async def test_the_interval_probes_every_account_and_never_twice_a_minute(
     watch.stop()
     assert world.usages_probes() == 2
     assert QuotaWatch(world.pool, world.client, 0).interval == 0
+
+
+async def test_quota_left_then_used_up_again_within_the_minute_gets_one_later_probe(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(quota_watch, "MIN_INTERVAL", 0.4)
+    world.fake.set_plan("acct", window_limit=10, window_used=9, window_reset_in=1200)  # /usages: 1 left
+    watch = world.watch()
+    one, two = world.keys
+    watch.saw(one, world.billing(one))
+    await world.until(lambda ks: all(k.cooldown_until is None for k in ks.values()), "the quota seen left")
+    world.fake.set_plan("acct", window_limit=10, window_used=10, window_reset_in=1200)  # now it is used up
+    reset = float(int(world.clock() + 1200))
+    watch.saw(two, world.billing(two))  # too soon for a probe: one is due once MIN_INTERVAL has passed
+    watch.saw(one, world.billing(one))  # and only one
+    assert world.usages_probes() == 1
+    await world.until(lambda ks: all(k.cooldown_until == reset for k in ks.values()), "the later probe")
+    assert world.usages_probes() == 2
+    watch.stop()
