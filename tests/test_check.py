@@ -11,6 +11,7 @@ import io
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from harness import KeySpec, cli_keys, kimi_key, platform_key, reset_store, run_
 from kimi_rotator.models import Surface
 from kimi_rotator.probe import USER_AGENT
 from kimi_rotator.store import Store
+from kimi_rotator.symbols import symbols
 
 pytestmark = pytest.mark.e2e
 
@@ -189,10 +191,22 @@ def test_no_keys_and_unknown_refs(home: Path, fake_kimi: FakeKimi, pki: TestPKI)
 
 
 class Terminal(io.StringIO):
+    encoding = "utf-8"
+
     def isatty(self) -> bool:
         return True
 
 
+@pytest.fixture
+def fresh_symbols() -> Iterator[None]:
+    """symbols() decides once per process, from the streams: what a test's stand-in streams made it decide is
+    forgotten afterwards."""
+    symbols.cache_clear()
+    yield
+    symbols.cache_clear()
+
+
+@pytest.mark.usefixtures("fresh_symbols")
 def test_progress_is_drawn_only_on_a_terminal_and_only_above_four_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     from kimi_rotator import cli_check
 
