@@ -26,15 +26,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import certifi
 from mitmproxy import command, connection, ctx, exceptions, http, tls
-from mitmproxy.proxy import mode_specs, server_hooks
+from mitmproxy.proxy import server_hooks
 
 from . import activity, affinity, engine, views
 from .access import KeyAccess, from_this_machine, key_access, refusal
@@ -44,6 +42,7 @@ from .failover import Failover, Job, Reply, broke_off
 from .flowview import StreamCopy, add_flows, attempt_flows, keeps_flows, link_note
 from .models import KeyRecord, Surface
 from .pool import LivePool
+from .quota_watch import QuotaWatch
 from .relay import TOKEN_HEADER, Handover, Relay
 from .routing import (
     KIMI_PORT,
@@ -59,7 +58,14 @@ from .routing import (
 )
 from .scheduler import Scheduler, SchedulerOptions
 from .store import Store, StoreError, store_home
-from .upstream import UpstreamClient, UpstreamError, UpstreamSettings, UpstreamTimeout
+from .upstream import (
+    UPSTREAM_OPTIONS,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamTimeout,
+    settings_from_options,
+)
+from .upstream import add_options as add_upstream_options
 
 log = logging.getLogger("kimi_rotate")
 
@@ -87,6 +93,7 @@ class KimiRotate:
         self.pool: LivePool | None = None
         self.failover: Failover | None = None
         self.scheduler: Scheduler | None = None  # lives as long as its pool: it holds the counts and the pins
+        self.quota_watch: QuotaWatch | None = None  # probes an account whose quota Kimi says is used up
         self.relay: Relay | None = None
         self.relayed: dict[str, RelayedFlow] = {}
         self._warned: set[Surface] = set()
@@ -102,7 +109,6 @@ class KimiRotate:
         add = loader.add_option  # type: ignore[attr-defined]
         add("kimi_home", str, "", "Folder of the key store (default: $KIMI_ROTATE_HOME or the user data folder).")
         add("kimi_hosts", Sequence[str], [], "Extra host=surface pairs to serve (repeat the option).")
-        add("kimi_resolve", Sequence[str], [], "host=address:port: connect there for that host (like curl --resolve).")
         add("kimi_client_token", str, "", "If set, only requests whose credential equals this token get a key.")
         add("kimi_allow_remote", bool, False, "Give keys to clients on other machines without kimi_client_token or "
                                               "proxyauth: anyone who can reach the proxy can then spend them.")
@@ -117,8 +123,10 @@ class KimiRotate:
                                              "forgotten.")
         add("kimi_quota_aware", bool, True, "Under health-based, spend first the quota that Kimi says will reset "
                                             "within the hour.")
-        add("kimi_upstream_timeout", int, 600, "Seconds to wait for Kimi to connect (at most 15) or send more.")
+        add_upstream_options(add)
         add("kimi_intercept_all", bool, False, "Decrypt every TLS connection, not only the Kimi hosts.")
+        add("kimi_probe_interval", int, 0, "Seconds between zero-token quota probes of every account (0: only when "
+                                           "Kimi says a quota is used up; else at least 60).")
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -132,9 +140,10 @@ class KimiRotate:
             raise exceptions.OptionsError(str(e)) from None
         if opts.kimi_max_attempts < 1:
             raise exceptions.OptionsError("kimi_max_attempts must be at least 1")
-        if opts.kimi_max_wait < 0 or opts.kimi_upstream_timeout < 1 or opts.kimi_affinity_idle < 1:
-            raise exceptions.OptionsError("kimi_max_wait must be >= 0, kimi_upstream_timeout and kimi_affinity_idle "
-                                          ">= 1")
+        if opts.kimi_max_wait < 0 or opts.kimi_probe_interval < 0:
+            raise exceptions.OptionsError("kimi_max_wait and kimi_probe_interval must be >= 0")
+        if opts.kimi_upstream_timeout < 1 or opts.kimi_affinity_idle < 1:
+            raise exceptions.OptionsError("kimi_upstream_timeout and kimi_affinity_idle must be >= 1")
         self.access = key_access(opts.kimi_client_token, getattr(opts, "proxyauth", None), opts.kimi_allow_remote)
         if self.access is not self._access_logged:
             self._access_logged = self.access
@@ -142,11 +151,10 @@ class KimiRotate:
             log.log(level, "kimi-rotate: %s", self.access.value)
         if "kimi_home" in updated or (self.store is None and self.store_error is None):
             self._open_store(Path(opts.kimi_home).expanduser() if opts.kimi_home else store_home())
-        upstream_opts = {"ssl_insecure", "ssl_verify_upstream_trusted_ca", "ssl_verify_upstream_trusted_confdir",
-                         "mode", "upstream_auth", "kimi_resolve", "kimi_upstream_timeout"}
-        scheduler_opts = {"kimi_max_attempts", "kimi_max_wait", "kimi_home", "kimi_admission", "kimi_affinity",
-                          "kimi_affinity_idle", "kimi_quota_aware"}
-        if self.pool is not None and (self.failover is None or updated & upstream_opts or updated & scheduler_opts):
+        failover_opts = {"kimi_max_attempts", "kimi_max_wait", "kimi_home", "kimi_admission", "kimi_affinity",
+                         "kimi_affinity_idle", "kimi_quota_aware", "kimi_probe_interval"}
+        if self.pool is not None and (self.failover is None or updated.intersection(UPSTREAM_OPTIONS) or
+                                      updated & failover_opts):
             self._build_failover()
 
     def _open_store(self, home: Path) -> None:
@@ -175,22 +183,21 @@ class KimiRotate:
     def _build_failover(self) -> None:
         assert self.pool is not None
         opts = ctx.options
-        settings = UpstreamSettings(
-            verify=_upstream_tls(opts),
-            proxy=_upstream_proxy(opts.mode),
-            proxy_auth=getattr(opts, "upstream_auth", None) or None,
-            resolve=self.resolve,
-            timeout=float(opts.kimi_upstream_timeout),
-        )
+        settings = settings_from_options(lambda name: getattr(opts, name, None))
         options = SchedulerOptions(admission=opts.kimi_admission, affinity=opts.kimi_affinity,
                                    quota_aware=opts.kimi_quota_aware, affinity_idle=float(opts.kimi_affinity_idle))
         if self.scheduler is None or self.scheduler.pool is not self.pool:
             self.scheduler = Scheduler(self.pool, time.time, opts.kimi_max_wait, options)
         else:
             self.scheduler.configure(options, opts.kimi_max_wait)
-        old = self.failover
-        self.failover = Failover(self.pool, UpstreamClient(settings), opts.kimi_max_attempts,
-                                 scheduler=self.scheduler)
+        old, client = self.failover, UpstreamClient(settings)
+        if self.quota_watch is not None:
+            self.quota_watch.stop()
+        self.quota_watch = QuotaWatch(self.pool, client, opts.kimi_probe_interval)
+        self.failover = Failover(self.pool, client, opts.kimi_max_attempts, scheduler=self.scheduler,
+                                 on_outcome=self.quota_watch.saw)
+        if self._loop is not None:
+            self.quota_watch.start()
         if old is not None:
             _spawn(old.upstream.aclose())
 
@@ -198,6 +205,8 @@ class KimiRotate:
         loop = self._loop = asyncio.get_running_loop()
         if self.pool is not None:
             self.pool.start(loop)
+        if self.quota_watch is not None:
+            self.quota_watch.start()
         if self.relay is None:
             self.relay = Relay()
             _spawn(self.relay.start())
@@ -214,6 +223,8 @@ class KimiRotate:
             with contextlib.suppress(exceptions.AddonManagerError):
                 ctx.master.addons.remove(self._after_tlsconfig)
             self._after_tlsconfig = None
+        if self.quota_watch is not None:
+            self.quota_watch.stop()
         self._close_pool()
         if self.relay is not None:
             _spawn(self.relay.stop())
@@ -507,31 +518,6 @@ async def _to_mitmproxy(reply: Reply, path: str) -> http.Response:
     headers = http.Headers(reply.headers_to_pass_on(len(raw)))
     now = time.time()  # mitmproxy stamps the start itself when a request hook sets the response
     return http.Response(b"HTTP/1.1", resp.status, resp.reason, headers, raw, None, now, now)
-
-
-def _upstream_tls(opts: object) -> ssl.SSLContext | bool:
-    """Verify upstream certificates exactly as mitmproxy is told to."""
-    if getattr(opts, "ssl_insecure", False):
-        return False
-    cafile = getattr(opts, "ssl_verify_upstream_trusted_ca", None)
-    capath = getattr(opts, "ssl_verify_upstream_trusted_confdir", None)
-    if cafile or capath:
-        return ssl.create_default_context(cafile=cafile, capath=capath)
-    return ssl.create_default_context(cafile=certifi.where())
-
-
-def _upstream_proxy(modes: Sequence[str]) -> str | None:
-    """The upstream proxy of the first upstream mode, as `scheme://host:port`, read with mitmproxy's own parser:
-    a mode may end in `@port` or `@host:port` (where mitmproxy listens for it), which is no part of the proxy."""
-    for spec in modes:
-        try:
-            mode = mode_specs.ProxyMode.parse(spec)
-        except ValueError:  # mitmproxy's proxyserver rejects the option itself, saying why
-            continue
-        if isinstance(mode, mode_specs.UpstreamMode):
-            host, port = mode.address
-            return f"{mode.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
-    return None
 
 
 _background: set[asyncio.Task[None]] = set()

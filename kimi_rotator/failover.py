@@ -17,7 +17,7 @@ from .activity import describe, trail_entry
 from .admission import Lease
 from .affinity import Conversation
 from .classify import Verdict, classify, classify_connection_error, decode_body
-from .models import Group, KeyRecord, OutcomeKind, Scope, Surface
+from .models import Group, KeyRecord, Outcome, OutcomeKind, Scope, Surface
 from .pool import LivePool
 from .routing import with_credential
 from .scheduler import Capped, Scheduler
@@ -147,6 +147,7 @@ class Failover:
         max_wait: float = 0.0,
         clock: Callable[[], float] = time.time,
         scheduler: Scheduler | None = None,
+        on_outcome: Callable[[KeyRecord, Outcome], None] | None = None,  # hears every recorded outcome (quota watch)
     ) -> None:
         """`scheduler`: the addon's, which outlives a failover rebuilt for new options (it holds the counts and the
         pins); without one, a scheduler of its own with `max_wait`."""
@@ -155,11 +156,14 @@ class Failover:
         self.max_attempts = max_attempts
         self.clock = clock
         self.scheduler = scheduler if scheduler is not None else Scheduler(pool, clock, max_wait)
+        self.on_outcome = on_outcome
 
     def settle(self, job: Job, key: KeyRecord, status: int | str, verdict: Verdict) -> None:
         """Record one attempt's verdict and add it to the job's trail."""
         now = self.clock()
         self.pool.record(key.id, verdict.outcome, now)
+        if self.on_outcome is not None:
+            self.on_outcome(key, verdict.outcome)
         job.trail.append(trail_entry(key, status, verdict, now))
         if verdict.outcome.scope is Scope.SERVER:
             job.server_failures += 1

@@ -288,6 +288,19 @@ class LivePool:
     def count(self, surface: Surface) -> int:
         return self._counts.get(surface, 0)
 
+    async def written(self, timeout: float = 5.0) -> bool:
+        """Wait until every outcome recorded so far is in the store (False: not within `timeout`, or no store
+        thread). A write through another connection that must land after them waits for this: the quota watch's
+        exact cooldown would otherwise be lengthened again by the guess it replaces, written after it."""
+        target = self._seq
+        deadline = time.monotonic() + timeout
+        self._wake.set()
+        while self._seq_written < target:
+            if self._thread is None or time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import platformdirs
 
@@ -43,6 +43,9 @@ from .models import (
     Surface,
 )
 from .roster import Roster
+
+if TYPE_CHECKING:
+    from .probe import ProbeResult
 
 HOME_ENV = "KIMI_ROTATE_HOME"
 STORE_FILE = "store.db"
@@ -169,6 +172,33 @@ class Snapshot:
     accounts: dict[Group, AccountRecord] = field(default_factory=dict)
 
 
+# The store files this process has open, with how many Stores. SQLite's locks on a file are POSIX locks, which
+# belong to the process: closing any descriptor of the file drops them all, and a Store's connections then miss other
+# processes' commits. A second Store in one process (the proxy's quota watch, the kimi.rotate command) must
+# therefore not open the file itself to check its header.
+_OPEN_HERE: Counter[Path] = Counter()
+_OPEN_HERE_LOCK = threading.Lock()
+
+
+def _opened_here(path: Path) -> Path:
+    where = path.resolve()
+    with _OPEN_HERE_LOCK:
+        _OPEN_HERE[where] += 1
+    return where
+
+
+def _closed_here(where: Path) -> None:
+    with _OPEN_HERE_LOCK:
+        _OPEN_HERE[where] -= 1
+        if _OPEN_HERE[where] <= 0:
+            del _OPEN_HERE[where]
+
+
+def _is_open_here(path: Path) -> bool:
+    with _OPEN_HERE_LOCK:
+        return _OPEN_HERE[path.resolve()] > 0
+
+
 def store_home() -> Path:
     env = os.environ.get(HOME_ENV)
     return Path(env).expanduser() if env else Path(platformdirs.user_data_dir("kimi-rotate", appauthor=False))
@@ -192,6 +222,7 @@ class Store:
         self.readonly = readonly
         self._lock = threading.Lock()
         self._db = self._open_readonly() if readonly else self._open()
+        self._here: Path | None = _opened_here(self.path)
         # Held around each commit of _db and each snapshot's first read: so a snapshot's `recorded` and `taken` say
         # exactly which of this Store's own commits it holds, on whichever connection it was read.
         self._commit_lock = threading.Lock()
@@ -298,6 +329,8 @@ class Store:
         )
 
     def _check_header(self) -> None:
+        if _is_open_here(self.path):
+            return  # checked when it was first opened here; reading it now would cost the open Stores their locks
         try:
             with open(self.path, "rb") as f:
                 head = f.read(len(_SQLITE_MAGIC))
@@ -336,6 +369,9 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            here, self._here = self._here, None
+        if here is not None:
+            _closed_here(here)
         with self._probe_lock:
             if self._probe is not None:
                 self._probe.close()
@@ -640,8 +676,7 @@ class Store:
         """Save what a probe said about an account's quota (a proxy's or `check`'s: other proxies see it within
         their poll, as they see outcomes)."""
         with self._write(mark=0) as db:
-            before = accounts_db.load_account(db, group) or AccountRecord(surface=group[0], account=group[1])
-            accounts_db.save_accounts(db, [replace(before, quota=quota)])
+            _save_quota(db, group, quota)
 
     # -- files ---------------------------------------------------------------------------------
 
@@ -705,6 +740,24 @@ class Store:
                 _save_settings(db, settings.with_current(result.key, serve_next=True), bump=True)
         return result
 
+    def apply_probe(self, result: ProbeResult, now: float, replaces: str | None = None) -> list[KeyRecord]:
+        """Record what a zero-token probe found (see probe.updates), in one transaction: a refused key disabled, an
+        account cooled until the reset Kimi reported or freed when its quota is back, the account label filled, and
+        the quota saved on the key's account (its limit group). `replaces` is the reason of the answer that asked
+        for the probe. Returns the keys changed (none for a key removed meanwhile). A probe is no request: no
+        counter moves. A command's write: a running proxy sees it before its next request."""
+        from .probe import updates  # it loads the classifier, which most commands never need
+
+        hint = result.outcome.account_hint
+        with self._write() as db:
+            involved = _load_involved(db, {result.key_id}, {hint} if hint else set())
+            changed = updates(involved, result, now, replaces)
+            _save_keys(db, changed)
+            probed = next((k for k in [*changed, *involved] if k.id == result.key_id), None)
+            if probed is not None and result.quota is not None:
+                _save_quota(db, probed.limit_group, result.quota)
+        return changed
+
     # -- what the proxy reports ----------------------------------------------------------------
 
     def record(
@@ -757,6 +810,11 @@ class Store:
 
 
 # -- row helpers (run inside a transaction) ----------------------------------------------------
+
+def _save_quota(db: sqlite3.Connection, group: Group, quota: Quota) -> None:
+    before = accounts_db.load_account(db, group) or AccountRecord(surface=group[0], account=group[1])
+    accounts_db.save_accounts(db, [replace(before, quota=quota)])
+
 
 def _learn(db: sqlite3.Connection, learned: Sequence[tuple[Group, LearnedCap]]) -> None:
     """Merge caps a proxy learned into the stored accounts: merged here, not overwritten, so caps that other

@@ -14,7 +14,7 @@ import asyncio
 import base64
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -63,6 +63,112 @@ class UpstreamSettings:
     proxy_auth: str | None = None  # mitmproxy's upstream_auth: "user:password"
     resolve: Mapping[str, tuple[str, int]] = field(default_factory=dict)  # kimi_resolve
     timeout: float = 600.0  # for connecting (capped at 15 s) and for each wait for more of the answer
+
+
+# The options that decide how Kimi is reached: mitmproxy's own upstream options and kimi-rotate's. The proxy reads
+# them from mitmproxy's options, `kimi-rotate check` from its `--set` options; both through settings_from_options.
+UPSTREAM_OPTIONS: tuple[str, ...] = (
+    "kimi_resolve", "kimi_upstream_timeout", "ssl_insecure", "ssl_verify_upstream_trusted_ca",
+    "ssl_verify_upstream_trusted_confdir", "mode", "upstream_auth",
+)
+
+
+def settings_from_options(get: Callable[[str], object]) -> UpstreamSettings:
+    """UpstreamSettings from option values by name (UPSTREAM_OPTIONS; an option not set reads as None).
+
+    Raises ValueError for a kimi_resolve entry that is not host=address:port."""
+    from .routing import parse_resolve  # it loads mitmproxy's authority parser
+
+    modes = get("mode")
+    timeout = get("kimi_upstream_timeout")
+    return UpstreamSettings(
+        verify=upstream_tls(get),
+        proxy=upstream_proxy(modes if isinstance(modes, Sequence) and not isinstance(modes, str) else ()),
+        proxy_auth=str(get("upstream_auth") or "") or None,
+        resolve=parse_resolve(_strings(get("kimi_resolve"))),
+        timeout=float(timeout) if isinstance(timeout, int | float) else UpstreamSettings.timeout,
+    )
+
+
+def add_options(add: Callable[..., object]) -> None:
+    """Declare kimi-rotate's own upstream options with `add(name, type, default, help)`: the addon's `load`, and
+    settings_from_sets."""
+    add("kimi_resolve", Sequence[str], [], "host=address:port: connect there for that host (like curl --resolve).")
+    add("kimi_upstream_timeout", int, 600, "Seconds to wait for Kimi to connect (at most 15) or send more.")
+
+
+def settings_from_sets(sets: Sequence[str]) -> UpstreamSettings:
+    """UpstreamSettings from `--set NAME=VALUE` options (UPSTREAM_OPTIONS only), parsed by mitmproxy's option
+    parser as the proxy's are (a repeated list option keeps every value), with the addon's checks. Raises
+    ValueError, one line that names the bad option."""
+    from mitmproxy import exceptions, options  # mitmproxy's options alone: its addons cost seconds to import
+    from mitmproxy.proxy import mode_specs
+
+    opts = options.Options()
+    add_options(opts.add_option)
+    opts.add_option("upstream_auth", str | None, None, "user:password for the upstream proxy")  # as mitmproxy's addon
+    by_name: dict[str, list[str]] = {}
+    for spec in sets:
+        name = spec.partition("=")[0].strip()
+        if name not in UPSTREAM_OPTIONS:
+            raise ValueError(f"--set {name or spec!r} is not an option `kimi-rotate check` reads; it reads "
+                             f"{', '.join(UPSTREAM_OPTIONS)}")
+        by_name.setdefault(name, []).append(spec)
+    for name, specs in by_name.items():
+        try:
+            opts.set(*specs)
+        except exceptions.OptionsError as e:
+            raise ValueError(f"bad --set {name}: {e}") from None
+    for mode in opts.mode:
+        try:
+            mode_specs.ProxyMode.parse(mode)
+        except ValueError as e:
+            raise ValueError(f"bad --set mode={mode}: {e}") from None
+    if opts.kimi_upstream_timeout < 1:
+        raise ValueError("bad --set kimi_upstream_timeout: it must be at least 1 (seconds)")
+    try:
+        return settings_from_options(lambda name: getattr(opts, name, None))
+    except ValueError as e:  # kimi_resolve
+        raise ValueError(f"bad --set {e}") from None
+    except OSError as e:  # the CA file or folder (ssl.SSLError is an OSError too)
+        where = opts.ssl_verify_upstream_trusted_ca or opts.ssl_verify_upstream_trusted_confdir
+        raise ValueError(f"cannot load the trusted CA {where} ({e.strerror or e}); check the path") from None
+
+
+def _strings(value: object) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, Sequence) and not isinstance(value, str) else []
+
+
+def upstream_tls(get: Callable[[str], object]) -> ssl.SSLContext | bool:
+    """Verify upstream certificates exactly as mitmproxy is told to."""
+    if get("ssl_insecure"):
+        return False
+    cafile = get("ssl_verify_upstream_trusted_ca") or None
+    capath = get("ssl_verify_upstream_trusted_confdir") or None
+    if cafile or capath:
+        return ssl.create_default_context(cafile=str(cafile) if cafile else None,
+                                          capath=str(capath) if capath else None)
+    import certifi
+
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+def upstream_proxy(modes: Sequence[str]) -> str | None:
+    """The upstream proxy of the first upstream mode, as `scheme://host:port`, read with mitmproxy's own parser:
+    a mode may end in `@port` or `@host:port` (where mitmproxy listens for it), which is no part of the proxy."""
+    if not modes:
+        return None
+    from mitmproxy.proxy import mode_specs
+
+    for spec in modes:
+        try:
+            mode = mode_specs.ProxyMode.parse(spec)
+        except ValueError:  # mitmproxy's proxyserver rejects the option itself, saying why
+            continue
+        if isinstance(mode, mode_specs.UpstreamMode):
+            host, port = mode.address
+            return f"{mode.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+    return None
 
 
 def _tls_context(verify: ssl.SSLContext | bool) -> ssl.SSLContext:

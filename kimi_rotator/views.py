@@ -9,13 +9,16 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import engine
 from .keys import mask
-from .models import KeyRecord, KeyState, PoolSettings
+from .models import KeyRecord, KeyState, PoolSettings, Quota
 from .roster import Roster
 from .symbols import FANCY, Symbols, symbols
+
+if TYPE_CHECKING:
+    from .probe import ProbeResult
 
 MIN_SHRUNK_WIDTH = 8
 LAST_ROOM = 24
@@ -164,6 +167,79 @@ def status_text(roster: Roster, settings: PoolSettings, now: float) -> str:
         lines.append(f"{marker} [{s.index}] {k.name} {mask(k.secret.get_secret_value())} {k.surface.value} "
                      f"health {pct(s.health)} {s.state_text(now)}")
     return "\n".join(lines)
+
+
+# -- `check`: what the probes found ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Checked:
+    """One key `check` probed: its index, its record once the result was recorded, and the result."""
+
+    index: int
+    key: KeyRecord
+    result: ProbeResult
+
+
+def quota_text(quota: Quota | None, now: float) -> str:
+    """`balance 49.59`, or each window as `5h 85/100 until 14:05`; `-` when the probe gave none."""
+    if quota is None:
+        return "-"
+    parts = [f"balance {quota.balance:.2f}"] if quota.balance is not None else []
+    for w in quota.windows:
+        left = f"{w.remaining:g}/{w.limit:g}" if w.limit is not None else f"{w.remaining:g} left"
+        parts.append(f"{w.name} {left}" + (f" until {clock(w.reset_at, now)}" if w.reset_at is not None else ""))
+    return ", ".join(parts) or "-"
+
+
+def check_text(result: ProbeResult) -> str:
+    verdict = {True: "valid", False: "invalid", None: "unknown"}[result.valid]
+    return verdict if result.valid and result.status.startswith("2") else f"{verdict}: {result.status}"
+
+
+def check_table(rows: Sequence[Checked], width: int | None, now: float, sym: Symbols) -> list[str]:
+    """`check`'s table, one line per key, fitted to `width` where it can be."""
+    header = ("#", "NAME", "KEY", "SURFACE", "ACCOUNT", "CHECK", "QUOTA", "STATE")
+    lines = [
+        (str(c.index), c.key.name, mask(c.key.secret.get_secret_value(), sym.ellipsis), c.key.surface.value,
+         c.key.account or "-", check_text(c.result), quota_text(c.result.quota, now),
+         key_status(c.index, c.key, PoolSettings(), now, False).state_text(now))
+        for c in rows
+    ]
+    return table(header, lines, width, right={0}, caps={1: 24, 4: 16, 5: 40}, shrink=1, optional=(2, 3, 4))
+
+
+def check_json(c: Checked, now: float) -> dict[str, Any]:
+    """One element of `check --json`. Scripts rely on these names and types: only ever add fields.
+
+    index, name, masked_key, fingerprint, surface: as in list-keys --json. valid (bool|null: null when it could
+    not be told), status (str: "200", "401 invalid_authentication_error", or why no answer came), probe (the path
+    that answered last), account_hint (str|null: the account Kimi named), checked_at (epoch s|null), balance
+    (number|null, Open Platform), level (str|null, Kimi Code membership), windows (list of {name, limit
+    (number|null), remaining, reset_at (epoch s|null)}, Kimi Code); then, once the result was recorded: account
+    (str|null), state ("active"|"cooling"|"disabled"), reason (str|null), cooldown_until (epoch s|null).
+    """
+    k, r, q = c.key, c.result, c.result.quota
+    status = key_status(c.index, k, PoolSettings(), now, False)
+    return {
+        "index": c.index,
+        "name": k.name,
+        "masked_key": mask(k.secret.get_secret_value()),
+        "fingerprint": k.fingerprint,
+        "surface": k.surface.value,
+        "valid": r.valid,
+        "status": r.status,
+        "probe": r.path,
+        "account_hint": r.account_hint,
+        "checked_at": q.checked_at if q is not None else None,
+        "balance": q.balance if q is not None else None,
+        "level": q.level if q is not None else None,
+        "windows": [asdict(w) for w in q.windows] if q is not None else [],
+        "account": k.account,
+        "state": status.state.value,
+        "reason": status.reason,
+        "cooldown_until": k.cooldown_until if status.state is KeyState.COOLING else None,
+    }
 
 
 # -- stats --------------------------------------------------------------------------------------

@@ -707,3 +707,37 @@ def test_unusable_folder_gives_a_clear_error(tmp_path: Path) -> None:
     assert str(home) in str(info.value)
     assert HOME_ENV in str(info.value)
     assert blocker.read_text() == "a file where the store folder should be"
+
+
+# Another process replaces the store's keys with one key of this name.
+REPLACER = r"""
+import sys, time
+from pathlib import Path
+from kimi_rotator.models import Surface
+from kimi_rotator.store import NewKey, Store
+
+s = Store(Path(sys.argv[1]))
+for k in s.keys():
+    s.remove_key(k.id)
+s.add_key(NewKey(secret="sk-kimi-" + sys.argv[2] * 40, name=sys.argv[2], surface=Surface.KIMI_CODE), time.time())
+s.close()
+"""
+
+
+def test_a_second_store_in_one_process_leaves_the_first_seeing_other_processes(tmp_path: Path) -> None:
+    """SQLite's locks are the process's: a second Store that opened the file itself (to check its header) dropped the
+    first one's, which then read an old state for good (the proxy's quota watch opens one beside the pool's)."""
+    home = tmp_path / "home"
+
+    def replace_keys(name: str) -> None:
+        subprocess.run([sys.executable, "-c", REPLACER, str(home), name], check=True, timeout=60)
+
+    with opened(home) as first:
+        first.add_key(new_key(0), NOW)
+        replace_keys("b")
+        with opened(home) as second:
+            second.clear_limits(None)
+            replace_keys("c")
+            assert [k.name for k in first.snapshot().keys] == [k.name for k in second.snapshot().keys] == ["c"]
+        replace_keys("d")
+        assert [k.name for k in first.snapshot().keys] == [k.name for k in first.fresh_snapshot().keys] == ["d"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kimi_rotator.addon import _upstream_proxy
+from kimi_rotator.upstream import upstream_proxy
 
 
 @pytest.mark.parametrize(("modes", "proxy"), [
@@ -26,4 +26,4 @@ from kimi_rotator.addon import _upstream_proxy
     (["upstream:ftp://corp:21", "upstream:http://corp:3128@8081"], "http://corp:3128"),  # invalid: mitmproxy says so
 ])
 def test_upstream_proxy_from_modes(modes: list[str], proxy: str | None) -> None:
-    assert _upstream_proxy(modes) == proxy
+    assert upstream_proxy(modes) == proxy
