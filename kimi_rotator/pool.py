@@ -33,6 +33,7 @@ from .models import (
     Limit,
     Outcome,
     PoolSettings,
+    Quota,
     Surface,
 )
 from .roster import Roster
@@ -92,6 +93,7 @@ class LivePool:
     accounts: dict[Group, AccountRecord] = field(default_factory=dict, init=False)
     on_caps_changed: Callable[[], None] | None = None  # caps were learned, stated, or shared anew
     _caps: dict[Group, Caps] = field(default_factory=dict, init=False)  # caps() answers, until something changes
+    _with_quota: list[tuple[Group, Quota]] = field(default_factory=list, init=False)  # accounts whose quota is known
     # Proxies on this store share each account's caps: (how many are alive, this one's place among them).
     share: tuple[int, int] = field(default=(1, 0), init=False)
     proxy_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12], init=False)
@@ -210,10 +212,12 @@ class LivePool:
 
     def expiring_first(self, surface: Surface, now: float) -> list[Group]:
         """Accounts of `surface` whose quota left runs out by itself within QUOTA_HORIZON, soonest first."""
+        if not self._with_quota:
+            return []
         ends = []
-        for group, record in self.accounts.items():
-            if group[0] is surface and record.quota is not None:
-                end = record.quota.expiring(now)
+        for group, quota in self._with_quota:
+            if group[0] is surface:
+                end = quota.expiring(now)
                 if end is not None and end - now <= QUOTA_HORIZON:
                     ends.append((end, group))
         return [group for _, group in sorted(ends)]
@@ -228,6 +232,7 @@ class LivePool:
 
     def _caps_moved(self) -> None:
         self._caps.clear()
+        self._with_quota = [(g, r.quota) for g, r in self.accounts.items() if r.quota is not None]
         if self.on_caps_changed is not None:
             self.on_caps_changed()
 
