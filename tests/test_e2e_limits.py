@@ -247,3 +247,30 @@ def test_proxies_on_one_store_split_an_accounts_caps(slow_streams: FakeKimi, pki
     assert results == [200] * 8
     assert fake_kimi.account_counts(429)["acct-a"] == 0  # alone, each proxy would have sent 2: 4 at once
     assert fake_kimi.peak_inflight("acct-a") <= 2
+
+
+def test_a_cap_that_shrank_is_corrected_from_the_next_429(pool: Any, slow_streams: FakeKimi) -> None:
+    """The proxy learned 3 in flight; Kimi now allows 1 (another tool, a plan change). The request that hits the new
+    cap fails over to the other account, and the learned cap becomes 1."""
+    fake_kimi = slow_streams
+    for account in ("acct-a", "acct-b"):
+        fake_kimi.set_limit(account, concurrency=3)
+    proxy, home = pool(kimi_max_wait=10)
+    with proxy_client(proxy, timeout=30) as client:
+        parallel(8, lambda i: stream_request(client, OP_CHAT, body=chat(f"c{i}"), headers=BEARER).status)
+        accounts = Store(home, readonly=True).accounts()
+        assert {accounts[(Surface.MOONSHOT_AI, a)].cap(Limit.CONCURRENCY) for a in ("acct-a", "acct-b")} == {3}
+        assert stream_request(client, OP_CHAT, body=chat("x"), headers=BEARER).status == 200
+        pinned = fake_kimi.requests[-1].account  # conversation x's account
+        assert pinned is not None
+        fake_kimi.set_limit(pinned, concurrency=1)
+        fake_kimi.clear_requests()
+        # Two requests of x at once: both go to its account, which now refuses the second.
+        results = parallel(2, lambda i: stream_request(client, OP_CHAT, body=chat("x", turn=1), headers=BEARER).status)
+    assert results == [200, 200]  # the refused one went to the other account
+    assert fake_kimi.account_counts(429)[pinned] == 1
+    group = (Surface.MOONSHOT_AI, pinned)
+    deadline = time.monotonic() + 5
+    while Store(home, readonly=True).accounts()[group].cap(Limit.CONCURRENCY) != 1:
+        assert time.monotonic() < deadline, Store(home, readonly=True).accounts()[group]
+        time.sleep(0.1)

@@ -495,6 +495,9 @@ def test_hostile_response(response_proxy: ProxyProcess, fake_kimi: FakeKimi, res
         reply.headers = {"Retry-After": formatdate(time.time() + 120, usegmt=True)}
     for spec in RESPONSE_KEYS:  # whichever key the proxy picks gets this answer
         fake_kimi.script(spec.secret, [reply])
+        # A used-up quota gets its account probed; here the probe learns nothing, so the classifier's guess stays
+        # (tests/test_e2e_quota_watch.py has the probe that moves it).
+        fake_kimi.script(spec.secret, [Reply.unavailable()], on="probe")
     verify = ssl.create_default_context(cafile=str(response_proxy.ca))
     sent = time.time()
     with httpx.Client(proxy=response_proxy.url, verify=verify, trust_env=False, timeout=20) as c, c.stream(
@@ -502,7 +505,7 @@ def test_hostile_response(response_proxy: ProxyProcess, fake_kimi: FakeKimi, res
         headers={"authorization": f"Bearer {PLACEHOLDER}"},
     ) as r:
         raw = b"".join(r.iter_raw())  # as the proxy sent it: the client's own decoding is not under test
-    [seen] = fake_kimi.requests
+    [seen] = [s for s in fake_kimi.requests if s.method == "POST"]  # the quota watch may probe too (a GET)
     # The client gets the upstream's answer, body bytes and content-encoding as sent.
     assert r.status_code == reply.status
     if isinstance(reply.body, bytes):
