@@ -21,7 +21,6 @@ import multiprocessing as mp
 import os
 import platform
 import re
-import secrets
 import shlex
 import signal
 import socket
@@ -326,19 +325,23 @@ def loadgen_main(targets: dict[str, Target], plan: dict[str, int], out: Connecti
 # ---------------------------------------------------------------------------------------------- orchestration
 
 
-def make_store(home: Path) -> None:
-    """4 kimi-code keys, each its own account, so an account-scope 429 cools only that key."""
-    sys.path.insert(0, str(ROOT))
-    from kimi_rotator.models import Surface
-    from kimi_rotator.store import NewKey, Store
+MAKE_STORE = """
+import secrets, sys, time
+from kimi_rotator.models import Surface
+from kimi_rotator.store import NewKey, Store
+store = Store(__import__("pathlib").Path(sys.argv[1]))
+for i in range(4):
+    store.add_key(NewKey(secret=f"sk-kimi-bench{i}-{secrets.token_hex(12)}", name=f"bench-{i}",
+                         surface=Surface.KIMI_CODE, account=f"bench-{i}"), time.time())
+store.close()
+"""
 
-    store = Store(home)
-    try:
-        for i in range(4):
-            store.add_key(NewKey(secret=f"sk-kimi-bench{i}-{secrets.token_hex(12)}", name=f"bench-{i}",
-                                 surface=Surface.KIMI_CODE, account=f"bench-{i}"), time.time())
-    finally:
-        store.close()
+
+def make_store(home: Path, root: Path = ROOT) -> None:
+    """4 kimi-code keys, each its own account, so an account-scope 429 cools only that key. Made by the code that
+    will serve it (`root`): an older baseline cannot open a store of a newer schema."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    subprocess.run([sys.executable, "-c", MAKE_STORE, str(home)], env=env, check=True)
 
 
 def proxy_command(kind: str, port: int, confdir: Path, up_port: int, ca: Path, root: Path = ROOT) -> list[str]:
@@ -365,13 +368,13 @@ def start_proxy(kind: str, work: Path, up_port: int, ca: Path,
     (confdir / "stock_route.py").write_text(STOCK_SCRIPT.format(port=up_port, host=HOST))
     env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
     env["KIMI_ROTATE_HOME"] = str(work / "home")
-    if kind != "stock":
-        make_store(work / "home")
     root = ROOT
     if kind in BASELINE_CONFIGS:  # the same interpreter and mitmproxy; the baseline's kimi_rotator comes first
         assert baseline is not None
         root = baseline
         env["PYTHONPATH"] = os.pathsep.join([str(baseline), *filter(None, [env.get("PYTHONPATH")])])
+    if kind != "stock":
+        make_store(work / "home", root)
     cmd = proxy_command(kind, port, confdir, up_port, ca, root)
     with (work / "proxy.log").open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)

@@ -152,7 +152,8 @@ def select(
         return _nothing(roster, ranking, now, surface, exclude)
 
     # health-based
-    for group in prefer:
+    named = current_ok and settings.serve_active_next and current is not None and current.id == settings.active_key_id
+    for group in () if named else prefer:  # a key named by use-key or rotate serves first all the same
         expiring = best_in_group(roster, group, now, surface, skip, recover, healthy_only=True)
         if expiring is not None:
             return Selection(expiring, "quota-expiring")

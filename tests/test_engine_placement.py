@@ -68,6 +68,8 @@ def test_quota_that_expires_soon_serves_first_under_health_based() -> None:
     assert pick(ROSTER, settings, prefer=[group("b"), ROSTER[3].limit_group], full={group("b")}) == ROSTER[3]
     for strategy in (Strategy.ROUND_ROBIN, Strategy.STICKY):  # their users chose them for their order
         assert pick(ROSTER, replace(settings, strategy=strategy), prefer=[group("b")]) != ROSTER[2]
+    # A key named by use-key serves the next request all the same.
+    assert pick(ROSTER, replace(settings, serve_active_next=True), prefer=[group("b")]) == ROSTER[0]
 
 
 @pytest.mark.parametrize(("loads", "expected"), [
