@@ -1,7 +1,7 @@
 """Goodput under overload (issue 9 item 6): the pool's capacity used, and the 429s it took, with issue 9's features on
 (caps enforced before sending, a fair queue, conversation pins, quota awareness) and off (today's reactive proxy).
 
-    python benchmarks/goodput.py [--seconds 60] [--stated] [--features-off-only] [--json FILE]
+    python benchmarks/goodput.py [--seconds 60] [--stated] [--features-off-only] [--quota-only] [--json FILE]
 
 Everything runs on 127.0.0.1: the fake Kimi (tests/fakekimi.py, in this process) stands in for api.moonshot.cn with 4
 Open Platform accounts of one key each, added with the CLI to a temporary KIMI_ROTATE_HOME; every phase gets a fresh
@@ -16,9 +16,19 @@ Open Platform accounts of one key each, added with the CLI to a temporary KIMI_R
   one after another, caps far above the load: share of each conversation's requests served by the account of its
   first one, and busiest/idlest account load ratio.
 
+Then the quota phase, on 3 Kimi Code accounts (sk-kimi- keys, api.kimi.com) whose fake plans' 5-hour windows reset at
+different times (QUOTA_PLANS): kc-expiring's 100 requests' worth left reset in 20 min, within the 1-hour horizon of
+quota-aware selection, and would be lost then; kc-mid's and kc-fresh's in 3 h and 5 h. `kimi-rotate check` (with the
+proxy's kimi_resolve / ssl_verify_upstream_trusted_ca) records each account's quota in a fresh copy of the store; then
+120 new conversations, 4 at a time, go through the proxy: where they were served, what each account has left. Three
+proxies: "aware" (every feature on), "blind" (kimi_quota_aware=false, admission and affinity on: the difference is
+quota awareness alone) and "reactive" (every feature off, as the "off" mode). kc-fresh is first in the store, so every
+proxy starts on it (`list-keys` marks it current), never on kc-expiring: the figures owe nothing to list order.
+
 The "on" run learns the caps from the first 429s, or with --stated is told them first (`kimi-rotate account NAME
 --rpm N --concurrency N`). A build without the feature options (mitmproxy refuses an unknown --set) runs the
-reactive half only and says so.
+reactive half only and says so. --features-off-only runs the reactive proxies only; --quota-only the quota phase
+only (with --features-off-only: its reactive proxy only).
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +63,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_proxy import HOST, pct, proxy_command  # noqa: E402
 from certs import make_test_pki  # noqa: E402
 from fakekimi import FakeKimi  # noqa: E402
-from harness import KIMI_HOSTS, ProxyProcess, ensure_mitm_ca, platform_key, run_cli  # noqa: E402
+from harness import KIMI_HOSTS, ProxyProcess, ensure_mitm_ca, kimi_key, platform_key, run_cli  # noqa: E402
 from test_reliability_support import _check_stream  # noqa: E402
 
 FEATURES = ("kimi_admission", "kimi_affinity", "kimi_quota_aware")
@@ -67,6 +78,20 @@ REQUEST_LINE = re.compile(r"^\[[\d:.]+\] \S+ POST /\S*(?:chat/completions|messag
 UNKNOWN = re.compile(r"Unknown option\(s\): ([\w, ]+)")
 AFFINITY_CAPS = (100_000, 64)  # RPM, concurrency: no conversation ever comes near them
 TARGETS = {"goodput_share": 0.95, "upstream_429_per_100": 2.0, "affinity_min_share": 0.99, "load_ratio": 1.5}
+# Quota phase: Kimi Code accounts, added to the store in this order (so a pool with no history is on kc-fresh, the
+# account a quota-aware pick should leave alone), each with a 5-hour window (limit, used, resets in s) and ample weekly
+# quota. kc-expiring's 100 left vanish at its reset in 20 min, within pool.QUOTA_HORIZON (1 h); the others' do not.
+QUOTA_PLANS = {"kc-fresh": (300, 0, 5 * 3600), "kc-mid": (300, 100, 3 * 3600), "kc-expiring": (300, 200, 20 * 60)}
+WEEKLY = (5000, 1000, 4 * 86400)  # limit, used, resets in s: never the binding window here
+EXPIRING = "kc-expiring"
+QUOTA_KEYS = {a: kimi_key(f"qa{i:02d}") for i, a in enumerate(QUOTA_PLANS, 1)}
+QUOTA_REQUESTS, QUOTA_PARALLEL = 120, 4  # more than kc-expiring has left, so the run also shows its running out
+# The quota phase's proxies, FEATURES each on or off: "blind" differs from "aware" in quota awareness alone;
+# "reactive" is the whole benchmark's "off" (every feature off).
+QUOTA_ROWS = {"aware": (True, True, True), "blind": (True, True, False), "reactive": (False, False, False)}
+KC_ROUTES = (("openai", f"https://{HOST}/coding/v1/chat/completions"),
+             ("anthropic", f"https://{HOST}/coding/v1/messages"))
+USAGES = "/coding/v1/usages"
 
 
 @dataclass(frozen=True)
@@ -122,21 +147,36 @@ class Rig:
     runs: int = 0
     commands: list[str] = field(default_factory=list)
 
-    def proxy(self, mode: str, sets: list[tuple[str, str]], caps: list[Caps]) -> CliProxy:
-        """A proxy on a fresh copy of the store (caps stated first with --stated, in the "on" mode)."""
+    quota_pristine: Path = Path()  # the quota phase's Kimi Code keys, in QUOTA_PLANS order
+
+    def home(self, pristine: Path) -> Path:
+        """A fresh copy of a store."""
         self.runs += 1
         home = self.work / f"home{self.runs}"
-        shutil.copytree(self.pristine, home)
+        shutil.copytree(pristine, home)
+        return home
+
+    def proxy(self, mode: str, sets: list[tuple[str, str]], caps: list[Caps]) -> CliProxy:
+        """A proxy on a fresh copy of the store (caps stated first with --stated, in the "on" mode)."""
+        home = self.home(self.pristine)
         if self.stated and mode == "on":
             for account, c in zip(ACCOUNTS, caps, strict=True):
                 r = run_cli(home, "account", account, "--rpm", str(c.rpm), "--concurrency", str(c.concurrency))
                 if r.returncode != 0:
                     raise RuntimeError(f"could not state the caps of {account}: {r.stderr.strip()}")
+        return self.launch(home, sets)
+
+    def launch(self, home: Path, sets: list[tuple[str, str]]) -> CliProxy:
         proxy = CliProxy(self.work / f"proxy{self.runs}", home, sets, confdir=self.confdir)
         proxy.upstream = (self.fake.port, self.fake.pki.ca_cert)
         proxy.start()
         self.commands.append(shlex.join(proxy.command()))
         return proxy
+
+    def upstream_sets(self) -> list[str]:
+        """`--set` arguments that send api.kimi.com to the fake and trust its CA, as the proxy's (for `check`)."""
+        return ["--set", f"kimi_resolve={HOST}=127.0.0.1:{self.fake.port}",
+                "--set", f"ssl_verify_upstream_trusted_ca={self.fake.pki.ca_cert}"]
 
 
 def make_rig(work: Path, stated: bool, duration: float) -> Rig:
@@ -151,27 +191,40 @@ def make_rig(work: Path, stated: bool, duration: float) -> Rig:
             raise RuntimeError(f"kimi-rotate add-key failed: {r.stderr.strip()}")
     if stated and run_cli(pristine, "account", "--help").returncode != 0:
         raise RuntimeError("--stated needs `kimi-rotate account NAME --rpm N --concurrency N`, which this build lacks")
+    quota_pristine = work / "quota-pristine"
+    for account in QUOTA_PLANS:  # kc-fresh first: a pool with no history is on it
+        fake.add_key(QUOTA_KEYS[account], account=account, name=account)
+        r = run_cli(quota_pristine, "add-key", "-", account, "--account", account, "--surface", "kimi-code",
+                    input=QUOTA_KEYS[account] + "\n")
+        if r.returncode != 0:
+            raise RuntimeError(f"kimi-rotate add-key failed: {r.stderr.strip()}")
     ensure_mitm_ca(work / "mitm")
-    return Rig(work, fake, pristine, work / "mitm", stated)
+    return Rig(work, fake, pristine, work / "mitm", stated, quota_pristine=quota_pristine)
+
+
+def launch(features: Mapping[str, bool], missing: set[str],
+           start_proxy: Callable[[list[tuple[str, str]]], CliProxy]) -> tuple[CliProxy | None, set[str]]:
+    """A proxy with each feature option set as `features` says (None: this build lacks one that must be on), and the
+    feature options this build lacks. An unknown option makes the proxy refuse to start, which is how a build without
+    them shows; one that must be off is then left out (lacking it, the build is without that feature)."""
+    while True:  # each pass that does not return learns of a missing option: at most len(FEATURES) + 1 passes
+        if any(on and name in missing for name, on in features.items()):
+            return None, missing
+        sets = [(name, "true" if on else "false") for name, on in features.items() if name not in missing]
+        try:
+            return start_proxy(sets), missing
+        except RuntimeError as e:
+            found = UNKNOWN.search(str(e))
+            unknown = {n.strip() for n in found.group(1).split(",")} if found else set()
+            if not unknown or not unknown <= set(FEATURES) - missing:
+                raise  # not (only) a feature this build lacks
+            missing = missing | unknown
 
 
 def start(rig: Rig, mode: str, caps: list[Caps], missing: set[str]) -> tuple[CliProxy | None, set[str]]:
     """The proxy of `mode` (None: this build cannot run it) and the feature options this build lacks. "on" sets
-    every feature to true (their default: an unknown one makes the proxy refuse to start, which is how a build
-    without them shows); "off" sets each the build has to false."""
-    value = "true" if mode == "on" else "false"
-    sets = [(name, value) for name in FEATURES if mode == "on" or name not in missing]
-    try:
-        return rig.proxy(mode, sets, caps), missing
-    except RuntimeError as e:
-        found = UNKNOWN.search(str(e))
-        unknown = {n.strip() for n in found.group(1).split(",")} if found else set()
-        if not unknown or not unknown <= set(FEATURES) - missing:
-            raise  # not (only) a feature this build lacks
-        missing = missing | unknown
-        if mode == "on":
-            return None, missing
-        return start(rig, mode, caps, missing)
+    every feature to true (their default), "off" each the build has to false."""
+    return launch({name: mode == "on" for name in FEATURES}, missing, lambda sets: rig.proxy(mode, sets, caps))
 
 
 # ---------------------------------------------------------------------------------------------- clients
@@ -260,6 +313,27 @@ async def conversations(proxy: CliProxy, n: int, turns: int, timeout: float) -> 
 
     try:
         return [o for convo in await asyncio.gather(*(talk(i) for i in range(n))) for o in convo]
+    finally:
+        await asyncio.gather(*(c.aclose() for c in pool))
+
+
+async def new_conversations(proxy: CliProxy, n: int, parallel: int, timeout: float) -> list[Outcome]:
+    """`n` requests to Kimi Code, `parallel` at a time, each the first of a new conversation (a first message of its
+    own, no session id), OpenAI and Anthropic routes alternately."""
+    pool = clients(proxy, parallel, timeout)
+    fast = {"x-fake-events": "2", "x-fake-interval": "0.02"}
+    numbers = iter(range(n))  # shared by the workers: n requests in all
+
+    async def work(client: httpx.AsyncClient) -> list[Outcome]:
+        out = []
+        for i in numbers:
+            fmt, url = KC_ROUTES[i % 2]
+            body = body_for(fmt, f"new task {i}: refactor module {i}", {"model": "kimi-for-coding"})
+            out.append(await send(client, fmt, url, body, f"quota-{i}", 2, timeout, fast))
+        return out
+
+    try:
+        return [o for done in await asyncio.gather(*(work(c) for c in pool)) for o in done]
     finally:
         await asyncio.gather(*(c.aclose() for c in pool))
 
@@ -353,6 +427,70 @@ def run_mode(rig: Rig, mode: str, caps: list[Caps], args: argparse.Namespace,
     return result, missing
 
 
+def quota_row(rig: Rig, row: str, missing: set[str], timeout: float) -> tuple[dict[str, Any] | None, set[str]]:
+    """One proxy of the quota phase (None: this build lacks a feature the row needs): the plans of QUOTA_PLANS set
+    on the fake, `kimi-rotate check` run on a fresh copy of the store (so it knows each account's quota), then
+    QUOTA_REQUESTS new conversations; where they were served, and what quota is left on each account."""
+    fake = rig.fake
+    fake.reset()
+    for account, (limit, used, reset_in) in QUOTA_PLANS.items():
+        fake.set_plan(account, window_limit=limit, window_used=used, window_reset_in=reset_in, weekly_limit=WEEKLY[0],
+                      weekly_used=WEEKLY[1], weekly_reset_in=WEEKLY[2])
+    before = {a: fake.plan_remaining(a)[0] for a in QUOTA_PLANS}
+    started_on: list[str] = []
+    check_command: list[str] = []
+
+    def checked_proxy(sets: list[tuple[str, str]]) -> CliProxy:
+        home = rig.home(rig.quota_pristine)
+        checked = run_cli(home, "check", *rig.upstream_sets())
+        check_command[:] = ["kimi-rotate", "check", *rig.upstream_sets()]
+        if checked.returncode != 0:
+            raise RuntimeError(f"kimi-rotate check failed: {(checked.stderr or checked.stdout).strip()}")
+        listed = run_cli(home, "list-keys", "--json")
+        started_on[:] = [k["name"] for k in json.loads(listed.stdout) if k.get("current")]
+        return rig.launch(home, sets)
+
+    proxy, missing = launch(dict(zip(FEATURES, QUOTA_ROWS[row], strict=True)), missing, checked_proxy)
+    if proxy is None:
+        return None, missing
+    t0 = time.monotonic()
+    try:
+        outcomes = asyncio.run(new_conversations(proxy, QUOTA_REQUESTS, QUOTA_PARALLEL, timeout))
+    finally:
+        took = time.monotonic() - t0
+        proxy.stop()
+    after = {a: fake.plan_remaining(a)[0] for a in QUOTA_PLANS}
+    inference = [s for s in fake.requests if s.method == "POST" and s.at >= t0]
+    served = [s.account for s in inference if s.status == 200]
+    kinds = Counter(o.kind for o in outcomes)
+    return {
+        "requests": len(outcomes), "client_ok": kinds["ok"], "errors": len(outcomes) - kinds["ok"],
+        "error_kinds": dict(Counter(o.detail or o.kind for o in outcomes if o.kind != "ok")),
+        "started_on": started_on[0] if started_on else None, "first_served": served[0] if served else None,
+        "served_per_account": {a: served.count(a) for a in QUOTA_PLANS},
+        "expiring_before": before[EXPIRING], "expiring_used": before[EXPIRING] - after[EXPIRING],
+        "lost_at_reset": after[EXPIRING], "kept": sum(n for a, n in after.items() if a != EXPIRING),
+        "remaining_before": before, "remaining_after": after,
+        "upstream_403_plan": sum(1 for s in inference if s.refusal == "plan"),
+        "proxy_probes": sum(1 for s in fake.requests if s.path == USAGES and s.at >= t0), "seconds": took,
+        "check": shlex.join(check_command),
+    }, missing
+
+
+def quota_phase(rig: Rig, rows: tuple[str, ...], missing: set[str],
+                timeout: float) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    results: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        print(f"[quota] {row}: {QUOTA_REQUESTS} new conversations on {len(QUOTA_PLANS)} Kimi Code accounts …",
+              flush=True)
+        result, missing = quota_row(rig, row, missing, timeout)
+        if result is None:
+            print(f"[quota] {row}: this build lacks {', '.join(sorted(missing))}: not run", flush=True)
+        else:
+            results[row] = result
+    return results, missing
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 COLUMNS = (("goodput", "load.goodput_share", "{:.1%}"), ("good", "load.goodput", "{:.0f}"),
@@ -401,6 +539,39 @@ def report(results: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def quota_report(quota: dict[str, dict[str, Any]]) -> list[str]:
+    """The quota phase's table: one line per proxy (aware, blind, reactive)."""
+    if not quota:
+        return []
+    plans = ", ".join(f"{a} {limit - used} left, resets in {reset_in / 60:.0f} min"
+                      for a, (limit, used, reset_in) in QUOTA_PLANS.items())
+    head = ("expiring used", "lost at reset", "kept", "served fresh/mid/expiring", "403 plan", "probes", "ok",
+            "started on")
+    lines = [f"quota phase: {QUOTA_REQUESTS} new conversations ({QUOTA_PARALLEL} at a time) on 3 Kimi Code accounts "
+             f"whose 5-hour windows differ ({plans}); `kimi-rotate check` told the store first",
+             "quota    " + " ".join(f"{h:>{max(len(h), 8)}}" for h in head)]
+    for row, r in quota.items():
+        used = f"{r['expiring_used']}/{r['expiring_before']} {r['expiring_used'] / max(1, r['expiring_before']):.0%}"
+        per = "/".join(str(r["served_per_account"][a]) for a in QUOTA_PLANS)
+        cells = (used, r["lost_at_reset"], r["kept"], per, r["upstream_403_plan"], r["proxy_probes"],
+                 f"{r['client_ok']}/{r['requests']}", r["started_on"] or "?")
+        lines.append(f"{row:<8} " + " ".join(f"{c!s:>{max(len(h), 8)}}" for c, h in zip(cells, head, strict=True)))
+    lines.append(f"expiring used = 5-hour-window quota of {EXPIRING} spent (of what it had left), lost at reset = what "
+                 "it still has (gone at its reset), kept = what the other two have left for later; 403 plan = upstream "
+                 "\"usage limit\" answers (the proxy retried them elsewhere), probes = /usages probes the proxy sent. "
+                 "aware = every feature on; blind = quota awareness off (kimi_quota_aware=false), admission and "
+                 "affinity on, so the difference is quota awareness alone; reactive = every feature off. Every proxy "
+                 f"starts on {next(iter(QUOTA_PLANS))} (first in the store, `list-keys` marks it current), never on "
+                 f"{EXPIRING}.")
+    if "aware" in quota and "blind" in quota:
+        aware, blind = quota["aware"], quota["blind"]
+        met = aware["lost_at_reset"] == 0 and aware["client_ok"] == aware["requests"]
+        lines.append(f"quota target (aware): every request served and no expiring quota lost "
+                     f"{'ok' if met else 'MISS'}; expiring quota used {aware['expiring_used']} vs "
+                     f"{blind['expiring_used']} quota-blind, kept for later {aware['kept']} vs {blind['kept']}")
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=60.0, help="length of each load run (default 60)")
@@ -411,6 +582,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=30.0, help="client timeout per request, seconds")
     ap.add_argument("--stated", action="store_true", help="state the caps with the CLI first instead of learning")
     ap.add_argument("--features-off-only", action="store_true", help="run the reactive half only")
+    ap.add_argument("--quota-only", action="store_true", help="run the quota phase only (a few seconds per proxy)")
     ap.add_argument("--seed", type=int, default=9, help="seed of the arrival times")
     ap.add_argument("--json", type=Path, help="also write every figure here")
     args = ap.parse_args()
@@ -425,35 +597,42 @@ def main() -> int:
     started = time.monotonic()
     command = shlex.join([sys.executable, *sys.argv])
     cap = capacity(caps, args.seconds, args.duration)
-    print(f"command: {command}\npool: 4 accounts, caps (RPM/concurrency) {args.caps}, replies stream "
-          f"{args.duration:g} s; capacity sum of min(RPM/60, concurrency/{args.duration:g} s) = "
-          f"{capacity(caps, 60, args.duration) / 60:.2f}/s; over {args.seconds:g} s: {cap:.0f} requests (a run shorter "
-          f"than 60 s may spend a whole minute's RPM); offered {2 * cap / args.seconds:.2f}/s (2x)", flush=True)
+    print(f"command: {command}", flush=True)
+    if not args.quota_only:
+        print(f"pool: 4 accounts, caps (RPM/concurrency) {args.caps}, replies stream {args.duration:g} s; capacity "
+              f"sum of min(RPM/60, concurrency/{args.duration:g} s) = {capacity(caps, 60, args.duration) / 60:.2f}/s; "
+              f"over {args.seconds:g} s: {cap:.0f} requests (a run shorter than 60 s may spend a whole minute's RPM); "
+              f"offered {2 * cap / args.seconds:.2f}/s (2x)", flush=True)
     results: dict[str, dict[str, Any]] = {}
+    quota: dict[str, dict[str, Any]] = {}
     missing: set[str] = set()
     work = Path(tempfile.mkdtemp(prefix="kimi-goodput-"))
     try:
         rig = make_rig(work, args.stated and not args.features_off_only, args.duration)
         try:
-            for mode in ("off",) if args.features_off_only else ("on", "off"):
+            for mode in () if args.quota_only else ("off",) if args.features_off_only else ("on", "off"):
                 result, missing = run_mode(rig, mode, caps, args, missing)
                 if result is None:
                     print(f"this build lacks {', '.join(sorted(missing))}: running the reactive half only", flush=True)
                 else:
                     results[mode] = result
+            rows = ("reactive",) if args.features_off_only else tuple(QUOTA_ROWS)
+            quota, missing = quota_phase(rig, rows, missing, args.timeout)
         finally:
             rig.fake.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    lines = report(results)
+    lines = (report(results) if results else []) + quota_report(quota)
     wall = time.monotonic() - started
-    lines.append(f"caps {'stated up front' if args.stated else 'learned from 429s'}; feature options missing: "
-                 f"{', '.join(sorted(missing)) or 'none'}; total wall time {wall:.0f} s")
+    caps_line = "" if args.quota_only else f"caps {'stated up front' if args.stated else 'learned from 429s'}; "
+    lines.append(f"{caps_line}feature options missing: {', '.join(sorted(missing)) or 'none'}; total wall time "
+                 f"{wall:.0f} s")
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps({"command": command, "caps": [asdict(c) for c in caps], "duration":
                                          args.duration, "seconds": args.seconds, "missing_options": sorted(missing),
-                                         "proxies": rig.commands, "results": results, "wall_seconds": wall},
+                                         "proxies": rig.commands, "results": results, "quota": quota,
+                                         "wall_seconds": wall},
                                         indent=2, default=str))
         print(f"figures written to {args.json}")
     return 0

@@ -1,4 +1,5 @@
-"""benchmarks/goodput.py cannot rot: a 3-second reactive run prints its table, and its parts read what they must."""
+"""benchmarks/goodput.py cannot rot: a 3-second reactive run prints its table, the quota phase measures what quota
+awareness changes, and its parts read what they must."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def test_capacity_is_what_the_caps_admit_in_the_run() -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.slow  # about 15 s: two proxies and the CLI's start-ups
+@pytest.mark.slow  # about 20 s: three proxies and the CLI's start-ups
 def test_a_short_reactive_run_prints_its_table(tmp_path: Path) -> None:
     figures = tmp_path / "figures.json"
     cmd = [sys.executable, str(SCRIPT), "--seconds", "3", "--features-off-only", "--caps", "6/1,6/1,6/1,6/1",
@@ -60,6 +61,37 @@ def test_a_short_reactive_run_prints_its_table(tmp_path: Path) -> None:
     assert (affinity["conversations"], affinity["requests"], affinity["ok"]) == (8, 24, 24)
     assert sum(affinity["per_account"].values()) == 24
 
+    quota = data["quota"]["reactive"]  # every feature off: the pool stays on the key it starts on
+    assert quota["started_on"] == "kc-fresh" and quota["client_ok"] == quota["requests"] == 120
+    assert quota["served_per_account"] == {"kc-fresh": 120, "kc-mid": 0, "kc-expiring": 0}
+    assert (quota["expiring_used"], quota["lost_at_reset"], quota["kept"]) == (0, 100, 380)
+    assert any(line.startswith("reactive ") for line in lines)
+
     # The "on" half's report (targets) works on figures of the same shape.
     report = goodput.report({"on": data["results"]["off"], "off": data["results"]["off"]})
     assert any(line.startswith("targets (on): goodput >= 95% of capacity") for line in report)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow  # about 15 s: three proxies, each after a `kimi-rotate check`
+def test_the_quota_phase_spends_the_expiring_quota_only_when_quota_aware(tmp_path: Path) -> None:
+    figures = tmp_path / "figures.json"
+    cmd = [sys.executable, str(SCRIPT), "--quota-only", "--timeout", "10", "--json", str(figures)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "quota target (aware): every request served and no expiring quota lost ok" in run.stdout
+    assert not any(line.startswith("mode ") for line in run.stdout.splitlines())  # no load or affinity phase
+
+    quota = json.loads(figures.read_text())["quota"]
+    aware, blind, reactive = quota["aware"], quota["blind"], quota["reactive"]
+    assert {r["started_on"] for r in quota.values()} == {"kc-fresh"}  # not the expiring account: no list-order luck
+    assert all(r["client_ok"] == r["requests"] == 120 for r in quota.values())
+    # Aware: kc-expiring's 100 first (its running out cost an upstream 403 or a few, retried elsewhere, and one
+    # probe), the other 20 on the other two.
+    assert (aware["expiring_used"], aware["lost_at_reset"], aware["kept"]) == (100, 0, 480)
+    assert aware["first_served"] == "kc-expiring" and 1 <= aware["upstream_403_plan"] <= 4
+    assert aware["proxy_probes"] == 1
+    # Blind: new conversations spread over the three accounts; quota that expires soon is lost.
+    assert 0 < blind["expiring_used"] < 100 and blind["kept"] == 500 - (120 - blind["expiring_used"])
+    assert blind["upstream_403_plan"] == 0
+    assert reactive["served_per_account"]["kc-fresh"] == 120
