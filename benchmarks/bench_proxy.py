@@ -341,7 +341,7 @@ def make_store(home: Path, root: Path = ROOT) -> None:
     """4 kimi-code keys, each its own account, so an account-scope 429 cools only that key. Made by the code that
     will serve it (`root`): an older baseline cannot open a store of a newer schema."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    subprocess.run([sys.executable, "-c", MAKE_STORE, str(home)], env=env, check=True)
+    subprocess.run([sys.executable, "-c", MAKE_STORE, str(home)], env=env, check=True, cwd=root)  # -c imports from cwd
 
 
 def proxy_command(kind: str, port: int, confdir: Path, up_port: int, ca: Path, root: Path = ROOT) -> list[str]:
@@ -518,8 +518,8 @@ def baseline_lines(rounds: list[dict[str, Any]], checks: dict[str, Any]) -> list
     for label, key in BASELINE_ROWS:
         out = f"{label:40}"
         for new, old in (("addon", "addon_old"), ("slim", "slim_old")):
-            per_round = [val(r, new, key) / val(r, old, key) for r in rounds]
-            v = statistics.median(per_round)
+            per_round = [val(r, new, key) / val(r, old, key) for r in rounds if val(r, old, key)]
+            v = statistics.median(per_round) if per_round else float("nan")  # nan: the baseline measured nothing
             checks[f"{new} / {old}: {label}"] = {"value": v, "per_round": per_round}
             out += f"{v:10.3f}"
         lines.append(out)

@@ -142,7 +142,6 @@ class LivePool:
         prefer: Sequence[Group] = (),
     ) -> engine.Selection | engine.NoEligibleKey:
         """As select, for a new conversation (engine.place)."""
-        self.catch_up()
         return self._chosen(engine.place(self.roster, self.settings, now, surface=surface, loads=loads,
                                          exclude=exclude, full=full, prefer=prefer))
 
@@ -157,8 +156,8 @@ class LivePool:
         ignore_cooldown: bool = False,
     ) -> engine.Selection | None:
         """Key `key_id` if it can serve, else the best key of its account that can; None if none can (the account
-        is full, or has no usable key). `ignore_cooldown`: a cooling key serves too (a file only its account has)."""
-        self.catch_up()
+        is full, or has no usable key). `ignore_cooldown`: a cooling key serves too (a file only its account has).
+        Like `place`, it reads the roster as it is: the addon has caught up with the store for this request."""
         if group[0] is not surface:
             return None
         roster = self.roster
