@@ -306,7 +306,8 @@ class KimiRotate:
         file = affinity.file_route(req.method, req.path)
         job = Job(surface=surface, host=host, method=req.method, path=req.path, headers=tuple(headers.fields),
                   body=body, inference=affinity.is_inference(req.method, req.path),
-                  conversation=affinity.conversation(req.method, req.path, body, headers.get("content-encoding")),
+                  conversation=affinity.conversation(req.method, req.path, body, headers.get("content-encoding"))
+                  if ctx.options.kimi_affinity else None,
                   file_id=file.file_id if file is not None else None)
         try:
             reply = await self.failover.run(job)
