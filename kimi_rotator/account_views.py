@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .caps import caps_in_force
+from .caps import caps_in_force, with_defaults
 from .models import UNLABELLED_PREFIX, AccountRecord, CapSource, Group, KeyRecord, Limit, Quota, Surface
 from .views import clock
 
@@ -68,7 +68,7 @@ def accounts_of(keys: Sequence[KeyRecord], records: Mapping[Group, AccountRecord
     members: dict[Group, list[tuple[int, KeyRecord]]] = {}
     for i, k in enumerate(keys):
         members.setdefault(k.limit_group, []).append((i, k))
-    return [AccountView(g[0], g[1], tuple(ks), records.get(g)) for g, ks in members.items()]
+    return [AccountView(g[0], g[1], tuple(ks), with_defaults(records.get(g), g)) for g, ks in members.items()]
 
 
 def named(accounts: Sequence[AccountView], label: str) -> list[AccountView]:

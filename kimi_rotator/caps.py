@@ -14,7 +14,7 @@ from dataclasses import replace
 from functools import lru_cache
 from typing import Final
 
-from kimi_rotator.models import AccountRecord, CapSource, Group, LearnedCap, Limit
+from kimi_rotator.models import AccountRecord, CapSource, Group, LearnedCap, Limit, Surface
 
 # Above this no number is believed to be a cap (Kimi's largest, Tier5's TPM, is 5,000,000).
 MAX_CAP: Final = 10**12
@@ -121,3 +121,20 @@ def _how(cap: LearnedCap, now: float | None) -> str:
 def _check_group(record: AccountRecord | None, group: Group) -> None:
     if record is not None and record.group != group:
         raise ValueError("the account record given belongs to another account")  # no labels: they may be Kimi ids
+
+
+# Kimi Code documents a concurrency cap of 30 per account: in force until Kimi or the user says otherwise.
+KIMI_CODE_CONCURRENCY = 30
+_KIMI_CODE_DEFAULT = LearnedCap(limit=Limit.CONCURRENCY, value=KIMI_CODE_CONCURRENCY, source=CapSource.DEFAULT,
+                                detail="Kimi Code's documented cap")
+
+
+def with_defaults(record: AccountRecord | None, group: Group) -> AccountRecord | None:
+    """The record as the caps in force see it: a Kimi Code account with no concurrency cap stated or learned gets
+    the documented one (as a learned cap of the weakest source). The one place the pool and the views read it."""
+    if group[0] is not Surface.KIMI_CODE:
+        return record
+    if record is not None and (Limit.CONCURRENCY in record.stated or Limit.CONCURRENCY in record.learned):
+        return record
+    base = record or AccountRecord(surface=group[0], account=group[1])
+    return replace(base, learned={**base.learned, Limit.CONCURRENCY: _KIMI_CODE_DEFAULT})

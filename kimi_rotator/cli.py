@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from . import account_views, cli_accounts, cli_check, cli_setup, engine, views
+from . import account_views, caps, cli_accounts, cli_check, cli_setup, engine, views
 from .cli_help import HelpLayout, NoArgsIsHelp, UsageError, usage_message
 from .errors import UserError
 from .keys import (
@@ -483,7 +483,8 @@ def list_keys(
         if (only_state is None or s.state is only_state) and (only_surface is None or s.key.surface is only_surface)
     ]
     if as_json:
-        rows = [key_json(s, now, snap.accounts.get(s.key.limit_group)) for s in shown]
+        rows = [key_json(s, now, caps.with_defaults(snap.accounts.get(s.key.limit_group), s.key.limit_group))
+                for s in shown]
         # \u escapes where the output cannot encode a character: the same JSON to any parser.
         typer.echo(json.dumps(rows, indent=2, ensure_ascii=symbols() is PLAIN))
         return
@@ -522,9 +523,9 @@ def list_keys(
         typer.echo(f"   Surface: {where}")
         typer.echo(f"   Health: {health_bar(s.health)} {views.pct(s.health)}%")
         typer.echo(f"   Requests: {k.successful_requests}/{k.total_requests} successful")
-        record = snap.accounts.get(k.limit_group)
-        if (caps := account_views.caps_short(record)) is not None:
-            cli_accounts.echo_fitted([f"   Caps: {caps}"])
+        record = caps.with_defaults(snap.accounts.get(k.limit_group), k.limit_group)
+        if (in_force := account_views.caps_short(record)) is not None:
+            cli_accounts.echo_fitted([f"   Caps: {in_force}"])
         if record is not None and (quota := account_views.quota_short(record.quota, now)) is not None:
             cli_accounts.echo_fitted([f"   Quota: {quota}"])
         typer.echo(f"   Status: {status}\n")

@@ -47,8 +47,6 @@ FLUSH_BATCH = 256  # outcomes that make the writer go before its next poll
 MAX_PENDING = 100_000  # outcomes kept while the store cannot be written (then the oldest are dropped)
 HEARTBEAT_SECONDS = 2.0  # how often a proxy tells the store it is alive
 PROXY_TTL = 10.0  # a proxy not heard from for this long is gone: its share of the caps goes to the others
-# Kimi Code documents a concurrency cap of 30 per account; used until Kimi or the user says otherwise.
-KIMI_CODE_CONCURRENCY = 30
 QUOTA_HORIZON = 3600.0  # quota that runs out by itself within this many seconds is spent first
 
 
@@ -201,10 +199,8 @@ class LivePool:
         documented concurrency), split with the other proxies on this store."""
         found = self._caps.get(group)
         if found is None:
-            record = self.accounts.get(group)
+            record = caps.with_defaults(self.accounts.get(group), group)
             concurrency = record.cap(Limit.CONCURRENCY) if record is not None else None
-            if concurrency is None and group[0] is Surface.KIMI_CODE:
-                concurrency = KIMI_CODE_CONCURRENCY
             rpm = record.cap(Limit.RPM) if record is not None else None
             found = self._caps[group] = (_share_of(concurrency, self.share), _share_of(rpm, self.share))
         return found

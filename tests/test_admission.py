@@ -11,9 +11,10 @@ import pytest
 from kimi_rotator import engine
 from kimi_rotator.admission import RPM_WINDOW, Admission, Caps, Gate, LocalUsage
 from kimi_rotator.affinity import Conversation
+from kimi_rotator.caps import KIMI_CODE_CONCURRENCY
 from kimi_rotator.failover import Job
 from kimi_rotator.models import AccountRecord, Group, Limit, Quota, QuotaWindow, Surface
-from kimi_rotator.pool import KIMI_CODE_CONCURRENCY, LivePool, _share_of
+from kimi_rotator.pool import LivePool, _share_of
 from kimi_rotator.scheduler import Capped, Scheduler, SchedulerOptions
 from kimi_rotator.store import NewKey, Store
 
@@ -267,6 +268,7 @@ async def test_a_pinned_account_at_its_cap_moves_the_conversation(pool: LivePool
 async def test_round_robin_ignores_conversations(pool: LivePool) -> None:
     from kimi_rotator.models import Strategy
     pool.store.update_settings(strategy=Strategy.ROUND_ROBIN)
+    pool.catch_up()  # as the addon does at the start of each request
     scheduler = Scheduler(pool, time.time, max_wait=0)
     names = []
     for _ in range(3):

@@ -259,7 +259,8 @@ def test_list_keys_json_fields(home: Path, store: Store) -> None:
         "index": 0, "name": "main", "masked_key": "sk-kimi-…ha01", "fingerprint": rows[0]["fingerprint"],
         "surface": "kimi-code", "account": None, "current": True, "health": 100, "state": "active", "reason": None,
         "cooldown_until": None, "total_requests": 5, "successful_requests": 4, "rate_limited_requests": 0,
-        "failed_requests": 1, "last_used": None, "added_at": None, "caps": {}, "quota": None,
+        "failed_requests": 1, "last_used": None, "added_at": None, "quota": None,
+        "caps": {"concurrency": {"value": 30, "how": "Kimi Code's documented cap", "source": "default", "at": None}},  # Kimi Code's documented concurrency
     }
     assert len(rows[0]["fingerprint"]) == 10
     assert (rows[1]["state"], rows[1]["reason"], rows[1]["cooldown_until"]) == ("cooling", "5-hour quota", NOW + 600)

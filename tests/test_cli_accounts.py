@@ -259,7 +259,10 @@ def test_every_account_and_the_json_shape(home: Path, store: Store) -> None:
 
 def test_list_keys_shows_each_keys_account_caps(home: Path, store: Store) -> None:
     acme(store)
-    assert "Caps:" not in ok("list-keys").stdout  # nothing known: no line
+    blocks = ok("list-keys").stdout.split("\n\n")
+    # Nothing known of acme: no line; the Kimi Code key shows its plan's documented cap, the one the proxy holds to.
+    assert [("Caps:" in b) for b in blocks[1:4]] == [False, False, True]
+    assert "Caps: 30 in flight (default)" in blocks[3]
     assert "kimi-rotate account" not in ok("list-keys", "--compact").stdout
     ok("account", "acme", "--rpm", "200", "--concurrency", "50")
     blocks = ok("list-keys").stdout.split("\n\n")
@@ -270,16 +273,18 @@ def test_list_keys_shows_each_keys_account_caps(home: Path, store: Store) -> Non
         "rpm": {"value": 200, "how": "stated", "source": "stated", "at": None},
         "concurrency": {"value": 50, "how": "stated", "source": "stated", "at": None},
     }
-    assert rows[2]["caps"] == {} and [r["quota"] for r in rows] == [None, None, None]
+    assert rows[2]["caps"] == {"concurrency": {"value": 30, "how": "Kimi Code's documented cap", "source": "default", "at": None}} and [r["quota"] for r in rows] == [None, None, None]
 
 
 def test_stats_has_a_section_per_account(home: Path, store: Store, utc: None) -> None:
     acme(store)
-    assert "None known yet" in ok("stats").stdout
+    first = ok("stats").stdout.rsplit("Accounts", 1)[1]
+    assert first.splitlines()[:3] == [" (2; caps or quota known for 1)", "   Key [2] code (kimi-code, no account label)",
+                                      "      Caps: 30 in flight (default)"]
     ok("account", "acme", "--rpm", "200")
     store.record_quota(ACME_CN, Quota(checked_at=NOW - 120, balance=12.5))
     section = ok("stats").stdout.rsplit("Accounts", 1)[1]
-    assert section.splitlines()[:4] == [" (2; caps or quota known for 1)", "   Account acme (moonshot-cn)",
+    assert section.splitlines()[:4] == [" (2; caps or quota known for 2)", "   Account acme (moonshot-cn)",
                                         "      Caps: 200/min (stated)",
                                         "      Quota: balance 12.50 (checked 07:58)"]
     document = json.loads(ok("stats", "--json").stdout)
