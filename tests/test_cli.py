@@ -43,6 +43,11 @@ NOW = 1_800_000_000.0
 
 runner = CliRunner()
 
+# The caps in force of a Kimi Code account nothing is known of: its plan's documented concurrency.
+KIMI_CODE_DEFAULT_CAPS = {
+    "concurrency": {"value": 30, "how": "Kimi Code's documented cap", "source": "default", "at": None},
+}
+
 
 @pytest.fixture(autouse=True)
 def pinned_clock(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -260,7 +265,7 @@ def test_list_keys_json_fields(home: Path, store: Store) -> None:
         "surface": "kimi-code", "account": None, "current": True, "health": 100, "state": "active", "reason": None,
         "cooldown_until": None, "total_requests": 5, "successful_requests": 4, "rate_limited_requests": 0,
         "failed_requests": 1, "last_used": None, "added_at": None, "quota": None,
-        "caps": {"concurrency": {"value": 30, "how": "Kimi Code's documented cap", "source": "default", "at": None}},  # Kimi Code's documented concurrency
+        "caps": KIMI_CODE_DEFAULT_CAPS,  # Kimi Code's documented concurrency
     }
     assert len(rows[0]["fingerprint"]) == 10
     assert (rows[1]["state"], rows[1]["reason"], rows[1]["cooldown_until"]) == ("cooling", "5-hour quota", NOW + 600)

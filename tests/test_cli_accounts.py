@@ -44,6 +44,11 @@ __all__ = ["home", "pinned_clock", "store"]  # fixtures, used by name
 ACME_CN = (Surface.MOONSHOT_CN, "acme")
 HOUR = 3600.0
 
+# The caps in force of a Kimi Code account nothing is known of: its plan's documented concurrency.
+KIMI_CODE_DEFAULT_CAPS = {
+    "concurrency": {"value": 30, "how": "Kimi Code's documented cap", "source": "default", "at": None},
+}
+
 
 @pytest.fixture
 def utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
@@ -273,13 +278,14 @@ def test_list_keys_shows_each_keys_account_caps(home: Path, store: Store) -> Non
         "rpm": {"value": 200, "how": "stated", "source": "stated", "at": None},
         "concurrency": {"value": 50, "how": "stated", "source": "stated", "at": None},
     }
-    assert rows[2]["caps"] == {"concurrency": {"value": 30, "how": "Kimi Code's documented cap", "source": "default", "at": None}} and [r["quota"] for r in rows] == [None, None, None]
+    assert rows[2]["caps"] == KIMI_CODE_DEFAULT_CAPS and [r["quota"] for r in rows] == [None, None, None]
 
 
 def test_stats_has_a_section_per_account(home: Path, store: Store, utc: None) -> None:
     acme(store)
     first = ok("stats").stdout.rsplit("Accounts", 1)[1]
-    assert first.splitlines()[:3] == [" (2; caps or quota known for 1)", "   Key [2] code (kimi-code, no account label)",
+    assert first.splitlines()[:3] == [" (2; caps or quota known for 1)",
+                                      "   Key [2] code (kimi-code, no account label)",
                                       "      Caps: 30 in flight (default)"]
     ok("account", "acme", "--rpm", "200")
     store.record_quota(ACME_CN, Quota(checked_at=NOW - 120, balance=12.5))
