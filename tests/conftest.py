@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -134,3 +135,13 @@ def clients_python() -> Path:
         pytest.skip(f"no clients interpreter at {candidate}: run `scripts/test.sh`, which creates .venv-clients "
                     "with the openai and anthropic SDKs (or set KIMI_TEST_CLIENTS_PYTHON)")
     return candidate
+
+
+@pytest.fixture
+def utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Local time is UTC for the test, so the clock times that views print are predictable."""
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()

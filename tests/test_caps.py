@@ -3,8 +3,6 @@ that a stated cap wins, that nothing changes when an answer only repeats what is
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -22,15 +20,6 @@ TIER, HEADER, MESSAGE, DEFAULT = CapSource.TIER, CapSource.HEADER, CapSource.MES
 
 def cap(limit: Limit, value: int, source: CapSource, detail: str = "", at: float = 0.0) -> LearnedCap:
     return LearnedCap(limit=limit, value=value, source=source, detail=detail, at=at)
-
-
-@pytest.fixture
-def utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("TZ", "UTC")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
 
 
 # --- the tier table and Msh-Gid -------------------------------------------------------------------------------

@@ -9,8 +9,6 @@ terminal cases run the installed console script.
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Iterator
 from dataclasses import astuple
 from pathlib import Path
 from typing import Any
@@ -48,16 +46,6 @@ HOUR = 3600.0
 KIMI_CODE_DEFAULT_CAPS = {
     "concurrency": {"value": 30, "how": "Kimi Code's documented cap", "source": "default", "at": None},
 }
-
-
-@pytest.fixture
-def utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Local time is UTC, so clock times are predictable: NOW is 2027-01-15 08:00:00."""
-    monkeypatch.setenv("TZ", "UTC")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
 
 
 def acme(store: Store) -> list[int]:

@@ -13,7 +13,6 @@ import pty
 import select
 import subprocess
 import time
-from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -48,16 +47,6 @@ from kimi_rotator.models import Outcome, OutcomeKind, Strategy, Surface
 from kimi_rotator.store import HOME_ENV, Attempt, Store
 
 __all__ = ["home", "pinned_clock", "store"]  # fixtures, used by name
-
-
-@pytest.fixture
-def utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Local time is UTC, so clock times are predictable: NOW is 2027-01-15 08:00:00."""
-    monkeypatch.setenv("TZ", "UTC")
-    time.tzset()
-    yield
-    monkeypatch.undo()
-    time.tzset()
 
 
 def errors_of(result: Any) -> list[str]:
