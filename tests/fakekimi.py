@@ -1411,8 +1411,8 @@ class FakeKimi:
         account: str | Iterable[str] | None = None,
         retry_after: float | None = 1,
     ) -> None:
-        """Refuse about ``fraction`` of inference calls with 429 rate_limit_reached_error ("please try again after
-        1 seconds"; Retry-After ``retry_after`` unless None), for the given account(s) or all. Seeded for
+        """Refuse about ``fraction`` of inference calls with 429 rate_limit_reached_error ("... organization rate
+        limit, please try again after 1 seconds", naming no cap; Retry-After ``retry_after`` unless None), for the given account(s) or all. Seeded for
         reproducibility (the sequence is fixed; which concurrent request draws which number is not)."""
         with self._lock:
             self._fraction = fraction
@@ -1463,7 +1463,10 @@ class FakeKimi:
                 and (self._fraction_accounts is None or key.account in self._fraction_accounts)
                 and self._rng.random() < self._fraction
             ):
-                return ("fraction", Reply.rate_limit(self._fraction_retry_after)), {}
+                # Random refusals name no cap: a number would teach the proxy a cap the account does not have.
+                message = "Your account {account}<{ak}> request reached organization rate limit, please try again " \
+                          "after 1 seconds"
+                return ("fraction", Reply.rate_limit(self._fraction_retry_after, message=message)), {}
             if lim is not None and lim.rpm is not None:
                 lim.stamps.append(now)
                 rate_headers = self._rate_headers(lim, now)

@@ -24,6 +24,9 @@ from fakekimi import FakeKimi
 from harness import KeySpec, ProxyProcess, kimi_key, reset_store, upstream_options, wait_keys
 from test_reliability_support import ID_HEADER, LoadResult, run_load
 
+from kimi_rotator.models import AccountRecord, Limit, Surface
+from kimi_rotator.store import Store
+
 pytestmark = [pytest.mark.e2e]
 
 ACCOUNTS = ("acct-a", "acct-b", "acct-c")
@@ -39,6 +42,16 @@ def start_load_rig(workdir: Path, pki: Any, confdir: Path, fraction: float = 0.2
     fake.rate_limit_fraction(fraction, seed=5)
     home = workdir / "home"
     reset_store(home, KEYS)
+    # This fake caps no account's concurrency: say so, or the proxy holds each Kimi Code account to the 30 requests
+    # in flight Kimi documents, and 64 streams on the accounts that are not cooling would queue.
+    store = Store(home)
+    try:
+        for account in ACCOUNTS:
+            group = (Surface.KIMI_CODE, account)
+            store.update_account(group, lambda r, g=group: AccountRecord(surface=g[0], account=g[1],
+                                                                         stated={Limit.CONCURRENCY: 1000}))
+    finally:
+        store.close()
     options = {**upstream_options(fake.port, pki.ca_cert), "kimi_max_attempts": 6}
     proxy = ProxyProcess(workdir / "proxy", home, options, confdir=confdir).start()
     return fake, proxy
