@@ -125,6 +125,8 @@ class KimiRotate:
                                             "within the hour.")
         add_upstream_options(add)
         add("kimi_intercept_all", bool, False, "Decrypt every TLS connection, not only the Kimi hosts.")
+        add("kimi_quota_probes", bool, True, "Probe an account's quota (a zero-token request of kimi-rotate's own) "
+                                             "when Kimi says it is used up, to end its cooldown at the real reset.")
         add("kimi_probe_interval", int, 0, "Seconds between zero-token quota probes of every account (0: only when "
                                            "Kimi says a quota is used up; else at least 60).")
 
@@ -152,7 +154,7 @@ class KimiRotate:
         if "kimi_home" in updated or (self.store is None and self.store_error is None):
             self._open_store(Path(opts.kimi_home).expanduser() if opts.kimi_home else store_home())
         failover_opts = {"kimi_max_attempts", "kimi_max_wait", "kimi_home", "kimi_admission", "kimi_affinity",
-                         "kimi_affinity_idle", "kimi_quota_aware", "kimi_probe_interval"}
+                         "kimi_affinity_idle", "kimi_quota_aware", "kimi_probe_interval", "kimi_quota_probes"}
         if self.pool is not None and (self.failover is None or updated.intersection(UPSTREAM_OPTIONS) or
                                       updated & failover_opts):
             self._build_failover()
@@ -193,10 +195,10 @@ class KimiRotate:
         old, client = self.failover, UpstreamClient(settings)
         if self.quota_watch is not None:
             self.quota_watch.stop()
-        self.quota_watch = QuotaWatch(self.pool, client, opts.kimi_probe_interval)
+        self.quota_watch = QuotaWatch(self.pool, client, opts.kimi_probe_interval) if opts.kimi_quota_probes else None
         self.failover = Failover(self.pool, client, opts.kimi_max_attempts, scheduler=self.scheduler,
-                                 on_outcome=self.quota_watch.saw)
-        if self._loop is not None:
+                                 on_outcome=self.quota_watch.saw if self.quota_watch is not None else None)
+        if self._loop is not None and self.quota_watch is not None:
             self.quota_watch.start()
         if old is not None:
             _spawn(old.upstream.aclose())

@@ -1412,8 +1412,9 @@ class FakeKimi:
         retry_after: float | None = 1,
     ) -> None:
         """Refuse about ``fraction`` of inference calls with 429 rate_limit_reached_error ("... organization rate
-        limit, please try again after 1 seconds", naming no cap; Retry-After ``retry_after`` unless None), for the given account(s) or all. Seeded for
-        reproducibility (the sequence is fixed; which concurrent request draws which number is not)."""
+        limit, please try again after 1 seconds", naming no cap; Retry-After ``retry_after`` unless None), for the
+        given account(s) or all. Seeded for reproducibility (the sequence is fixed; which concurrent request draws
+        which number is not)."""
         with self._lock:
             self._fraction = fraction
             self._rng = random.Random(seed)

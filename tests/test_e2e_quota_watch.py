@@ -54,3 +54,21 @@ def test_a_billing_403_gets_the_account_probed_and_cooled_until_kimis_reset(
     probes = [s for s in fake_kimi.requests if s.path == "/coding/v1/usages"]
     assert len(probes) == 1 and probes[0].headers["user-agent"].startswith("kimi-rotate/")
     assert "probed the account of" in proxy.log_text()
+
+
+def test_with_quota_probes_off_the_guess_stands_and_nothing_is_probed(
+    proxy_factory, fake_kimi: FakeKimi, pki: TestPKI  # type: ignore[no-untyped-def]
+) -> None:
+    home: Path = proxy_factory.home()
+    specs = [KeySpec(SPENT, "spent", account="plan"), KeySpec(FRESH, "fresh", account="other")]
+    options = prepare_pool(fake_kimi, pki.ca_cert, home, specs)
+    fake_kimi.set_plan("plan", window_limit=10, window_used=10, window_reset_in=1800)
+    proxy = proxy_factory(home, {**options, "kimi_max_wait": 0, "kimi_quota_probes": False})
+    started = time.time()
+    answer = curl(proxy, KC_CHAT, headers={"authorization": f"Bearer {PLACEHOLDER}"}, body=CHAT_BODY)
+    assert answer.status == 200, answer.body
+    wait_keys(home, lambda ks: any(k.name == "spent" and k.cooldown_until for k in ks))
+    time.sleep(1.0)  # time enough for a probe, were one to come
+    spent = next(k for k in wait_keys(home, lambda ks: True) if k.name == "spent")
+    assert spent.cooldown_until == pytest.approx(started + 5 * 3600, abs=10)  # the classifier's 5-hour guess
+    assert [s for s in fake_kimi.requests if s.path == "/coding/v1/usages"] == []
