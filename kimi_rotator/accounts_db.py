@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .models import AccountRecord, CapSource, Group, LearnedCap, Limit, Quota, QuotaWindow, Surface
@@ -36,6 +37,9 @@ SCHEMA = """
         seen REAL NOT NULL
     )
 """
+# Schema 3: what each proxy counts per account (in flight, sent in the last minute), written with its heartbeat, so
+# that `status` shows live counts without asking the proxy.
+USAGE_SCHEMA = "ALTER TABLE proxies ADD COLUMN usage TEXT NOT NULL DEFAULT '[]'"
 
 
 def load_accounts(db: sqlite3.Connection) -> dict[Group, AccountRecord]:
@@ -171,12 +175,47 @@ def file_owner(db: sqlite3.Connection, file_id: str) -> tuple[int, Group] | None
 
 # -- proxies -------------------------------------------------------------------------------------
 
-def heartbeat(db: sqlite3.Connection, proxy_id: str, pid: int, started: float, now: float) -> None:
+@dataclass(frozen=True)
+class ProxyRow:
+    """A running proxy as its heartbeat row says: `usage` maps each account to (in flight, sent in the last minute)
+    as that proxy counted them at its last beat."""
+
+    id: str
+    pid: int
+    started: float
+    seen: float
+    usage: dict[Group, tuple[int, int]]
+
+
+def heartbeat(db: sqlite3.Connection, proxy_id: str, pid: int, started: float, now: float,
+              usage: Mapping[Group, tuple[int, int]] | None = None) -> None:
+    counts = _dump([{"surface": g[0].value, "account": g[1], "in_flight": f, "last_minute": m}
+                    for g, (f, m) in (usage or {}).items()])
     db.execute(
-        "INSERT INTO proxies (id, pid, started, seen) VALUES (?, ?, ?, ?) "
-        "ON CONFLICT (id) DO UPDATE SET seen = excluded.seen",
-        (proxy_id, pid, started, now),
+        "INSERT INTO proxies (id, pid, started, seen, usage) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (id) DO UPDATE SET seen = excluded.seen, usage = excluded.usage",
+        (proxy_id, pid, started, now, counts),
     )
+
+
+def proxy_rows(db: sqlite3.Connection, now: float, ttl: float) -> list[ProxyRow]:
+    """The proxies seen within `ttl` seconds, oldest first, with their counts (entries this version cannot read are
+    skipped)."""
+    rows = db.execute("SELECT id, pid, started, seen, usage FROM proxies WHERE seen >= ? ORDER BY started, id",
+                      (now - ttl,))
+    return [ProxyRow(str(i), int(p), float(s), float(seen), _usage(text)) for i, p, s, seen, text in rows]
+
+
+def _usage(text: str | None) -> dict[Group, tuple[int, int]]:
+    parsed = _parse(text)
+    found: dict[Group, tuple[int, int]] = {}
+    for entry in parsed if isinstance(parsed, list) else []:
+        try:
+            group = (Surface(entry["surface"]), str(entry["account"]))
+            found[group] = (int(entry["in_flight"]), int(entry["last_minute"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return found
 
 
 def live_proxies(db: sqlite3.Connection, now: float, ttl: float) -> list[tuple[str, int, float]]:

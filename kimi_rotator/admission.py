@@ -133,6 +133,11 @@ class Admission:
         times = [self.usage.frees_at(g, now) for g, by_rpm in self._full.items() if by_rpm]
         return min((t for t in times if t is not None), default=None)
 
+    def counts(self, now: float) -> dict[Group, tuple[int, int]]:
+        """(in flight, sent in the last minute) of every account a request was admitted on and still counting."""
+        found = {g: (self.usage.in_flight(g), self.usage.recent(g, now)) for g in self._counted}
+        return {g: c for g, c in found.items() if c != (0, 0)}
+
     def full_by_concurrency(self) -> bool:
         """Whether some account is full because of its requests in flight (one ending frees it)."""
         return not all(self._full.values())

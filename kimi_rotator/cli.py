@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from . import account_views, caps, cli_accounts, cli_check, cli_setup, engine, views
+from . import account_views, caps, cli_accounts, cli_check, cli_setup, cli_status, engine, views
 from .cli_help import HelpLayout, NoArgsIsHelp, UsageError, usage_message
 from .errors import UserError
 from .keys import (
@@ -911,6 +911,7 @@ app.command("proxy")(cli_setup.proxy)
 app.command("ca")(cli_setup.ca)
 app.command("doctor")(cli_setup.doctor)
 app.command("check")(cli_check.check)
+app.command("status")(cli_status.status)
 
 
 def main() -> None:

@@ -90,6 +90,9 @@ class LivePool:
     # What is known of each account (caps, quota): the snapshot's, plus caps learned since.
     accounts: dict[Group, AccountRecord] = field(default_factory=dict, init=False)
     on_caps_changed: Callable[[], None] | None = None  # caps were learned, stated, or shared anew
+    # This proxy's counts per account, (in flight, sent in the last minute), called on the event loop: the scheduler's.
+    usage_counts: Callable[[float], dict[Group, tuple[int, int]]] | None = None
+    _usage_seen: dict[Group, tuple[int, int]] | None = field(default=None, init=False)  # last handed to the beat
     _caps: dict[Group, Caps] = field(default_factory=dict, init=False)  # caps() answers, until something changes
     _with_quota: list[tuple[Group, Quota]] = field(default_factory=list, init=False)  # accounts whose quota is known
     # Proxies on this store share each account's caps: (how many are alive, this one's place among them).
@@ -401,14 +404,21 @@ class LivePool:
 
     def _heartbeat(self, now: float) -> None:
         """Tell the store this proxy is alive, and work out its share of every account's caps."""
+        if self.usage_counts is not None and self._loop is not None:
+            # The counts live on the event loop: it hands a copy over for the next beat (status reads them).
+            self._loop.call_soon_threadsafe(self._take_usage)
         try:
-            live = self.store.heartbeat(self.proxy_id, os.getpid(), self.started_at, now, PROXY_TTL)
+            live = self.store.heartbeat(self.proxy_id, os.getpid(), self.started_at, now, PROXY_TTL, self._usage_seen)
         except StoreError:
             return  # busy or failing: the next beat tries again (a store that fails is reported by the flush)
         ids = [proxy_id for proxy_id, _, _ in live]
         share = (len(ids), ids.index(self.proxy_id)) if self.proxy_id in ids else (1, 0)
         if share != self.share and self._loop is not None:
             self._loop.call_soon_threadsafe(self._set_share, share)
+
+    def _take_usage(self) -> None:
+        if self.usage_counts is not None:
+            self._usage_seen = self.usage_counts(time.time())
 
     def _set_share(self, share: tuple[int, int]) -> None:
         self.share = share

@@ -54,6 +54,7 @@ class Scheduler:
         self.options = options
         self.admission = Admission(pool.caps, clock, enabled=options.admission, on_free=self._freed)
         pool.on_caps_changed = self._caps_changed
+        pool.usage_counts = self.admission.counts
         self.pins = Pins(idle=options.affinity_idle)
         self._gates: dict[Surface, Gate] = {}
         self._generation = pool.generation  # of the pool's keys, when the pins were last checked against them

@@ -18,7 +18,7 @@ import stat
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 HOME_ENV = "KIMI_ROTATE_HOME"
 STORE_FILE = "store.db"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT = 10.0  # seconds a transaction waits for other writers before giving up
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -89,6 +89,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
     accounts_db.SCHEMA,  # 2: what is known of each account (caps, quota), file owners, running proxies
+    accounts_db.USAGE_SCHEMA,  # 3: each running proxy's counts per account
 )
 _KEY_COLUMNS = tuple(f.name for f in fields(KeyRecord))
 
@@ -695,12 +696,19 @@ class Store:
     # -- running proxies -----------------------------------------------------------------------
 
     def heartbeat(
-        self, proxy_id: str, pid: int, started: float, now: float, ttl: float
+        self, proxy_id: str, pid: int, started: float, now: float, ttl: float,
+        usage: Mapping[Group, tuple[int, int]] | None = None,
     ) -> list[tuple[str, int, float]]:
-        """Say this proxy is alive; returns the live proxies, oldest first (this one included)."""
+        """Say this proxy is alive, with its counts per account (in flight, sent in the last minute); returns the
+        live proxies, oldest first (this one included)."""
         with self._write(wait=0.05, mark=0) as db:
-            accounts_db.heartbeat(db, proxy_id, pid, started, now)
+            accounts_db.heartbeat(db, proxy_id, pid, started, now, usage)
             return accounts_db.live_proxies(db, now, ttl)
+
+    def proxy_rows(self, now: float, ttl: float) -> list[accounts_db.ProxyRow]:
+        """The running proxies with their last counts (`status`)."""
+        with self._read() as db:
+            return accounts_db.proxy_rows(db, now, ttl)
 
     def live_proxies(self, now: float, ttl: float) -> list[tuple[str, int, float]]:
         with self._read() as db:
