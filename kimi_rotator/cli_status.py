@@ -35,8 +35,11 @@ def status(
         float, typer.Option("--interval", metavar="SECONDS", min=0.1, help="Seconds between refreshes (--watch).")
     ] = 1.0,
 ) -> None:
-    """The pool at a glance, by account: each key's state, health and last error, requests in flight and in the
-    last minute against the account's caps, quota, and whether a proxy is serving the store."""
+    """The pool at a glance, by account, once or live (--watch).
+
+    Each key's state, time left, health and last error; each account's requests in flight and in the last minute
+    against its caps, and its quota; whether a proxy is serving the store, and since when. It reads the store
+    only (the counts are the running proxies', at most 2 s old) and never asks Kimi."""
     from .store import Store
 
     store = Store(readonly=True)

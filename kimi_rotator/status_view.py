@@ -105,9 +105,8 @@ def status_lines(status: PoolStatus, width: int | None, sym: Symbols) -> list[st
     for a in status.accounts:
         lines += ["", fit(a.title),
                   fit(f"   In flight {_of(a.in_flight, a.concurrency)}; last minute {_of(a.last_minute, a.rpm)}")]
-        quota = account_views.quota_short(a.quota, now)
-        if quota is not None:
-            lines.append(fit(f"   Quota: {quota}"))
+        if a.quota is not None:  # with each window's reset time
+            lines += [fit("   " + line) for line in account_views.quota_lines(a.quota, now)]
         rows = [(f"{sym.current if k.status.current else ' '} {k.status.index}", k.status.key.name,
                  mask(k.status.key.secret.get_secret_value(), sym.ellipsis), f"{pct(k.status.health)}%",
                  _state(k, now), k.last_error or "-") for k in a.keys]

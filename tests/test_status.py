@@ -83,7 +83,7 @@ def test_the_screen_shows_every_account_its_counts_quota_and_keys(store: Store) 
     text = "\n".join(status_lines(status, None, FANCY))
     assert "Proxy: serving this store, pid 4242 since" in text
     assert "Account acme (moonshot-cn)" in text and "In flight 3 of 8; last minute 15 of 200" in text
-    assert "Quota: 5h 85 of 100 left" in text
+    assert "Quota (checked " in text and "5h: 85 of 100 left, resets " in text
     assert "cooling ~10m (until" in text and "429 rate_limit_reached_error" in text
     assert "In flight 0 of 30; last minute 0 (no cap known)" in text  # the Kimi Code key's documented cap
     assert "statusAcme" not in text
