@@ -175,6 +175,8 @@ def file_owner(db: sqlite3.Connection, file_id: str) -> tuple[int, Group] | None
 
 # -- proxies -------------------------------------------------------------------------------------
 
+PROXY_TTL = 10.0  # a proxy not heard from for this long is gone: its share of the caps goes to the others
+
 @dataclass(frozen=True)
 class ProxyRow:
     """A running proxy as its heartbeat row says: `usage` maps each account to (in flight, sent in the last minute)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from .errors import UserError
 from .symbols import PLAIN, symbols
 
 if TYPE_CHECKING:
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
 
     from .status_view import PoolStatus
     from .store import Store
+
+class StatusError(UserError):
+    """A mistake the user can fix; cli.py prints it as `error: ...` with exit code 1."""
+
 
 # Words of the screen that get a colour in `--watch` (none with NO_COLOR: rich leaves them out).
 _STYLES = {r"\bactive\b": "green", r"\bcooling\b": "yellow", r"\bdisabled\b": "red",
@@ -32,8 +37,10 @@ def status(
     watch: Annotated[bool, typer.Option("--watch", help="Refresh the screen in place until Ctrl-C.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the same data once as JSON.")] = False,
     interval: Annotated[
-        float, typer.Option("--interval", metavar="SECONDS", min=0.1, help="Seconds between refreshes (--watch).")
-    ] = 1.0,
+        float | None,
+        typer.Option("--interval", metavar="SECONDS", help="Seconds between refreshes (--watch); default 1.",
+                     show_default=False),
+    ] = None,  # None, not 1.0: typer (0.29) loads pydantic to check any value given, and a default counts
 ) -> None:
     """The pool at a glance, by account, once or live (--watch).
 
@@ -42,12 +49,14 @@ def status(
     only (the counts are the running proxies', at most 2 s old) and never asks Kimi."""
     from .store import Store
 
+    if interval is not None and not 0.1 <= interval <= 3600:
+        raise StatusError("--interval takes seconds from 0.1 to 3600")
     store = Store(readonly=True)
     try:
         if as_json:
             typer.echo(json.dumps(_status_json(store), indent=2, ensure_ascii=symbols() is PLAIN))
         elif watch and sys.stdout.isatty():
-            _watch(store, interval)
+            _watch(store, 1.0 if interval is None else interval)
         else:
             _print_once(store)
     finally:
@@ -55,7 +64,7 @@ def status(
 
 
 def _read(store: Store) -> PoolStatus:
-    from .pool import PROXY_TTL
+    from .accounts_db import PROXY_TTL
     from .status_view import pool_status
 
     now = time.time()

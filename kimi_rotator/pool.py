@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import overload
 
 from . import activity, caps, engine
+from .accounts_db import PROXY_TTL
 from .admission import Caps
 from .models import (
     AccountRecord,
@@ -46,7 +47,6 @@ FLUSH_WAIT = 0.05  # seconds the writer waits for the store's write lock before 
 FLUSH_BATCH = 256  # outcomes that make the writer go before its next poll
 MAX_PENDING = 100_000  # outcomes kept while the store cannot be written (then the oldest are dropped)
 HEARTBEAT_SECONDS = 2.0  # how often a proxy tells the store it is alive
-PROXY_TTL = 10.0  # a proxy not heard from for this long is gone: its share of the caps goes to the others
 QUOTA_HORIZON = 3600.0  # quota that runs out by itself within this many seconds is spent first
 
 

@@ -60,7 +60,7 @@ HEAVY = ("cryptography", "mitmproxy", "ssl", "rich", "pydantic.main", "kimi_rota
          "kimi_rotator.doctor", "kimi_rotator.proxy")
 
 
-@pytest.mark.parametrize("args", [[], ["--help"], ["list-keys"], ["rotate"], ["stats"]])
+@pytest.mark.parametrize("args", [[], ["--help"], ["list-keys"], ["rotate"], ["stats"], ["status"]])
 def test_everyday_commands_import_nothing_heavy(tmp_path: Path, args: list[str]) -> None:
     """Backups (cryptography), the importer, the proxy and its checks (mitmproxy, ssl), rich and pydantic's model
     machinery cost 150-250 ms at every start-up; the commands people type every day load none of them."""

@@ -262,3 +262,9 @@ def test_watch_redraws_in_place_as_the_store_changes_and_ctrl_c_ends_it(kimi_hom
         assert b"Traceback" not in term.seen
     finally:
         term.kill()
+
+
+def test_an_interval_out_of_range_is_one_line(kimi_home: Path) -> None:
+    result = console(kimi_home, "status", "--watch", "--interval", "0")
+    assert result.returncode == 1
+    assert result.stderr.decode().strip() == "error: --interval takes seconds from 0.1 to 3600"
