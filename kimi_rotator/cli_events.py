@@ -53,20 +53,19 @@ def events_command(
     rotations, store errors. The log is events.jsonl in the store's folder."""
     home = store_home()
     start = time.time() - parse_since(since) if since is not None else None
-    shown = events.read(home, start)
+    shown, end = events.read(home, start)
     if count is not None or since is None:
         shown = shown[-(count or DEFAULT_COUNT):]
     for event in shown:
         _echo(event, as_json)
     if follow:
         with contextlib.suppress(KeyboardInterrupt):
-            _follow(home, as_json)
+            _follow(home, as_json, end)
 
 
-def _follow(home: Path, as_json: bool) -> None:
-    """Print lines appended to the log from now on, like `tail -f`, across rotations."""
+def _follow(home: Path, as_json: bool, offset: int) -> None:
+    """Print lines appended to the log after its first `offset` bytes, like `tail -f`, across rotations."""
     path = events.path_in(home)
-    offset = path.stat().st_size if path.exists() else 0
     partial = b""
     while True:
         try:

@@ -93,16 +93,20 @@ def append(home: Path, events: Iterable[Event]) -> None:
         os.close(fd)
 
 
-def read(home: Path, since: float | None = None) -> list[Event]:
-    """Every event in the log and its rotated file, oldest first; with `since`, those at or after it."""
+def read(home: Path, since: float | None = None) -> tuple[list[Event], int]:
+    """Every event in the log and its rotated file, oldest first (with `since`, those at or after it), and how many
+    bytes of the log's whole lines were read: following it from there misses no line and shows none twice."""
     out: list[Event] = []
     for path in (path_in(home).with_name(EVENTS_FILE + ".1"), path_in(home)):
+        end = 0
         try:
-            text = path.read_bytes().decode("utf-8", "replace")
+            data = path.read_bytes()
         except (FileNotFoundError, IsADirectoryError):
             continue
+        end = data.rfind(b"\n") + 1  # a line being written is left for the follower
+        text = data[:end].decode("utf-8", "replace")
         out += [e for e in parse(text.splitlines()) if since is None or e["at"] >= since]
-    return out
+    return out, end
 
 
 def parse(lines: Iterable[str]) -> Iterator[Event]:

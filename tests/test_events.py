@@ -53,8 +53,8 @@ def test_the_log_is_created_private_and_read_back_in_order(tmp_path: Path) -> No
     events.append(tmp_path, [events.make("rotate", NOW), events.make("use_key", NOW + 1)])
     events.append(tmp_path, [events.make("rotate", NOW + 2)])
     assert stat.S_IMODE(events.path_in(tmp_path).stat().st_mode) == 0o600
-    assert [e["at"] for e in events.read(tmp_path)] == [NOW, NOW + 1, NOW + 2]
-    assert [e["at"] for e in events.read(tmp_path, since=NOW + 1)] == [NOW + 1, NOW + 2]
+    assert [e["at"] for e in events.read(tmp_path)[0]] == [NOW, NOW + 1, NOW + 2]
+    assert [e["at"] for e in events.read(tmp_path, since=NOW + 1)[0]] == [NOW + 1, NOW + 2]
 
 
 def test_broken_lines_are_skipped(tmp_path: Path) -> None:
@@ -62,7 +62,7 @@ def test_broken_lines_are_skipped(tmp_path: Path) -> None:
     with open(events.path_in(tmp_path), "a") as f:
         f.write('{"at": 1, "ev\n[1, 2]\n{"event": "no time"}\n')
     events.append(tmp_path, [events.make("use_key", NOW + 1)])
-    assert [e["event"] for e in events.read(tmp_path)] == ["rotate", "use_key"]
+    assert [e["event"] for e in events.read(tmp_path)[0]] == ["rotate", "use_key"]
 
 
 def test_the_log_rotates_by_size_keeping_one_older_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -73,7 +73,7 @@ def test_the_log_rotates_by_size_keeping_one_older_file(tmp_path: Path, monkeypa
     assert files == ["events.jsonl", "events.jsonl.1"]
     assert all(p.stat().st_size <= 2000 for p in tmp_path.iterdir())
     assert stat.S_IMODE(events.path_in(tmp_path).stat().st_mode) == 0o600
-    kept = [e["at"] for e in events.read(tmp_path)]
+    kept = [e["at"] for e in events.read(tmp_path)[0]]
     assert kept == sorted(kept) and kept[-1] == NOW + 199 and len(kept) > 20
 
 
@@ -138,7 +138,7 @@ async def test_the_pool_writes_cooldowns_and_caps_off_the_event_loop(tmp_path: P
     finally:
         live.stop()
         store.close()
-    kinds = [(e["event"], e.get("key", {}).get("name")) for e in events.read(home)]
+    kinds = [(e["event"], e.get("key", {}).get("name")) for e in events.read(home)[0]]
     assert kinds[0] == ("cap_learned", "one")
     assert sorted(kinds[1:3]) == [("cooldown_started", "one"), ("cooldown_started", "two")]
     assert sorted(kinds[3:]) == [("cooldown_ended", "one"), ("cooldown_ended", "two")]
