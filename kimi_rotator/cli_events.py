@@ -53,13 +53,13 @@ def events_command(
     rotations, store errors. The log is events.jsonl in the store's folder."""
     home = store_home()
     start = time.time() - parse_since(since) if since is not None else None
-    shown, end = events.read(home, start)
-    if count is not None or since is None:
-        shown = shown[-(count or DEFAULT_COUNT):]
-    for event in shown:
-        _echo(event, as_json)
-    if follow:
-        with contextlib.suppress(KeyboardInterrupt):
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends it, at any moment, without a traceback
+        shown, end = events.read(home, start)
+        if count is not None or since is None:
+            shown = shown[-(count or DEFAULT_COUNT):]
+        for event in shown:
+            _echo(event, as_json)
+        if follow:
             _follow(home, as_json, end)
 
 
