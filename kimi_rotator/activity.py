@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from . import events
 from .events import Event
 from .keys import mask
-from .models import KeyRecord, OutcomeKind, Scope
+from .models import KeyRecord, LearnedCap, OutcomeKind, Scope
 
 if TYPE_CHECKING:  # the failover imports this module; the job and verdict are only read here
     from .classify import Verdict
@@ -82,8 +82,10 @@ def changes(before: Sequence[KeyRecord | None], after: Sequence[KeyRecord], now:
         if old is None or (old.cooldown_until == new.cooldown_until and old.disabled_reason == new.disabled_reason
                            and old.account == new.account):
             continue  # the common case (a success) costs these two comparisons
-        if sink is not None and old.account is None and new.account is not None:
-            sink.append(events.make("account_learned", now, new))
+        if old.account is None and new.account is not None:
+            out.append((logging.INFO, f"key {describe(new)} is in account {new.account}, as Kimi named it"))
+            if sink is not None:
+                sink.append(events.make("account_learned", now, new))
         was_out, is_out = old.disabled_reason is not None, new.disabled_reason is not None
         if is_out and not was_out:
             out.append((logging.WARNING, disabled_line(new)))
@@ -105,6 +107,12 @@ def changes(before: Sequence[KeyRecord | None], after: Sequence[KeyRecord], now:
         out.append((logging.INFO, cooling_line(keys, account, until, reason, now)))
     out += [(logging.INFO, line) for line in back_lines(back)]
     return out
+
+
+def cap_line(key: KeyRecord, cap: LearnedCap) -> str:
+    """`account team-1 cap learned: rpm 200 (message)`, the account named as the cooling lines name it."""
+    account = key.account or f"of key {describe(key)}"
+    return f"account {account} cap learned: {cap.limit.value} {cap.value} ({cap.source.value})"
 
 
 def _cooling(key: KeyRecord, now: float) -> bool:

@@ -265,6 +265,7 @@ class LivePool:
             if key is not None and self._learn(key.limit_group, outcome.caps, now):
                 changed_state = True  # other proxies and views should know at once
                 for cap in outcome.caps:
+                    activity.log.info(activity.cap_line(key, cap))
                     self.event_log.put(events.make("cap_learned", now, key, limit=cap.limit.value, value=cap.value,
                                                 source=cap.source.value))
             else:  # nothing new: the store has nothing to merge

@@ -95,7 +95,8 @@ def test_changes_give_one_event_per_key_next_to_the_log_lines() -> None:
     learned = record(TWO, "two", account="org:9", disabled_reason="401 invalid_authentication_error")
     sink: list[events.Event] = []
     lines = activity.changes([one, two], [cooling, learned], NOW, sink)
-    assert len(lines) == 2
+    assert lines[0][1] == "key two sk-kimi-…c3d4 is in account org:9, as Kimi named it"
+    assert len(lines) == 3  # and the disabled and cooling lines
     assert [(e["event"], e["key"]["name"]) for e in sink] == [
         ("cooldown_started", "one"), ("account_learned", "two"), ("key_disabled", "two")]
     assert sink[0]["until"] == NOW + 60 and sink[0]["reason"] == "429 rate_limit"
@@ -144,3 +145,10 @@ async def test_the_pool_writes_cooldowns_and_caps_off_the_event_loop(tmp_path: P
     assert sorted(kinds[3:]) == [("cooldown_ended", "one"), ("cooldown_ended", "two")]
     text = events.path_in(home).read_text()
     assert "uid:1" not in text and ONE not in text and TWO not in text
+
+
+def test_a_learned_cap_has_a_line_of_its_own() -> None:
+    cap = LearnedCap(limit=Limit.RPM, value=200, source=CapSource.MESSAGE)
+    assert activity.cap_line(record(ONE, "one", account="team"), cap) == "account team cap learned: rpm 200 (message)"
+    assert activity.cap_line(record(ONE, "one"), cap) == \
+        "account of key one sk-kimi-…a1b2 cap learned: rpm 200 (message)"
