@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -28,6 +29,8 @@ from .models import KeyRecord
 
 if TYPE_CHECKING:  # the failover imports activity, which imports this module
     from .failover import Job
+
+log = logging.getLogger(__name__)
 
 EVENTS_FILE = "events.jsonl"
 MAX_BYTES = 5 * 1024 * 1024
@@ -141,5 +144,8 @@ class EventLog:
             append(self.home, batch)
             self.failed = None
         except OSError as e:
-            self.failed = f"cannot write the event log {path_in(self.home)}: {e.strerror}"
+            if self.failed is None:  # once per episode, not on every pass
+                log.warning("kimi-rotate: cannot write the event log %s (%s); events are kept and written once it "
+                            "can be", path_in(self.home), e.strerror)
+            self.failed = e.strerror or str(e)
             self._queue.extendleft(reversed(batch))  # tried again next pass

@@ -7,6 +7,7 @@ import json
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -121,7 +122,17 @@ def test_a_failover_event_names_each_key_tried_and_why_but_no_key_or_body() -> N
     assert "…" not in json.dumps(event) and "secret" not in json.dumps(event)
 
 
-async def test_the_pool_writes_cooldowns_and_caps_off_the_event_loop(tmp_path: Path) -> None:
+async def test_the_pool_writes_cooldowns_and_caps_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writers: set[str] = set()
+    append = events.append
+
+    def noted_append(home: Path, batch: list[events.Event]) -> None:
+        writers.add(threading.current_thread().name)
+        append(home, batch)
+
+    monkeypatch.setattr(events, "append", noted_append)
     home = tmp_path / "home"
     store = Store(home)
     for secret, name in ((ONE, "one"), (TWO, "two")):
@@ -134,11 +145,11 @@ async def test_the_pool_writes_cooldowns_and_caps_off_the_event_loop(tmp_path: P
                           reason="429 rate_limit_reached_error",
                           caps=(LearnedCap(limit=Limit.RPM, value=200, source=CapSource.MESSAGE),))
         live.record(live.roster.keys[0].id, limited, now)
-        assert not events.path_in(home).exists()  # the event loop only queued them
         await asyncio.sleep(0.8)  # the cooldown ends, the store thread writes
     finally:
         live.stop()
         store.close()
+    assert writers == {"kimi-rotate-store"}  # the event loop only queued them
     kinds = [(e["event"], e.get("key", {}).get("name")) for e in events.read(home)[0]]
     assert kinds[0] == ("cap_learned", "one")
     assert sorted(kinds[1:3]) == [("cooldown_started", "one"), ("cooldown_started", "two")]
@@ -152,3 +163,18 @@ def test_a_learned_cap_has_a_line_of_its_own() -> None:
     assert activity.cap_line(record(ONE, "one", account="team"), cap) == "account team cap learned: rpm 200 (message)"
     assert activity.cap_line(record(ONE, "one"), cap) == \
         "account of key one sk-kimi-…a1b2 cap learned: rpm 200 (message)"
+
+
+def test_a_log_that_cannot_be_written_keeps_its_events_and_says_so_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    home = tmp_path / "not-yet"
+    log = events.EventLog(home)
+    log.put(events.make("rotate", NOW))
+    log.flush()
+    log.put(events.make("use_key", NOW + 1))
+    log.flush()
+    assert log.failed and len([r for r in caplog.records if "cannot write the event log" in r.getMessage()]) == 1
+    home.mkdir()
+    log.flush()
+    assert log.failed is None and [e["event"] for e in events.read(home)[0]] == ["rotate", "use_key"]
