@@ -18,8 +18,10 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from . import events
+from .events import Event
 from .keys import mask
-from .models import KeyRecord, OutcomeKind, Scope
+from .models import KeyRecord, LearnedCap, OutcomeKind, Scope
 
 if TYPE_CHECKING:  # the failover imports this module; the job and verdict are only read here
     from .classify import Verdict
@@ -67,30 +69,50 @@ def duration(seconds: float) -> str:
     return f"{max(0, round(seconds * 1000))} ms" if seconds < 10 else f"{seconds:.1f} s"
 
 
-def changes(before: Sequence[KeyRecord | None], after: Sequence[KeyRecord], now: float) -> list[tuple[int, str]]:
+def changes(before: Sequence[KeyRecord | None], after: Sequence[KeyRecord], now: float,
+            sink: list[Event] | None = None) -> list[tuple[int, str]]:
     """(level, line) for each change of state from `before[i]` to `after[i]` (one key's record then and now;
     None: the key is new, which is no change of state). Keys of one account that start cooling together,
-    as an account-scope limit makes them, share one line."""
+    as an account-scope limit makes them, share one line. With `sink`, the same changes are added to it
+    as event-log events, one per key."""
     cooling: dict[tuple[str | None, float, str], list[KeyRecord]] = {}
     back: list[KeyRecord] = []
     out: list[tuple[int, str]] = []
     for old, new in zip(before, after, strict=True):
-        if old is None or (old.cooldown_until == new.cooldown_until and old.disabled_reason == new.disabled_reason):
+        if old is None or (old.cooldown_until == new.cooldown_until and old.disabled_reason == new.disabled_reason
+                           and old.account == new.account):
             continue  # the common case (a success) costs these two comparisons
+        if old.account is None and new.account is not None:
+            out.append((logging.INFO, f"key {describe(new)} is in account {new.account}, as Kimi named it"))
+            if sink is not None:
+                sink.append(events.make("account_learned", now, new))
         was_out, is_out = old.disabled_reason is not None, new.disabled_reason is not None
         if is_out and not was_out:
             out.append((logging.WARNING, disabled_line(new)))
+            if sink is not None:
+                sink.append(events.make("key_disabled", now, new, reason=new.disabled_reason))
         elif is_out:
             continue
         elif _cooling(new, now) and (was_out or not _cooling(old, now)):
             assert new.cooldown_until is not None
             cooling.setdefault((new.account, new.cooldown_until, new.cooldown_reason or ""), []).append(new)
+            if sink is not None:
+                sink.append(events.make("cooldown_started", now, new, reason=new.cooldown_reason,
+                                        until=new.cooldown_until))
         elif not _cooling(new, now) and (was_out or _cooling(old, now)):
             back.append(new)
+            if sink is not None:
+                sink.append(events.make("key_enabled" if was_out else "cooldown_ended", now, new))
     for (account, until, reason), keys in cooling.items():
         out.append((logging.INFO, cooling_line(keys, account, until, reason, now)))
     out += [(logging.INFO, line) for line in back_lines(back)]
     return out
+
+
+def cap_line(key: KeyRecord, cap: LearnedCap) -> str:
+    """`account team-1 cap learned: rpm 200 (message)`, the account named as the cooling lines name it."""
+    account = key.account or f"of key {describe(key)}"
+    return f"account {account} cap learned: {cap.limit.value} {cap.value} ({cap.source.value})"
 
 
 def _cooling(key: KeyRecord, now: float) -> bool:

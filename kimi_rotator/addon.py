@@ -34,7 +34,7 @@ from pathlib import Path
 from mitmproxy import command, connection, ctx, exceptions, http, tls
 from mitmproxy.proxy import server_hooks
 
-from . import activity, affinity, engine, views
+from . import activity, affinity, engine, events, views
 from .access import KeyAccess, from_this_machine, key_access, refusal
 from .activity import describe
 from .envelopes import INTERNAL_ERROR, error_response
@@ -404,6 +404,8 @@ class KimiRotate:
         if copy is not None:
             self._keep_stream_copy(flow, copy)
         self._show_attempts(flow, job)
+        if job.failed_over and self.pool is not None:
+            self.pool.event_log.put(events.failover(job, self.pool.roster.keys, time.time()))
 
     def _annotate(self, flow: http.HTTPFlow, job: Job) -> None:
         """Name the attempts in the flow's comment, and put the placeholder of the key that served where the

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from . import account_views, caps, cli_accounts, cli_check, cli_setup, cli_status, engine, views
+from . import account_views, caps, cli_accounts, cli_check, cli_events, cli_setup, cli_status, engine, views
 from .cli_help import HelpLayout, NoArgsIsHelp, UsageError, usage_message
 from .errors import UserError
 from .keys import (
@@ -605,6 +605,7 @@ def set_account(
 
 
 app.command("account")(cli_accounts.account)
+app.command("events")(cli_events.events_command)
 
 
 @app.command("enable")
@@ -613,6 +614,7 @@ def enable(ref: KeyRef) -> None:
     with _store() as store:
         index, key = _resolve(store, ref)
         store.set_disabled(key.id, None)
+        cli_events.note(store.home, "key_enabled", key, by="cli")
     note = "" if key.disabled_reason else " (it was not disabled)"
     typer.echo(f"{symbols().ok} Enabled key: {key.name} (index {index}){note}")
 
@@ -630,6 +632,7 @@ def disable(
     with _store() as store:
         index, key = _resolve(store, ref)
         store.set_disabled(key.id, cleaned)
+        cli_events.note(store.home, "key_disabled", key, reason=cleaned, by="cli")
     typer.echo(f"{symbols().ok} Disabled key: {key.name} (index {index}): {cleaned}")
 
 
@@ -643,6 +646,8 @@ def rotate() -> None:
     with _store() as store:
         result = store.rotate(now)
         snap = store.snapshot()
+        if not isinstance(result, engine.NoEligibleKey):
+            cli_events.note(store.home, "rotate", result.key, reason=result.reason)
     keys = snap.keys
     if isinstance(result, engine.NoEligibleKey):
         if result.total == 0:
@@ -668,6 +673,7 @@ def use_key(ref: KeyRef) -> None:
     with _store() as store:
         index, key = _resolve(store, ref)
         store.use_key(key.id)
+        cli_events.note(store.home, "use_key", key)
     typer.echo(f"{symbols().ok} Now using: {key.name} (index {index})")
     state = key.state_at(now)
     if state is KeyState.DISABLED:

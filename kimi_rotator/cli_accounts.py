@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from . import account_views
+from . import account_views, cli_events, events
 from .account_views import AccountView
 from .caps import MAX_CAP, state_caps
 from .cli_help import _wrap
@@ -99,6 +99,9 @@ def account(
             target = shown[0]
             stated_before = dict(target.record.stated) if target.record else {}
             after = store.update_account(target.group, lambda record: state_caps(record, target.group, changes))
+            cli_events.note(store.home, "caps_stated", surface=target.surface.value,
+                            account=events.account_ref(target.group[1]),
+                            caps={limit.value: value for limit, value in changes.items()})
             shown = [replace(target, record=after)]
     if as_json:
         rows = [account_views.account_json(a, now) for a in shown]

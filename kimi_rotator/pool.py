@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import overload
 
-from . import activity, caps, engine
+from . import activity, caps, engine, events
 from .accounts_db import PROXY_TTL
 from .admission import Caps
 from .models import (
@@ -102,8 +102,10 @@ class LivePool:
     _files: dict[str, tuple[int, Group]] = field(default_factory=dict, init=False)  # file id -> uploader
     _files_to_save: list[tuple[str, int, Group, float]] = field(default_factory=list, init=False)
     generation: int = field(default=0, init=False)  # moves whenever keys are added or removed
+    event_log: events.EventLog = field(init=False)  # this proxy's state changes, written by the store thread
 
     def __post_init__(self) -> None:
+        self.event_log = events.EventLog(self.store.home)
         # Read the version first: a commit between the two reads is then seen again, never missed.
         self._version = self.store.data_version()
         self._install(self.store.snapshot())
@@ -265,10 +267,17 @@ class LivePool:
             key = self.roster.get(key_id)
             if key is not None and self._learn(key.limit_group, outcome.caps, now):
                 changed_state = True  # other proxies and views should know at once
+                for cap in outcome.caps:
+                    activity.log.info(activity.cap_line(key, cap))
+                    self.event_log.put(events.make("cap_learned", now, key, limit=cap.limit.value, value=cap.value,
+                                                source=cap.source.value))
             else:  # nothing new: the store has nothing to merge
                 outcome = replace(outcome, caps=())
         if outcome.kind in engine.DISABLING or outcome.kind in engine.DEFAULT_COOLDOWN:  # never a success
-            changes = activity.changes([before.get(u.id) for u in updates], updates, now)
+            found: list[events.Event] = []
+            changes = activity.changes([before.get(u.id) for u in updates], updates, now, found)
+            for event in found:
+                self.event_log.put(event)
             if changes:
                 activity.emit(changes)
                 self._watch_cooldowns(_earliest_cooldown(updates, now))
@@ -323,6 +332,7 @@ class LivePool:
             self._thread = None
         else:
             self._flush()
+            self.event_log.flush()
 
     # -- the background thread -----------------------------------------------------------------
 
@@ -354,6 +364,7 @@ class LivePool:
                 log.exception("kimi-rotate: reading the store failed")
             # A busy store is no failure: the batch waits for the next pass (but not at shutdown).
             self._flush(wait=BUSY_TIMEOUT if stopping else FLUSH_WAIT)
+            self.event_log.flush()
             if stopping:
                 with contextlib.suppress(StoreError):  # else the row ages out by itself
                     self.store.leave(self.proxy_id, time.time(), PROXY_TTL)
@@ -427,6 +438,7 @@ class LivePool:
     def _report(self, error: StoreError) -> None:
         if not self._failing:  # once per episode, not on every retry
             log.warning("kimi-rotate: %s", error)
+            self.event_log.put(events.make("store_error", time.time(), error=str(error)))
         self._failing = self._pass_failed = True
         if self.on_error is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(self.on_error, error)
@@ -505,6 +517,8 @@ class LivePool:
         back = [k for k in self.roster.keys if k.disabled_reason is None and k.cooldown_until is not None
                 and since < k.cooldown_until <= now]
         activity.emit((logging.INFO, line) for line in activity.back_lines(back))
+        for key in back:
+            self.event_log.put(events.make("cooldown_ended", now, key))
         self._back_timer = self._back_at = None
         self._rewatch(now)
 

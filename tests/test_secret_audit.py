@@ -194,7 +194,7 @@ def test_no_key_in_any_byte_written(
             continue
         hits += find_secrets(path.read_bytes(), SECRETS, str(path), PARTIAL)
     assert hits == []
-    assert {flows, har, export, proxy.stdout_path} <= set(scanned)
+    assert {flows, har, export, proxy.stdout_path, home / "events.jsonl"} <= set(scanned)
     # Positive control: the scanner does find the keys where they are stored.
     assert len({h.rsplit("…", 1)[1] for h in store_hits}) == len(SECRETS), store_hits
 
