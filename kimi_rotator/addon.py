@@ -195,7 +195,7 @@ class KimiRotate:
         if not address:
             return
         metrics = Metrics()
-        metrics.watch(lambda: self.pool, lambda: self.scheduler)
+        metrics.watch(lambda: self.pool, lambda: self.scheduler, loop=lambda: self._loop)
         try:
             self.metrics_server = MetricsServer(metrics, address, token, allow_remote)
         except MetricsError as e:

@@ -10,6 +10,7 @@ short digest of its label, never by the label itself: the label may be an accoun
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import socket
@@ -77,9 +78,11 @@ class Metrics:
         return found
 
     def watch(self, pool: Callable[[], LivePool | None], scheduler: Callable[[], Scheduler | None],
-              clock: Callable[[], float] = time.time) -> None:
-        """Read the pool's state at each scrape (the getters follow the addon's current pool and scheduler)."""
-        self.registry.register(PoolCollector(pool, scheduler, clock))
+              clock: Callable[[], float] = time.time,
+              loop: Callable[[], asyncio.AbstractEventLoop | None] = lambda: None) -> None:
+        """Read the pool's state at each scrape (the getters follow the addon's current pool, scheduler and event
+        loop; the state is read on that loop when it runs, as everything else that reads the pool)."""
+        self.registry.register(PoolCollector(pool, scheduler, clock, loop))
 
     # -- fed by the addon and the failover loop ------------------------------------------------------
 
@@ -111,13 +114,26 @@ class PoolCollector(Collector):
     """Gauges computed from the pool when scraped."""
 
     def __init__(self, pool: Callable[[], LivePool | None], scheduler: Callable[[], Scheduler | None],
-                 clock: Callable[[], float]) -> None:
-        self.pool, self.scheduler, self.clock = pool, scheduler, clock
+                 clock: Callable[[], float], loop: Callable[[], asyncio.AbstractEventLoop | None]) -> None:
+        self.pool, self.scheduler, self.clock, self.loop = pool, scheduler, clock, loop
 
     def describe(self) -> Iterable[Metric]:
         return []  # not known before a pool is there; the registry then asks collect() at each scrape
 
     def collect(self) -> Iterator[Metric]:
+        """On the scrape's thread: the families, read on the event loop (the pool is not for other threads: reading
+        caps fills a cache the loop clears)."""
+        loop = self.loop()
+        if loop is None or not loop.is_running():
+            yield from self.read()
+            return
+
+        async def read() -> list[Metric]:
+            return self.read()
+
+        yield from asyncio.run_coroutine_threadsafe(read(), loop).result(timeout=10)
+
+    def read(self) -> list[Metric]:
         pool, scheduler, now = self.pool(), self.scheduler(), self.clock()
         key_labels = ["surface", "key", "name"]
         health = GaugeMetricFamily(f"{PREFIX}_key_health", "Health score of each key (0-100).", labels=key_labels)
@@ -156,7 +172,7 @@ class PoolCollector(Collector):
                         quota.add_metric([*names, "balance"], record.quota.balance)
                     for window in record.quota.windows:
                         quota.add_metric([*names, window.name], window.remaining)
-        yield from (health, cooling, usable, in_flight, cap, quota)
+        return [health, cooling, usable, in_flight, cap, quota]
 
 
 # -- serving -------------------------------------------------------------------------------------------

@@ -160,3 +160,36 @@ def test_a_busy_port_is_one_clear_line(metrics: Metrics) -> None:
         assert "\n" not in str(e.value)
     finally:
         server.stop()
+
+
+def test_a_scrape_reads_the_pool_on_its_event_loop() -> None:
+    import asyncio
+    import threading
+
+    threads: list[str] = []
+
+    class Pool:
+        @property
+        def roster(self) -> Roster:
+            threads.append(threading.current_thread().name)
+            return Roster([key(1, "one", "acct-1")])
+
+        def __init__(self) -> None:
+            self.accounts: dict[Any, Any] = {}
+
+        def caps(self, group: Any) -> tuple[None, None]:
+            return (None, None)
+
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, name="the-loop", daemon=True)
+    runner.start()
+    try:
+        m = Metrics()
+        m.watch(lambda: Pool(), lambda: None, lambda: NOW, lambda: loop)  # type: ignore[arg-type, return-value]
+        found = samples(generate_latest(m.registry).decode())
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(5)
+        loop.close()
+    assert threads == ["the-loop"]
+    assert one(found, "kimi_rotate_key_health", surface="kimi-code", key="fp0001", name="one") == 100
