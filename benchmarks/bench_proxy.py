@@ -5,11 +5,12 @@ proxy of every kind side by side; the load generator alternates short slices bet
 load hits all alike. Prints medians over rounds and ratios against stock paired within each round.
 Nothing leaves 127.0.0.1. See benchmarks/README.md.
 
-    python benchmarks/bench_proxy.py [--quick] [--json results.json] [--baseline DIR]
+    python benchmarks/bench_proxy.py [--quick] [--json results.json] [--baseline DIR] [--metrics]
 
 With --baseline, a checkout of older code (`git worktree add /tmp/base <commit>`) runs as two more proxies in the
 same rounds, `-s DIR/kimi_rotate.py` and `kimi-rotate proxy` with DIR first on PYTHONPATH, and the report adds
-their ratios new/old.
+their ratios new/old. With --metrics, one more proxy runs `kimi-rotate proxy --metrics 127.0.0.1:PORT` (kimi_metrics)
+in the same rounds, and the report adds its ratios against the slim proxy without metrics.
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ RATE_LIMITED = json.dumps({"error": {"type": "rate_limit_reached_error", "messag
 REQUEST_TIMEOUT, PHASE_LIMIT = 15.0, 60.0  # seconds for one request / for one slice of a phase
 CONFIGS = ("stock", "addon", "slim")
 BASELINE_CONFIGS = ("addon_old", "slim_old")  # with --baseline: the same two proxies, running the baseline's code
+METRICS_CONFIG = "slim_metrics"  # with --metrics: the slim proxy serving Prometheus metrics
 LABELS = {"direct": "direct (no proxy)", "stock": "a stock mitmdump", "addon": "b mitmdump -s kimi_rotate",
-          "slim": "c kimi-rotate proxy", "addon_old": "b' baseline -s kimi_rotate", "slim_old": "c' baseline proxy"}
+          "slim": "c kimi-rotate proxy", "addon_old": "b' baseline -s kimi_rotate", "slim_old": "c' baseline proxy",
+          METRICS_CONFIG: "c+ proxy --metrics"}
 PHASES = (("json_c1", False, 1), ("json_c10", False, 10), ("sse_c1", True, 1), ("sse_c10", True, 10))
 SLICES = 4  # each phase alternates between the targets in this many slices
 STOCK_SCRIPT = '''UPSTREAM = ("127.0.0.1", {port})
@@ -350,7 +353,12 @@ def proxy_command(kind: str, port: int, confdir: Path, up_port: int, ca: Path, r
         sets.append(f"kimi_resolve={HOST}=127.0.0.1:{up_port}")
     args = [a for s in sets for a in ("--set", s)]
     script = confdir / "stock_route.py" if kind == "stock" else root / "kimi_rotate.py"
-    if kind not in ("slim", "slim_old"):
+    if kind == METRICS_CONFIG:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            sets.append(f"kimi_metrics=127.0.0.1:{s.getsockname()[1]}")
+        args = [a for s in sets for a in ("--set", s)]
+    if kind not in ("slim", "slim_old", METRICS_CONFIG):
         return [str(BIN / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "-p", str(port), "-s", str(script), *args]
     if (BIN / "kimi-rotate").exists():
         return [str(BIN / "kimi-rotate"), "proxy", "--port", str(port), *args]
@@ -497,6 +505,9 @@ def report(rounds: list[dict[str, Any]], configs: tuple[str, ...] = CONFIGS) -> 
         lines.append(out)
     if "addon_old" in configs:
         lines += baseline_lines(rounds, checks)
+    if METRICS_CONFIG in configs:
+        lines += baseline_lines(rounds, checks, ((METRICS_CONFIG, "slim"),), "metrics on / off, paired per round",
+                                "c+ / c")
     errors = sum(int(p.get("errors", 0)) for r in rounds for c in r.values() for p in c.values())
     lines += ["", f"failed or unexpected requests: {errors}. Failover target: one upstream round trip (direct p50 "
               f"{rtt:.2f} ms) + 5 ms. CPU ratio: proxy CPU per request / stock's (lower is better)."]
@@ -512,12 +523,15 @@ BASELINE_ROWS = (("throughput, JSON c=1", "json_c1.rps"), ("throughput, JSON c=1
                  ("first SSE event after a failover", "failover.ttfe_p50_ms"))
 
 
-def baseline_lines(rounds: list[dict[str, Any]], checks: dict[str, Any]) -> list[str]:
-    """This code against the baseline's, the same proxy kind in the same round: new / old, median over rounds."""
-    lines = ["", f"{'new / baseline, paired per round':40}{'b / bold':>10}{'c / cold':>10}"]
+def baseline_lines(rounds: list[dict[str, Any]], checks: dict[str, Any],
+                   pairs: tuple[tuple[str, str], ...] = (("addon", "addon_old"), ("slim", "slim_old")),
+                   title: str = "new / baseline, paired per round", heads: str = "b / bold  c / cold") -> list[str]:
+    """Each (new, old) pair of proxies in the same round, median over rounds of new / old: by default this code
+    against the baseline's, with --metrics the slim proxy with metrics against it without."""
+    lines = ["", f"{title:40}" + "".join(f"{h:>10}" for h in heads.split("  "))]
     for label, key in BASELINE_ROWS:
         out = f"{label:40}"
-        for new, old in (("addon", "addon_old"), ("slim", "slim_old")):
+        for new, old in pairs:
             per_round = [val(r, new, key) / val(r, old, key) for r in rounds if val(r, old, key)]
             v = statistics.median(per_round) if per_round else float("nan")  # nan: the baseline measured nothing
             checks[f"{new} / {old}: {label}"] = {"value": v, "per_round": per_round}
@@ -535,11 +549,12 @@ def main() -> int:
     ap.add_argument("--interval-ms", type=float, default=20.0, help="gap between SSE events after the first")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--baseline", type=Path, help="a checkout of older code, measured beside this one (new/old)")
+    ap.add_argument("--metrics", action="store_true", help="also the slim proxy with kimi_metrics on (on/off)")
     args = ap.parse_args()
     baseline = args.baseline.resolve() if args.baseline else None
     if baseline is not None and not (baseline / "kimi_rotate.py").is_file():
         ap.error(f"--baseline {args.baseline}: no kimi_rotate.py there (give a checkout of kimi-rotate)")
-    configs = CONFIGS + (BASELINE_CONFIGS if baseline is not None else ())
+    configs = CONFIGS + (BASELINE_CONFIGS if baseline is not None else ()) + ((METRICS_CONFIG,) if args.metrics else ())
     rounds_n = max(1, min(9, args.rounds or (1 if args.quick else 3)))
     plan = ({"warmup": 100, "json_c1": 200, "json_c10": 300, "sse_c1": 16, "sse_c10": 60, "failover": 3}
             if args.quick else

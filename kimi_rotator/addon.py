@@ -40,7 +40,8 @@ from .activity import describe
 from .envelopes import INTERNAL_ERROR, error_response
 from .failover import Failover, Job, Reply, broke_off
 from .flowview import StreamCopy, add_flows, attempt_flows, keeps_flows, link_note
-from .models import KeyRecord, Surface
+from .metrics import Metrics, MetricsError, MetricsServer
+from .models import KeyRecord, Outcome, Surface
 from .pool import LivePool
 from .quota_watch import QuotaWatch
 from .relay import TOKEN_HEADER, Handover, Relay
@@ -102,6 +103,9 @@ class KimiRotate:
         self._master_keeps_flows: bool | None = None  # whether the master shows or saves flows (looked up once)
         self.access = KeyAccess.LOOPBACK
         self._access_logged: KeyAccess | None = None  # logged at the first `configure` and whenever it changes
+        self.metrics: Metrics | None = None  # kimi_metrics: fed on the request path only when set
+        self.metrics_server: MetricsServer | None = None
+        self._metrics_served: tuple[str, str, bool] = ("", "", False)  # the options the server runs with
 
     # -- options -------------------------------------------------------------------------------
 
@@ -127,6 +131,9 @@ class KimiRotate:
         add("kimi_intercept_all", bool, False, "Decrypt every TLS connection, not only the Kimi hosts.")
         add("kimi_quota_probes", bool, True, "Probe an account's quota (a zero-token request of kimi-rotate's own) "
                                              "when Kimi says it is used up, to end its cooldown at the real reset.")
+        add("kimi_metrics", str, "", "HOST:PORT to serve Prometheus metrics on, such as 127.0.0.1:9464 (off when "
+                                     "empty). Other than loopback needs kimi_client_token (a bearer token) or "
+                                     "kimi_allow_remote.")
         add("kimi_probe_interval", int, 0, "Seconds between zero-token quota probes of every account (0: only when "
                                            "Kimi says a quota is used up; else at least 60).")
 
@@ -151,10 +158,13 @@ class KimiRotate:
             self._access_logged = self.access
             level = logging.WARNING if self.access is KeyAccess.ANYONE else logging.INFO
             log.log(level, "kimi-rotate: %s", self.access.value)
+        if updated & {"kimi_metrics", "kimi_client_token", "kimi_allow_remote"}:
+            self._serve_metrics(opts.kimi_metrics, opts.kimi_client_token, opts.kimi_allow_remote)
         if "kimi_home" in updated or (self.store is None and self.store_error is None):
             self._open_store(Path(opts.kimi_home).expanduser() if opts.kimi_home else store_home())
         failover_opts = {"kimi_max_attempts", "kimi_max_wait", "kimi_home", "kimi_admission", "kimi_affinity",
-                         "kimi_affinity_idle", "kimi_quota_aware", "kimi_probe_interval", "kimi_quota_probes"}
+                         "kimi_affinity_idle", "kimi_quota_aware", "kimi_probe_interval", "kimi_quota_probes",
+                         "kimi_metrics"}
         if self.pool is not None and (self.failover is None or updated.intersection(UPSTREAM_OPTIONS) or
                                       updated & failover_opts):
             self._build_failover()
@@ -174,6 +184,32 @@ class KimiRotate:
             # A warning, not an error: mitmproxy's errorcheck exits on any error logged at startup, and the proxy
             # must keep running, answering Kimi requests with a 503 that says this and passing other traffic.
             log.warning("kimi-rotate: %s", e)
+
+    def _serve_metrics(self, address: str, token: str, allow_remote: bool) -> None:
+        if (address, token, allow_remote) == self._metrics_served:
+            return  # told again (the slim master tells every option once more): keep the counts and the socket
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
+        self.metrics, self._metrics_served = None, ("", "", False)
+        if not address:
+            return
+        metrics = Metrics()
+        metrics.watch(lambda: self.pool, lambda: self.scheduler, loop=lambda: self._loop)
+        try:
+            self.metrics_server = MetricsServer(metrics, address, token, allow_remote)
+        except MetricsError as e:
+            raise exceptions.OptionsError(str(e)) from None
+        self.metrics, self._metrics_served = metrics, (address, token, allow_remote)
+        log.info("kimi-rotate: Prometheus metrics on http://%s:%d/metrics", address.rpartition(":")[0],
+                 self.metrics_server.port)
+
+    def _heard(self, key: KeyRecord, outcome: Outcome) -> None:
+        """Every attempt's recorded outcome, for the quota watch and the metrics."""
+        if self.quota_watch is not None:
+            self.quota_watch.saw(key, outcome)
+        if self.metrics is not None:
+            self.metrics.attempt(key, outcome)
 
     def _store_failed(self, error: StoreError) -> None:
         self.store_error = str(error)
@@ -197,7 +233,7 @@ class KimiRotate:
             self.quota_watch.stop()
         self.quota_watch = QuotaWatch(self.pool, client, opts.kimi_probe_interval) if opts.kimi_quota_probes else None
         self.failover = Failover(self.pool, client, opts.kimi_max_attempts, scheduler=self.scheduler,
-                                 on_outcome=self.quota_watch.saw if self.quota_watch is not None else None)
+                                 on_outcome=self._heard if self.quota_watch or self.metrics else None)
         if self._loop is not None and self.quota_watch is not None:
             self.quota_watch.start()
         if old is not None:
@@ -227,6 +263,9 @@ class KimiRotate:
             self._after_tlsconfig = None
         if self.quota_watch is not None:
             self.quota_watch.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
         self._close_pool()
         if self.relay is not None:
             _spawn(self.relay.stop())
@@ -293,6 +332,8 @@ class KimiRotate:
             flow.response = error_response(403, refusal(flow.client_conn), flow.request.path)
             return
         if self.store_error is not None or self.pool is None or self.failover is None:
+            if self.metrics is not None:
+                self.metrics.refused(surface.value, 503)
             flow.response = error_response(503, f"kimi-rotate cannot use its key store: {self.store_error}",
                                            flow.request.path)
             return
@@ -313,6 +354,10 @@ class KimiRotate:
                   file_id=file.file_id if file is not None else None)
         try:
             reply = await self.failover.run(job)
+            if self.metrics is not None:
+                answer = reply.response
+                self.metrics.answered(job, reply.status if answer is None else answer.status, answer is None,
+                                      time.time() - flow.request.timestamp_start)
             try:
                 if reply.streams and self.relay is not None and self.relay.port:
                     self._hand_over(flow, job, reply)
@@ -401,6 +446,9 @@ class KimiRotate:
     def _finish(self, flow: http.HTTPFlow, job: Job, copy: StreamCopy | None = None) -> None:
         """The one place a Kimi flow is annotated, once its answer has ended (a streamed one when its stream has)."""
         self._annotate(flow, job)
+        if self.metrics is not None:
+            self.metrics.finished(job, flow.response.status_code if flow.response is not None else "none",
+                                  time.time() - flow.request.timestamp_start)
         if copy is not None:
             self._keep_stream_copy(flow, copy)
         self._show_attempts(flow, job)

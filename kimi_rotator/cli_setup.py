@@ -38,6 +38,9 @@ def proxy(
     allow_remote: Annotated[
         bool, typer.Option("--allow-remote", help="Listen beyond this machine without a token or proxy auth.")
     ] = False,
+    metrics: Annotated[
+        str, typer.Option("--metrics", metavar="HOST:PORT", help="Serve Prometheus metrics there, e.g. 127.0.0.1:9464.")
+    ] = "",
     confdir: ConfdirOption = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No line per request; only warnings (a key disabled) and errors.")
@@ -51,7 +54,8 @@ def proxy(
     sets = [f"confdir={confdir}"] if confdir else []
     sets += set_ or []
     try:
-        run(ProxyConfig(host=host, port=port, web=web, sets=sets, allow_remote=allow_remote, quiet=quiet))
+        run(ProxyConfig(host=host, port=port, web=web, sets=sets, allow_remote=allow_remote, quiet=quiet,
+                        metrics=metrics))
     except ProxyError as e:
         raise SetupError(str(e)) from None
 

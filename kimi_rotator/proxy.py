@@ -59,6 +59,7 @@ class ProxyConfig:
     sets: Sequence[str] = ()
     allow_remote: bool = False
     quiet: bool = False  # termlog_verbosity=warn: no request lines, only what needs the user
+    metrics: str = ""  # kimi_metrics: HOST:PORT for Prometheus
 
 
 # Options of mitmproxy addons the slim master leaves out. Setting one loads its addon (once): before ours when
@@ -328,12 +329,17 @@ def build_master(config: ProxyConfig, loop: asyncio.AbstractEventLoop) -> master
             *after,
             StartupCheck(),
         )
+    if config.allow_remote:  # first: a --set kimi_metrics beyond loopback is checked against it
+        m.options.update(kimi_allow_remote=True)
     try:
         m.options.set(*sets)
     except exceptions.OptionsError as e:
         raise ProxyError(f"bad --set option: {e}; see `mitmdump --options` for names") from None
-    if config.allow_remote:
-        m.options.update(kimi_allow_remote=True)
+    if config.metrics:
+        try:
+            m.options.update(kimi_metrics=config.metrics)
+        except exceptions.OptionsError as e:
+            raise ProxyError(str(e)) from None
     # As mitmdump's script loader does for a `-s` addon: ours sees every option once, not only those set here.
     # (Only ours: on mitmproxy 12 with pyOpenSSL 26, tlsconfig fails when told every option changed.)
     m.addons.invoke_addon_sync(rotate, hooks.ConfigureHook(set(m.options.keys())))
