@@ -112,10 +112,10 @@ def draw(of: str, chart_rows: Sequence[Row], starts: Sequence[int], per_hour: bo
     first, last = _when(starts[columns[0][0]], per_hour, n > 24), _when(starts[-1], per_hour, n > 24)
     chart_width = len(columns)
     if len(first) + 1 + len(last) <= chart_width:
-        axis = first.ljust(chart_width - len(last)) + last
-    else:
-        axis = last.rjust(chart_width) if len(last) <= chart_width else " " * chart_width
-    lines.append(" " * (label_width + 1) + axis + " " + _TOTALS.format("requests", "429s"))
+        axis = " " * (label_width + 1) + first.ljust(chart_width - len(last)) + last
+    else:  # the newest bucket's time only, reaching left over the labels if the bars are fewer than its letters
+        axis = last.rjust(label_width + 1 + chart_width)
+    lines.append(axis + " " + _TOTALS.format("requests", "429s"))
     for row, cells in zip(chart_rows, per_column, strict=True):
         bars = "".join(sym.bars[max(1, math.ceil(c.requests * steps / top))] if c.requests else sym.bars[0]
                        for c in cells)
