@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from . import account_views, caps, cli_accounts, cli_check, cli_events, cli_setup, cli_status, engine, views
+from . import account_views, caps, cli_accounts, cli_check, cli_events, cli_plot, cli_setup, cli_status, engine, views
 from .cli_help import HelpLayout, NoArgsIsHelp, UsageError, usage_message
 from .errors import UserError
 from .keys import (
@@ -765,10 +765,20 @@ def refresh_health() -> None:
 @app.command("stats")
 def stats(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON document (stable field names).")] = False,
+    plot: Annotated[bool, typer.Option("--plot", help="Draw requests and 429s per key over time.")] = False,
+    hours: Annotated[int | None, typer.Option(min=1, max=cli_plot.MAX_HOURS, help=cli_plot.HOURS_HELP)] = None,
+    days: Annotated[int | None, typer.Option(min=1, max=cli_plot.MAX_DAYS, help=cli_plot.DAYS_HELP)] = None,
 ) -> None:
     """Usage per key and in total: requests, success rate, response times, today and last 7 days; each account's
-    caps and quota."""
+    caps and quota. With --plot, a chart of requests and 429s per key over the last hours or days."""
     now = _now()
+    if plot or hours is not None or days is not None:
+        cli_plot.check_range(hours, days)
+        if as_json:
+            raise typer.BadParameter("--plot draws for a terminal; leave out --json", param_hint="'--json'")
+        with _store(readonly=True) as store:
+            cli_plot.print_plot(store, now, hours, days)
+        return
     today = utc_day(now)
     week_start = utc_day(now - timedelta(days=6).total_seconds())  # today and the 6 days before
     with _store(readonly=True) as store:

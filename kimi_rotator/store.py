@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import platformdirs
 
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 HOME_ENV = "KIMI_ROTATE_HOME"
 STORE_FILE = "store.db"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT = 10.0  # seconds a transaction waits for other writers before giving up
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -90,7 +90,21 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     accounts_db.SCHEMA,  # 2: what is known of each account (caps, quota), file owners, running proxies
     accounts_db.USAGE_SCHEMA,  # 3: each running proxy's counts per account
+    # 4: 429s per day, and per hour for the last HOURLY_KEPT_HOURS (`stats --plot`)
+    """
+    ALTER TABLE daily ADD COLUMN rate_limited INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE hourly (
+        key_id INTEGER NOT NULL REFERENCES keys(id) ON DELETE CASCADE,
+        hour INTEGER NOT NULL,
+        requests INTEGER NOT NULL DEFAULT 0,
+        successes INTEGER NOT NULL DEFAULT 0,
+        rate_limited INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (key_id, hour)
+    );
+    CREATE INDEX hourly_by_hour ON hourly (hour);
+    """,
 )
+HOURLY_KEPT_HOURS = 14 * 24  # older hourly rows are deleted when newer ones are written
 _KEY_COLUMNS = tuple(f.name for f in fields(KeyRecord))
 
 
@@ -151,6 +165,14 @@ class NewKey:
     disabled_reason: str | None = None
     added_at: float | None = None
     last_used: float | None = None
+
+
+class Counts(NamedTuple):
+    """What a key did in one hour or day."""
+
+    requests: int
+    successes: int
+    rate_limited: int  # 429s that said to slow down (not an exhausted quota)
 
 
 @dataclass(frozen=True)
@@ -528,6 +550,28 @@ class Store:
                 return k
         raise KeyNotFound(f"no key named {text!r}; see `kimi-rotate list-keys` for names and indexes")
 
+    def counts(self, since: float, per_hour: bool) -> dict[int, dict[int, Counts]]:
+        """Per key: {start of the hour or UTC day (epoch seconds): Counts} for the buckets from the one holding
+        `since` on. Hours are kept for HOURLY_KEPT_HOURS; days for as long as the key is."""
+        out: dict[int, dict[int, Counts]] = {}
+        with self._read() as db:
+            if per_hour:
+                rows = db.execute(
+                    "SELECT key_id, hour, requests, successes, rate_limited FROM hourly WHERE hour >= ?",
+                    (int(since // 3600),),
+                )
+                for key_id, hour, req, ok, limited in rows:
+                    out.setdefault(key_id, {})[hour * 3600] = Counts(req, ok, limited)
+            else:
+                rows = db.execute(
+                    "SELECT key_id, day, requests, successes, rate_limited FROM daily WHERE day >= ?",
+                    (utc_day(since),),
+                )
+                for key_id, day, req, ok, limited in rows:
+                    start = int(datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC).timestamp())
+                    out.setdefault(key_id, {})[start] = Counts(req, ok, limited)
+        return out
+
     def daily(self, since_day: str) -> dict[int, dict[str, tuple[int, int]]]:
         """Per key: {day: (requests, successes)} from `since_day` (UTC, YYYY-MM-DD) on."""
         out: dict[int, dict[str, tuple[int, int]]] = {}
@@ -790,23 +834,22 @@ class Store:
             hints = {a.outcome.account_hint for a in attempts if a.outcome.account_hint}
             roster = Roster(_load_involved(db, ids, hints))
             changed: dict[int, KeyRecord] = {}
-            daily: Counter[tuple[int, str, bool]] = Counter()  # one upsert per key and day, not per attempt
+            # One upsert per key and hour (and day), not per attempt: [requests, successes, rate_limited].
+            hourly: dict[tuple[int, int], list[int]] = {}
             learned: list[tuple[Group, LearnedCap]] = []
             for a in attempts:
                 updates = engine.apply_outcome(roster, a.key_id, a.outcome, a.at, settings.auto_refresh_health)
                 roster = roster.with_updates(updates)
                 changed.update((k.id, k) for k in updates)
                 if updates:
-                    daily[(a.key_id, utc_day(a.at), a.outcome.kind is OutcomeKind.SUCCESS)] += 1
+                    tally = hourly.setdefault((a.key_id, int(a.at // 3600)), [0, 0, 0])
+                    tally[0] += 1
+                    tally[1] += a.outcome.kind is OutcomeKind.SUCCESS
+                    tally[2] += a.outcome.kind is OutcomeKind.RATE_LIMITED
                     if a.outcome.caps:
                         group = updates[0].limit_group
                         learned += [(group, replace(cap, at=a.at)) for cap in a.outcome.caps]
-            db.executemany(
-                "INSERT INTO daily (key_id, day, requests, successes) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (key_id, day) DO UPDATE SET requests = requests + excluded.requests, "
-                "successes = successes + excluded.successes",
-                [(key_id, day, n, n if ok else 0) for (key_id, day, ok), n in daily.items()],
-            )
+            _count(db, hourly)
             _save_keys(db, changed.values())
             _learn(db, learned)
             stale = rev is not None and rev != _load_rev(db)
@@ -818,6 +861,27 @@ class Store:
 
 
 # -- row helpers (run inside a transaction) ----------------------------------------------------
+
+def _count(db: sqlite3.Connection, hourly: dict[tuple[int, int], list[int]]) -> None:
+    """Add attempts' counts, per key and hour, to the hourly and daily tables, and drop hourly rows that are
+    older than HOURLY_KEPT_HOURS (through the index on hour, so a write with nothing to drop costs one lookup)."""
+    if not hourly:
+        return
+    daily: dict[tuple[int, str], list[int]] = {}
+    for (key_id, hour), (req, ok, limited) in hourly.items():
+        tally = daily.setdefault((key_id, utc_day(hour * 3600)), [0, 0, 0])
+        tally[0] += req
+        tally[1] += ok
+        tally[2] += limited
+    for table, bucket, rows in (("hourly", "hour", hourly), ("daily", "day", daily)):
+        db.executemany(
+            f"INSERT INTO {table} (key_id, {bucket}, requests, successes, rate_limited) VALUES (?, ?, ?, ?, ?) "
+            f"ON CONFLICT (key_id, {bucket}) DO UPDATE SET requests = requests + excluded.requests, "
+            "successes = successes + excluded.successes, rate_limited = rate_limited + excluded.rate_limited",
+            [(key_id, b, *tally) for (key_id, b), tally in rows.items()],
+        )
+    db.execute("DELETE FROM hourly WHERE hour < ?", (max(hour for _, hour in hourly) - HOURLY_KEPT_HOURS,))
+
 
 def _save_quota(db: sqlite3.Connection, group: Group, quota: Quota) -> None:
     before = accounts_db.load_account(db, group) or AccountRecord(surface=group[0], account=group[1])

@@ -27,10 +27,12 @@ class Symbols:
     rule: str  # a horizontal line's character
     arrow: str  # before → after
     ellipsis: str  # in masked keys
+    bars: str  # `stats --plot`: a bar's heights, from none to full
+    marks: str  # `stats --plot`: below a bar, no 429s / some / 10% or more of its requests
 
 
-FANCY = Symbols("●", "○", "✓", "✗", "⏱", "█", "░", "📊 ", "📈 ", "─", "→", "…")
-PLAIN = Symbols("*", "-", "+", "x", "~", "#", ".", "", "", "-", "->", "...")
+FANCY = Symbols("●", "○", "✓", "✗", "⏱", "█", "░", "📊 ", "📈 ", "─", "→", "…", " ▁▂▃▄▅▆▇█", " ·!")
+PLAIN = Symbols("*", "-", "+", "x", "~", "#", ".", "", "", "-", "->", "...", " .:-=+*#@", " .!")
 
 
 @functools.cache
