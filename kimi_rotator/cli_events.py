@@ -59,6 +59,10 @@ def events_command(
             shown = shown[-(count or DEFAULT_COUNT):]
         for event in shown:
             _echo(event, as_json)
+        if not shown and not as_json:  # on stderr: a pipe reading the events gets none, not a sentence
+            where = "in that span" if since is not None else "yet"
+            typer.echo(f"No events {where} in {events.path_in(home)}; a running proxy and the CLI add one for each "
+                       "change of a key's state.", err=True)
         if follow:
             _follow(home, as_json, end)
 

@@ -145,3 +145,11 @@ def test_follow_without_a_terminal_prints_json_lines(kimi_home: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_no_events_yet_says_so_on_stderr_only(kimi_home: Path) -> None:
+    result = runner.invoke(cli.app, ["events"])
+    assert result.exit_code == 0 and result.stdout == ""
+    assert result.stderr.startswith("No events yet in ") and "events.jsonl" in result.stderr
+    result = runner.invoke(cli.app, ["events", "--json"])
+    assert result.exit_code == 0 and result.stdout == "" and result.stderr == ""  # JSON lines: none is nothing
