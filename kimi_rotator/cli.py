@@ -425,11 +425,7 @@ def key_json(s: views.KeyStatus, now: float, account: AccountRecord | None = Non
     k = s.key
     cooling = k.cooldown_until is not None and k.cooldown_until > now
     return {
-        "index": s.index,
-        "name": k.name,
-        "masked_key": mask(k.secret.get_secret_value()),
-        "fingerprint": k.fingerprint,
-        "surface": k.surface.value,
+        **views.key_identity(s.index, k),
         "account": k.account,
         "current": s.current,
         "health": views.pct(s.health),

@@ -129,6 +129,17 @@ class KeyStatus:
         return "active"
 
 
+def key_identity(index: int, key: KeyRecord) -> dict[str, Any]:
+    """The fields that name a key in every --json output: index, name, masked_key, fingerprint, surface."""
+    return {
+        "index": index,
+        "name": key.name,
+        "masked_key": mask(key.secret.get_secret_value()),
+        "fingerprint": key.fingerprint,
+        "surface": key.surface.value,
+    }
+
+
 def key_status(index: int, key: KeyRecord, settings: PoolSettings, now: float, current: bool) -> KeyStatus:
     state = key.state_at(now)
     reason = {KeyState.DISABLED: key.disabled_reason, KeyState.COOLING: key.cooldown_reason}.get(state)
@@ -222,11 +233,7 @@ def check_json(c: Checked, now: float) -> dict[str, Any]:
     k, r, q = c.key, c.result, c.result.quota
     status = key_status(c.index, k, PoolSettings(), now, False)
     return {
-        "index": c.index,
-        "name": k.name,
-        "masked_key": mask(k.secret.get_secret_value()),
-        "fingerprint": k.fingerprint,
-        "surface": k.surface.value,
+        **key_identity(c.index, k),
         "valid": r.valid,
         "status": r.status,
         "probe": r.path,
@@ -322,15 +329,7 @@ def stats_json(
     """
     usage = usage_stats(keys, daily, today)
     rows = [
-        {
-            "index": i,
-            "name": k.name,
-            "masked_key": mask(k.secret.get_secret_value()),
-            "fingerprint": k.fingerprint,
-            "surface": k.surface.value,
-            "account": k.account,
-            **asdict(u),
-        }
+        {**key_identity(i, k), "account": k.account, **asdict(u)}
         for i, (k, u) in enumerate(zip(keys, usage.keys, strict=True))
     ]
     return {"today": today, "week_start": week_start, "keys": rows, "total": {"keys": len(keys), **asdict(usage.total)}}
