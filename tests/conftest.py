@@ -19,6 +19,10 @@ settings.register_profile("ci", derandomize=True, print_blob=True, database=None
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
+# The real Redis's fixtures (redis_server, redis_url, private_redis_server), for every module without an import that
+# ruff would see as unused.
+pytest_plugins = ("redis_server",)
+
 
 @pytest.fixture
 def kimi_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
