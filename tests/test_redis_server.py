@@ -82,6 +82,19 @@ def test_monitor_collects_the_commands_sent_inside_the_block(tmp_path: Path) -> 
         assert server.password is not None and server.password not in text  # AUTH is never shown
 
 
+def test_monitor_keeps_what_it_saw_when_the_server_restarts_inside_the_block(tmp_path: Path) -> None:
+    with RedisServer(tmp_path) as server:
+        with server.monitor() as seen:
+            with server.client() as client:
+                client.set("k", "seen-before-the-stop")
+            server.stop()
+            server.start()
+            with server.client() as client:
+                client.set("k", "after-the-restart")
+        assert '"SET" "k" "seen-before-the-stop"' in seen.text()
+        assert "after-the-restart" not in seen.text()
+
+
 def test_a_server_that_cannot_start_says_why_with_its_log(tmp_path: Path) -> None:
     server = RedisServer(tmp_path)
     server.binary = str(tmp_path / "not-redis")
