@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 from kimi_rotator.models import Surface
-from kimi_rotator.store import NewKey, Store
+from kimi_rotator.store import NewKey
+from kimi_rotator.store_sqlite import SqliteStore
 
 TARGET = 1.3
 BASELINE = "import typer, pydantic, sqlite3, platformdirs"
@@ -59,7 +60,7 @@ def make_store(home: Path, now: float) -> None:
         )
         for i in range(10)
     ]
-    store = Store(home)
+    store = SqliteStore(home)
     try:
         store.add_keys(keys, now)
     finally:

@@ -33,7 +33,8 @@ from kimi_rotator import engine
 from kimi_rotator.models import KeyRecord, Outcome, OutcomeKind, PoolSettings, Secret, Strategy, Surface
 from kimi_rotator.pool import LivePool
 from kimi_rotator.roster import RERANK_AFTER, Roster
-from kimi_rotator.store import NewKey, Store
+from kimi_rotator.store import NewKey
+from kimi_rotator.store_sqlite import SqliteStore
 
 NOW = 1_750_000_000.0
 SIZES = (10, 50, 200, 1000)
@@ -123,12 +124,13 @@ import json, sys, time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from kimi_rotator.models import Outcome, OutcomeKind
-from kimi_rotator.store import Attempt, Store
+from kimi_rotator.store import Attempt
+from kimi_rotator.store_sqlite import SqliteStore
 
 home, wid, count, batch = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 ids = json.loads(sys.argv[5])
 KINDS = [OutcomeKind.SUCCESS, OutcomeKind.SUCCESS, OutcomeKind.SUCCESS, OutcomeKind.RATE_LIMITED]
-store = Store(home)
+store = SqliteStore(home)
 print("ready", flush=True)
 sys.stdin.readline()
 waits = []
@@ -151,7 +153,7 @@ def bench_catch_up() -> None:
     for size in (10, 200, 1000):
         with tempfile.TemporaryDirectory() as tmp:
             home = Path(tmp) / "home"
-            mine, cli = Store(home), Store(home)
+            mine, cli = SqliteStore(home), SqliteStore(home)
             added, _ = cli.add_keys(
                 [NewKey(secret=f"sk-kimi-bench{i:020d}", surface=Surface.KIMI_CODE) for i in range(size)], NOW
             )
@@ -173,7 +175,7 @@ def bench_store(writers: int, per_writer: int, batch: int, pool_size: int) -> tu
     """(outcomes/s, p50 ms, p99 ms, max ms) for `writers` processes writing at once."""
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
-        store = Store(home)
+        store = SqliteStore(home)
         added, _ = store.add_keys(
             [NewKey(secret=f"sk-kimi-bench{i:020d}", surface=Surface.KIMI_CODE) for i in range(pool_size)], NOW
         )
@@ -197,7 +199,7 @@ def bench_store(writers: int, per_writer: int, batch: int, pool_size: int) -> tu
             p.stdin.flush()
         results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
         wall = time.perf_counter() - started
-        with contextlib.closing(Store(home)) as check:
+        with contextlib.closing(SqliteStore(home)) as check:
             stored = check.keys()
             assert sum(k.total_requests for k in stored) == writers * per_writer, "lost updates"
     waits = sorted(w for r in results for w in r["waits"])

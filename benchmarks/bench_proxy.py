@@ -331,8 +331,10 @@ def loadgen_main(targets: dict[str, Target], plan: dict[str, int], out: Connecti
 MAKE_STORE = """
 import secrets, sys, time
 from kimi_rotator.models import Surface
-from kimi_rotator.store import NewKey, Store
-store = Store(__import__("pathlib").Path(sys.argv[1]))
+from kimi_rotator.store import NewKey
+from kimi_rotator.store_sqlite import SqliteStore
+from kimi_rotator.store_sqlite import SqliteStore
+store = SqliteStore(__import__("pathlib").Path(sys.argv[1]))
 for i in range(4):
     store.add_key(NewKey(secret=f"sk-kimi-bench{i}-{secrets.token_hex(12)}", name=f"bench-{i}",
                          surface=Surface.KIMI_CODE, account=f"bench-{i}"), time.time())

@@ -48,8 +48,7 @@ def load_accounts(db: sqlite3.Connection) -> dict[Group, AccountRecord]:
         "SELECT surface, account, stated, learned, quota FROM accounts"
     ):
         try:
-            record = AccountRecord(surface=Surface(surface), account=account, stated=_stated(stated),
-                                   learned=_learned(learned), quota=_quota(quota))
+            record = decode_account(Surface(surface), account, stated, learned, quota)
         except ValueError:  # a surface this version does not know
             continue
         out[record.group] = record
@@ -61,8 +60,7 @@ def load_account(db: sqlite3.Connection, group: Group) -> AccountRecord | None:
                      (group[0].value, group[1])).fetchone()
     if row is None:
         return None
-    return AccountRecord(surface=group[0], account=group[1], stated=_stated(row[0]), learned=_learned(row[1]),
-                         quota=_quota(row[2]))
+    return decode_account(group[0], group[1], row[0], row[1], row[2])
 
 
 def save_accounts(db: sqlite3.Connection, records: Iterable[AccountRecord]) -> None:
@@ -70,9 +68,20 @@ def save_accounts(db: sqlite3.Connection, records: Iterable[AccountRecord]) -> N
         "INSERT INTO accounts (surface, account, stated, learned, quota) VALUES (?, ?, ?, ?, ?) "
         "ON CONFLICT (surface, account) DO UPDATE SET stated = excluded.stated, learned = excluded.learned, "
         "quota = excluded.quota",
-        [(r.surface.value, r.account, _dump({k.value: v for k, v in r.stated.items()}),
-          _dump({k.value: _cap_fields(c) for k, c in r.learned.items()}), _quota_json(r.quota)) for r in records],
+        [(r.surface.value, r.account, *encode_account(r)) for r in records],
     )
+
+
+def encode_account(record: AccountRecord) -> tuple[str, str, str | None]:
+    """An account's (stated, learned, quota) as the JSON texts every backend stores."""
+    return (_dump({k.value: v for k, v in record.stated.items()}),
+            _dump({k.value: _cap_fields(c) for k, c in record.learned.items()}), _quota_json(record.quota))
+
+
+def decode_account(surface: Surface, account: str, stated: str, learned: str, quota: str | None) -> AccountRecord:
+    """The record from encode_account's texts (whatever this version cannot read is left out)."""
+    return AccountRecord(surface=surface, account=account, stated=_stated(stated), learned=_learned(learned),
+                         quota=_quota(quota))
 
 
 def _dump(value: object) -> str:
@@ -191,8 +200,7 @@ class ProxyRow:
 
 def heartbeat(db: sqlite3.Connection, proxy_id: str, pid: int, started: float, now: float,
               usage: Mapping[Group, tuple[int, int]] | None = None) -> None:
-    counts = _dump([{"surface": g[0].value, "account": g[1], "in_flight": f, "last_minute": m}
-                    for g, (f, m) in (usage or {}).items()])
+    counts = encode_usage(usage)
     db.execute(
         "INSERT INTO proxies (id, pid, started, seen, usage) VALUES (?, ?, ?, ?, ?) "
         "ON CONFLICT (id) DO UPDATE SET seen = excluded.seen, usage = excluded.usage",
@@ -205,10 +213,16 @@ def proxy_rows(db: sqlite3.Connection, now: float, ttl: float) -> list[ProxyRow]
     skipped)."""
     rows = db.execute("SELECT id, pid, started, seen, usage FROM proxies WHERE seen >= ? ORDER BY started, id",
                       (now - ttl,))
-    return [ProxyRow(str(i), int(p), float(s), float(seen), _usage(text)) for i, p, s, seen, text in rows]
+    return [ProxyRow(str(i), int(p), float(s), float(seen), decode_usage(text)) for i, p, s, seen, text in rows]
 
 
-def _usage(text: str | None) -> dict[Group, tuple[int, int]]:
+def encode_usage(usage: Mapping[Group, tuple[int, int]] | None) -> str:
+    """A proxy's counts per account as the JSON text its heartbeat carries."""
+    return _dump([{"surface": g[0].value, "account": g[1], "in_flight": f, "last_minute": m}
+                  for g, (f, m) in (usage or {}).items()])
+
+
+def decode_usage(text: str | None) -> dict[Group, tuple[int, int]]:
     parsed = _parse(text)
     found: dict[Group, tuple[int, int]] = {}
     for entry in parsed if isinstance(parsed, list) else []:

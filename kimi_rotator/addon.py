@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +58,7 @@ from .routing import (
     reverse_resolve,
 )
 from .scheduler import Scheduler, SchedulerOptions
-from .store import Store, StoreError, store_home
+from .store import Store, StoreError, open_store, store_home
 from .upstream import (
     UPSTREAM_OPTIONS,
     UpstreamClient,
@@ -112,6 +112,10 @@ class KimiRotate:
     def load(self, loader: object) -> None:
         add = loader.add_option  # type: ignore[attr-defined]
         add("kimi_home", str, "", "Folder of the key store (default: $KIMI_ROTATE_HOME or the user data folder).")
+        add("kimi_store", str, "", "Where the pool lives: empty for the file in kimi_home, or a redis:// (rediss:// "
+            "for TLS) URL that several proxies share (default: $KIMI_ROTATE_STORE).")
+        add("kimi_store_secret", str, "", "The file with the secret that seals keys in a Redis store (default: "
+            "store-secret in kimi_home; every proxy on the store needs a copy).")
         add("kimi_hosts", Sequence[str], [], "Extra host=surface pairs to serve (repeat the option).")
         add("kimi_client_token", str, "", "If set, only requests whose credential equals this token get a key.")
         add("kimi_allow_remote", bool, False, "Give keys to clients on other machines without kimi_client_token or "
@@ -160,24 +164,26 @@ class KimiRotate:
             log.log(level, "kimi-rotate: %s", self.access.value)
         if updated & {"kimi_metrics", "kimi_client_token", "kimi_allow_remote"}:
             self._serve_metrics(opts.kimi_metrics, opts.kimi_client_token, opts.kimi_allow_remote)
-        if "kimi_home" in updated or (self.store is None and self.store_error is None):
-            self._open_store(Path(opts.kimi_home).expanduser() if opts.kimi_home else store_home())
-        failover_opts = {"kimi_max_attempts", "kimi_max_wait", "kimi_home", "kimi_admission", "kimi_affinity",
-                         "kimi_affinity_idle", "kimi_quota_aware", "kimi_probe_interval", "kimi_quota_probes",
-                         "kimi_metrics"}
+        if updated & {"kimi_home", "kimi_store", "kimi_store_secret"} or (self.store is None and
+                                                                          self.store_error is None):
+            home = Path(opts.kimi_home).expanduser() if opts.kimi_home else store_home()
+            self._open_store(lambda: open_store(opts.kimi_store, home, secret=opts.kimi_store_secret or None))
+        failover_opts = {"kimi_max_attempts", "kimi_max_wait", "kimi_home", "kimi_store", "kimi_admission",
+                         "kimi_affinity", "kimi_affinity_idle", "kimi_quota_aware", "kimi_probe_interval",
+                         "kimi_quota_probes", "kimi_metrics"}
         if self.pool is not None and (self.failover is None or updated.intersection(UPSTREAM_OPTIONS) or
                                       updated & failover_opts):
             self._build_failover()
 
-    def _open_store(self, home: Path) -> None:
+    def _open_store(self, opener: Callable[[], Store]) -> None:
         self._close_pool()
         try:
-            self.store = Store(home)
+            self.store = opener()
             self.pool = LivePool(self.store, on_error=self._store_failed, on_recover=self._store_recovered)
             if self._loop is not None:  # kimi_home changed while running: `running` will not come again
                 self.pool.start(self._loop)
             self.store_error = None
-            log.info("kimi-rotate: %d key(s) in %s", len(self.pool.roster), self.store.path)
+            log.info("kimi-rotate: %d key(s) in %s", len(self.pool.roster), self.store.where)
         except StoreError as e:
             self.store, self.pool = None, None
             self.store_error = str(e)
@@ -517,7 +523,7 @@ class KimiRotate:
         # Through a connection of its own, as the CLI does: SQLite reports to the pool only commits made by other
         # connections, so a rotation written through the pool's connection would never reach this proxy.
         try:
-            store = Store(self.store.home)
+            store = self.store.reopen()
             try:
                 result = store.rotate(time.time())
             finally:

@@ -48,7 +48,7 @@ from .keys import (
 )
 from .models import AccountRecord, KeyRecord, KeyState, Strategy, Surface
 from .roster import Roster
-from .store import DuplicateKey, KeyNotFound, NewKey, Store, StoreError, utc_day
+from .store import STORE_ENV, DuplicateKey, KeyNotFound, NewKey, Store, StoreError, open_store, utc_day
 from .symbols import PLAIN, symbols
 
 if TYPE_CHECKING:
@@ -177,8 +177,18 @@ def _options(
         bool,
         typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
     ] = False,
+    store: Annotated[
+        str | None,
+        typer.Option("--store", metavar="URL", show_default=False,
+                     help=f"The pool's store: a redis:// (rediss://) URL shared by several proxies (default: "
+                          f"${STORE_ENV}, else the local file)."),
+    ] = None,
 ) -> None:
-    pass
+    if store is not None:
+        STORE_CHOICE[0] = store
+
+
+STORE_CHOICE: list[str | None] = [None]  # --store, for every command of this run
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -191,7 +201,7 @@ def _now() -> float:
 @contextlib.contextmanager
 def _store(readonly: bool = False) -> Iterator[Store]:
     """The store; commands that only read ask for it `readonly`, so they work on a store that cannot be written."""
-    store = Store(readonly=readonly)
+    store = open_store(STORE_CHOICE[0], readonly=readonly)
     try:
         yield store
     finally:
@@ -268,9 +278,12 @@ def _warn_kimi_code(surfaces: list[Surface]) -> None:
 
 def _complete_key_name(incomplete: str) -> list[str]:
     """Tab completion of key names. Never creates a store, and stays silent on any problem."""
-    from .store import STORE_FILE, store_home
+    import os
 
-    if not (store_home() / STORE_FILE).is_file():
+    from .store import store_home
+    from .store_sqlite import STORE_FILE
+
+    if not (STORE_CHOICE[0] or os.environ.get(STORE_ENV)) and not (store_home() / STORE_FILE).is_file():
         return []
     try:
         with _store() as store:

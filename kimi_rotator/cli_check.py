@@ -55,14 +55,15 @@ def check(
     one whose quota is back stops cooling; an unlabelled key takes the account Kimi names. No proxy is needed.
     Exit code 0 when every key checked is valid, 1 when any is invalid or could not be checked.
     """
-    from .store import Store
+    from .cli import STORE_CHOICE
+    from .store import open_store
     from .upstream import settings_from_sets  # mitmproxy's option parser loads only for this command
 
     try:
         settings = settings_from_sets(set_ or [])
     except ValueError as e:
         raise CheckError(str(e)) from None
-    store = Store()
+    store = open_store(STORE_CHOICE[0])
     try:
         everything = store.keys()
         chosen = _chosen(store, everything, refs or [])

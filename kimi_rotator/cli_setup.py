@@ -84,9 +84,10 @@ def doctor(
     """Check the store, the keys, the CA, the running proxy and TLS through it."""
     from . import doctor as checks
     from .ca import default_confdir
+    from .cli import STORE_CHOICE
     from .store import store_home
 
-    results = checks.run_checks(store_home(), confdir or default_confdir(), host, port)
+    results = checks.run_checks(store_home(), confdir or default_confdir(), host, port, store_spec=STORE_CHOICE[0])
     for c in results:
         mark = symbols().ok if c.ok else symbols().failed
         typer.echo(f"{mark} {c.name}: {c.detail}")

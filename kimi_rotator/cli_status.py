@@ -47,11 +47,12 @@ def status(
     Each key's state, time left, health and last error; each account's requests in flight and in the last minute
     against its caps, and its quota; whether a proxy is serving the store, and since when. It reads the store
     only (the counts are the running proxies', at most 2 s old) and never asks Kimi."""
-    from .store import Store
+    from .cli import STORE_CHOICE
+    from .store import open_store
 
     if interval is not None and not 0.1 <= interval <= 3600:
         raise StatusError("--interval takes seconds from 0.1 to 3600")
-    store = Store(readonly=True)
+    store = open_store(STORE_CHOICE[0], readonly=True)
     try:
         if as_json:
             typer.echo(json.dumps(_status_json(store), indent=2, ensure_ascii=symbols() is PLAIN))

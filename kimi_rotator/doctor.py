@@ -11,7 +11,8 @@ from pathlib import Path
 from . import http1
 from .ca import CA_CERT
 from .models import Surface
-from .store import Store, StoreError
+from .store import Store, StoreError, open_store
+from .store_sqlite import SqliteStore
 
 TIMEOUT = 5.0
 
@@ -24,11 +25,13 @@ class Check:
     fix: str = ""
 
 
-def check_store(home: Path) -> tuple[Check, Store | None]:
+def check_store(home: Path, spec: str | None = None) -> tuple[Check, Store | None]:
     try:
-        store = Store(home)
+        store = open_store(spec, home)
     except StoreError as e:
         return Check("store", False, str(e), "see the message above"), None
+    if not isinstance(store, SqliteStore):
+        return Check("store", True, f"{store.where} answers"), store
     loose = [
         f"{p} is {stat.S_IMODE(p.stat().st_mode):o}"
         for p, want in ((store.home, 0o700), (store.path, 0o600))
@@ -108,8 +111,9 @@ def check_tls(host: str, port: int, target: str, confdir: Path) -> Check:
     return Check("TLS", True, f"{target} through the proxy validates with the CA")
 
 
-def run_checks(home: Path, confdir: Path, host: str, port: int, target: str = "api.kimi.com") -> list[Check]:
-    store_check, store = check_store(home)
+def run_checks(home: Path, confdir: Path, host: str, port: int, target: str = "api.kimi.com",
+               store_spec: str | None = None) -> list[Check]:
+    store_check, store = check_store(home, store_spec)
     checks = [store_check]
     if store is not None:
         checks.append(check_keys(store))

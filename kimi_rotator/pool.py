@@ -321,6 +321,7 @@ class LivePool:
         self._rewatch(self._back_checked)
         self._thread = threading.Thread(target=self._run, name="kimi-rotate-store", daemon=True)
         self._thread.start()
+        self.store.watch(self._wake.set)
 
     def stop(self) -> None:
         """Write everything still pending, then stop the thread."""
@@ -371,7 +372,7 @@ class LivePool:
                 return
             if self._failing and not self._pass_failed:  # a full disk was freed, a lock released...
                 self._failing = False
-                log.warning("kimi-rotate: the store %s works again", self.store.path)
+                log.warning("kimi-rotate: the store %s works again", self.store.where)
                 if self.on_recover is not None and self._loop is not None:
                     self._loop.call_soon_threadsafe(self.on_recover)
 

@@ -181,7 +181,7 @@ class Banner:
             lines.append(f"Key store problem: {self.rotate.store_error}")
         else:
             counts = ", ".join(f"{s.value} {pool.count(s)}" for s in Surface)
-            lines.append(f"Keys: {counts}   (store: {self.rotate.store.path if self.rotate.store else '?'})")
+            lines.append(f"Keys: {counts}   (store: {self.rotate.store.where if self.rotate.store else '?'})")
             if not pool.roster.keys:
                 lines.append("No keys yet: add one with `kimi-rotate add-key` (it is picked up without a restart).")
         lines.append(f"CA certificate: {self.ca.cert}   (trust it once: `kimi-rotate ca`, see certs-howto.md)")

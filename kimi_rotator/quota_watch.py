@@ -153,7 +153,7 @@ class QuotaWatch:
                 return
             try:
                 if self._store is None:
-                    self._store = Store(self.pool.store.home)
+                    self._store = self.pool.store.reopen()
                 for result in results:
                     self._store.apply_probe(result, self.clock(), replaces)
             except StoreError as e:  # the pool reports store trouble; a lost probe result only leaves the guess

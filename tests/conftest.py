@@ -11,6 +11,7 @@ import pytest
 from hypothesis import settings
 
 from kimi_rotator.store import HOME_ENV, Store
+from kimi_rotator.store_sqlite import SqliteStore
 
 # CI explores a fixed set of examples, so a run cannot fail on a case no earlier run met; local runs keep drawing new
 # ones (that is where the property tests find bugs), and a failure prints the blob to reproduce it.
@@ -35,7 +36,7 @@ def kimi_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def store(kimi_home: Path) -> Iterator[Store]:
     """An open, empty store in `kimi_home`."""
-    s = Store(kimi_home)
+    s = SqliteStore(kimi_home)
     yield s
     s.close()
 

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from kimi_rotator.models import KeyRecord, PoolSettings, Strategy, Surface
-from kimi_rotator.store import HOME_ENV, NewKey, Store
+from kimi_rotator.store import HOME_ENV, NewKey
+from kimi_rotator.store_sqlite import SqliteStore
 
 if TYPE_CHECKING:  # the fake is only passed in here, never built: the hints need the class, the code does not
     from fakekimi import FakeKimi
@@ -99,7 +100,7 @@ def reset_store(
     Keys are removed and re-added, so a running proxy sees new ids and none of the old state. With `settle`, wait
     until any proxy on the store has had time to read the change.
     """
-    store = Store(home)
+    store = SqliteStore(home)
     try:
         store.clear_limits(None)  # caps learned from earlier tests' answers go too
         for old in list(store.keys()):
@@ -149,7 +150,7 @@ def prepare_pool(
 
 def read_keys(home: Path) -> list[KeyRecord]:
     """The store's keys, read in-process (for polling; assertions use `cli_keys`, the public contract)."""
-    store = Store(home)
+    store = SqliteStore(home)
     try:
         return store.keys()
     finally:
@@ -204,7 +205,7 @@ def key_rows(home: Path) -> dict[str, dict[str, Any]]:
     from kimi_rotator.cli import key_json
     from kimi_rotator.roster import Roster
 
-    store = Store(home)
+    store = SqliteStore(home)
     try:
         snap = store.snapshot()
     finally:

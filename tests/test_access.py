@@ -23,7 +23,8 @@ from kimi_rotator.envelopes import LOCAL_HEADER
 from kimi_rotator.failover import Job, Reply
 from kimi_rotator.models import Surface
 from kimi_rotator.proxy import ProxyConfig, ProxyError, build_master, check_exposure
-from kimi_rotator.store import NewKey, Store
+from kimi_rotator.store import NewKey
+from kimi_rotator.store_sqlite import SqliteStore
 
 KEY = "sk-kimi-" + "a" * 40
 TOKEN = "let-me-in"
@@ -109,7 +110,7 @@ class Proxy:
 @pytest.fixture
 def proxy(tmp_path: Path) -> Iterator[Proxy]:
     home = tmp_path / "home"
-    store = Store(home)
+    store = SqliteStore(home)
     store.add_key(NewKey(secret=KEY, name="one", surface=Surface.KIMI_CODE), time.time())
     store.close()
     addon = KimiRotate()

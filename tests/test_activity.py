@@ -15,7 +15,8 @@ from kimi_rotator.failover import Job
 from kimi_rotator.keys import fingerprint
 from kimi_rotator.models import KeyRecord, Outcome, OutcomeKind, Scope, Secret, Surface
 from kimi_rotator.pool import LivePool
-from kimi_rotator.store import NewKey, Store
+from kimi_rotator.store import NewKey
+from kimi_rotator.store_sqlite import SqliteStore
 
 NOW = 1_800_000_000.0
 ONE, TWO, THREE = ("sk-kimi-" + "a" * 28 + tag for tag in ("a1b2", "c3d4", "e5f6"))
@@ -137,7 +138,7 @@ def test_formatting_a_line_is_cheap() -> None:
 
 
 def _pool(tmp_path: Path, *specs: tuple[str, str, str | None, float | None]) -> LivePool:
-    store = Store(tmp_path / "home")
+    store = SqliteStore(tmp_path / "home")
     now = time.time()
     for secret, name, account, until in specs:
         store.add_key(NewKey(secret=secret, name=name, surface=Surface.KIMI_CODE, account=account,
@@ -172,7 +173,7 @@ async def test_the_pool_reports_a_cooldown_from_the_store_ending_and_a_key_disab
 ) -> None:
     live = _pool(tmp_path, (ONE, "one", None, time.time() + 0.2), (TWO, "two", None, None))
     live.start(asyncio.get_running_loop())
-    other = Store(tmp_path / "home")  # the CLI's own connection
+    other = SqliteStore(tmp_path / "home")  # the CLI's own connection
     try:
         with caplog.at_level(logging.INFO, logger="kimi_rotate"):
             other.set_disabled(live.roster.keys[1].id, "taken out by hand")

@@ -16,7 +16,8 @@ from kimi_rotator.failover import Job
 from kimi_rotator.models import AccountRecord, Group, Limit, Quota, QuotaWindow, Surface
 from kimi_rotator.pool import LivePool, _share_of
 from kimi_rotator.scheduler import Capped, Scheduler, SchedulerOptions
-from kimi_rotator.store import NewKey, Store
+from kimi_rotator.store import NewKey
+from kimi_rotator.store_sqlite import SqliteStore
 
 A: Group = (Surface.MOONSHOT_AI, "uid:a")
 B: Group = (Surface.MOONSHOT_AI, "uid:b")
@@ -155,7 +156,7 @@ def secret(tag: str) -> str:
 
 @pytest.fixture
 def pool(tmp_path: Path) -> LivePool:
-    store = Store(tmp_path / "home")
+    store = SqliteStore(tmp_path / "home")
     now = time.time()
     for name, account in (("a1", "uid:a"), ("a2", "uid:a"), ("b1", "uid:b")):
         store.add_key(NewKey(secret=secret(name), name=name, surface=Surface.MOONSHOT_AI, account=account), now)

@@ -19,6 +19,7 @@ from kimi_rotator import backup
 from kimi_rotator.backup import BackupError, BadBackup, WrongPassphrase
 from kimi_rotator.models import PoolSettings, Strategy, Surface
 from kimi_rotator.store import NewKey, Store
+from kimi_rotator.store_sqlite import SqliteStore
 
 KEY_A = "sk-kimi-testAlphaAlphaAlpha01"
 KEY_B = "sk-kimi-testBravoBravoBravo02"
@@ -257,9 +258,9 @@ def test_round_trip_keeps_disabled_state_and_rate_limited_counts(tmp_path, monke
 
     from kimi_rotator import backup as bk
     from kimi_rotator.models import Outcome, OutcomeKind, Surface
-    from kimi_rotator.store import Attempt, NewKey, Store
+    from kimi_rotator.store import Attempt, NewKey
 
-    src = Store(tmp_path / "src")
+    src = SqliteStore(tmp_path / "src")
     now = time.time()
     k = src.add_key(NewKey(secret="sk-kimi-test" + "q" * 40, surface=Surface.KIMI_CODE), now)
     src.record([Attempt(k.id, Outcome(kind=OutcomeKind.RATE_LIMITED, until=now + 1), now),
@@ -267,7 +268,7 @@ def test_round_trip_keeps_disabled_state_and_rate_limited_counts(tmp_path, monke
     src.set_disabled(k.id, "disabled by hand")
     text = bk.export_text(src.keys(), src.settings(), "correct horse", now)
     imported = bk.parse_plaintext(bk.decrypt(bk.unpack(text.encode()), "correct horse"), now)
-    dst = Store(tmp_path / "dst")
+    dst = SqliteStore(tmp_path / "dst")
     dst.add_keys(imported.keys, now)
     back = dst.keys()[0]
     assert back.disabled_reason == "disabled by hand"

@@ -22,7 +22,7 @@ from harness import KeySpec, cli_keys, kimi_key, platform_key, reset_store, run_
 
 from kimi_rotator.models import Surface
 from kimi_rotator.probe import USER_AGENT
-from kimi_rotator.store import Store
+from kimi_rotator.store_sqlite import SqliteStore
 from kimi_rotator.symbols import symbols
 
 pytestmark = pytest.mark.e2e
@@ -122,7 +122,7 @@ def test_a_used_up_window_cools_the_whole_account_until_kimis_reset(
     assert keys["one"]["reason"] == "quota: 5h used up"
     assert keys["three"]["state"] == "active"
     assert len(fake_kimi.requests) == 2
-    store = Store(home)
+    store = SqliteStore(home)
     try:
         quota = store.accounts()[(Surface.KIMI_CODE, "team")].quota
     finally:

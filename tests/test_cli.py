@@ -29,6 +29,7 @@ from kimi_rotator.backup import DEFAULT_FILE
 from kimi_rotator.keys import fingerprint
 from kimi_rotator.models import Outcome, OutcomeKind, Strategy, Surface
 from kimi_rotator.store import HOME_ENV, Attempt, NewKey, Store
+from kimi_rotator.store_sqlite import SqliteStore
 
 KEY_A = "sk-kimi-testAlphaAlphaAlpha01"
 KEY_B = "sk-kimi-testBravoBravoBravo02"
@@ -90,7 +91,7 @@ def fails(*args: str, input: str | None = None, home: Path, contains: str = "") 
 
 
 def state(home: Path) -> tuple[object, object]:
-    s = Store(home)
+    s = SqliteStore(home)
     try:
         return s.snapshot(), s.daily("0000-00-00")
     finally:
@@ -99,7 +100,7 @@ def state(home: Path) -> tuple[object, object]:
 
 @pytest.fixture
 def store(home: Path) -> Iterator[Store]:
-    s = Store(home)
+    s = SqliteStore(home)
     yield s
     s.close()
 
@@ -459,7 +460,7 @@ def test_export_import_round_trip(home: Path, store: Store, tmp_path: Path, monk
     imported = listed(tmp_path / "other-home")
     keep = ("name", "masked_key", "fingerprint", "surface", "account", "health", "total_requests")
     assert [{k: r[k] for k in keep} for r in imported] == [{k: r[k] for k in keep} for r in exported]
-    other = Store(tmp_path / "other-home")
+    other = SqliteStore(tmp_path / "other-home")
     try:
         assert other.settings().strategy is Strategy.STICKY
     finally:

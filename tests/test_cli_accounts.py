@@ -35,6 +35,7 @@ from kimi_rotator.caps import MAX_CAP, merge_caps
 from kimi_rotator.keys import fingerprint
 from kimi_rotator.models import CapSource, LearnedCap, Limit, Quota, QuotaWindow, Surface
 from kimi_rotator.store import Store
+from kimi_rotator.store_sqlite import SqliteStore
 from kimi_rotator.symbols import FANCY
 
 __all__ = ["home", "pinned_clock", "store"]  # fixtures, used by name
@@ -294,7 +295,7 @@ def test_stats_has_a_section_per_account(home: Path, store: Store, utc: None) ->
 @pytest.mark.parametrize("encoding", ["ascii", "utf-8"])
 def test_narrow_terminal_and_ascii_output(tmp_path: Path, encoding: str) -> None:
     home = tmp_path / "home"
-    s = Store(home)
+    s = SqliteStore(home)
     try:
         acme(s)
         seed(s, nk(KEY_B, "Clé 東京", account="équipe"))

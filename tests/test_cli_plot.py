@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from kimi_rotator import cli, cli_plot
 from kimi_rotator.models import Outcome, OutcomeKind, Surface
-from kimi_rotator.store import Attempt, NewKey, Store
+from kimi_rotator.store import Attempt, NewKey
+from kimi_rotator.store_sqlite import SqliteStore
 from kimi_rotator.symbols import FANCY
 
 NOW = 1_750_000_000.0  # 2025-06-15 15:06:40 UTC
@@ -27,7 +28,7 @@ def pinned(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def seed(home: Path, now: float = NOW) -> None:
-    with contextlib.closing(Store(home)) as store:
+    with contextlib.closing(SqliteStore(home)) as store:
         added, _ = store.add_keys(
             [NewKey(secret=f"sk-kimi-plotCli{i:017d}", name=n, surface=Surface.KIMI_CODE)
              for i, n in enumerate(["main", "spare"])], NOW)
@@ -48,7 +49,7 @@ def plot(*args: str, columns: int = 60) -> list[str]:
 
 def test_empty_store_and_no_requests(kimi_home: Path) -> None:
     assert plot("--plot") == ["No keys configured.", "Add one with: kimi-rotate add-key"]
-    with contextlib.closing(Store(kimi_home)) as store:
+    with contextlib.closing(SqliteStore(kimi_home)) as store:
         store.add_keys([NewKey(secret="sk-kimi-plotCliIdle0000000001", name="idle", surface=Surface.KIMI_CODE)], NOW)
     assert plot("--plot") == ["No requests recorded in the last 24 hours (UTC)."]
 

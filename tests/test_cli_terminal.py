@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 
 from kimi_rotator import backup, cli, opencode
 from kimi_rotator.models import Surface
-from kimi_rotator.store import HOME_ENV, NewKey, Store
+from kimi_rotator.store import HOME_ENV, NewKey
+from kimi_rotator.store_sqlite import SqliteStore
 
 NOW = time.time()
 KEYS = [
@@ -37,7 +38,7 @@ KEYS = [
 
 
 def seeded(home: Path, *extra: NewKey) -> Path:
-    store = Store(home)
+    store = SqliteStore(home)
     try:
         added, _ = store.add_keys([*KEYS, *extra], NOW)
         store.use_key(added[0].id)
@@ -183,7 +184,7 @@ def test_writing_commands_on_a_read_only_store_fail_in_one_line(read_only_home: 
 
 
 def test_a_read_only_store_that_does_not_exist_reads_as_empty(tmp_path: Path) -> None:
-    store = Store(tmp_path / "nowhere", readonly=True)
+    store = SqliteStore(tmp_path / "nowhere", readonly=True)
     try:
         assert store.keys() == [] and store.daily("0000-00-00") == {}
     finally:

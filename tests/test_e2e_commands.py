@@ -34,7 +34,7 @@ from mitmproxy.tools.dump import DumpMaster
 from kimi_rotator.addon import KimiRotate
 from kimi_rotator.failover import Reply as Reply_
 from kimi_rotator.relay import Handover, Relay
-from kimi_rotator.store import Store
+from kimi_rotator.store_sqlite import SqliteStore
 
 pytestmark = [
     pytest.mark.e2e,
@@ -67,7 +67,7 @@ class Running:
         self.master, self.addon, self.port, self.ca, self.home = master, addon, port, ca, home
 
     def current_in_store(self) -> str | None:
-        store = Store(self.home)
+        store = SqliteStore(self.home)
         try:
             active = store.settings().active_key_id
             return next((k.name for k in list(store.keys()) if k.id == active), None)

@@ -396,9 +396,9 @@ def test_all_keys_cooling_answers_locally(
 
 
 def test_all_keys_disabled_answers_locally(proxy: ProxyProcess, fake: FakeKimi, home: Path) -> None:
-    from kimi_rotator.store import Store
+    from kimi_rotator.store_sqlite import SqliteStore
 
-    store = Store(home)
+    store = SqliteStore(home)
     try:
         for k in list(store.keys()):
             store.set_disabled(k.id, "test")

@@ -26,7 +26,7 @@ from harness import (
 )
 
 from kimi_rotator.models import AccountRecord, Limit, Surface
-from kimi_rotator.store import Store
+from kimi_rotator.store_sqlite import SqliteStore
 
 pytestmark = pytest.mark.e2e
 
@@ -52,7 +52,7 @@ def chat(conversation: str | None = None, stream: bool = True, turn: int = 0) ->
 
 def state_caps(home: Path, account: str, **caps: int) -> None:
     group = (Surface.MOONSHOT_AI, account)
-    store = Store(home)
+    store = SqliteStore(home)
     try:
         store.update_account(group, lambda r: AccountRecord(surface=group[0], account=account,
                                                             stated={Limit(k): v for k, v in caps.items()}))
@@ -110,7 +110,7 @@ def test_caps_learned_from_429s_are_held_before_sending(pool: Any, slow_streams:
     assert first == [200] * 8 and second == [200] * 8
     assert sum(fake_kimi.account_counts(429).values()) == 0  # the second wave hit no cap
     assert fake_kimi.peak_inflight("acct-a") <= 2 and fake_kimi.peak_inflight("acct-b") <= 2
-    accounts = Store(home, readonly=True).accounts()
+    accounts = SqliteStore(home, readonly=True).accounts()
     for account in ("acct-a", "acct-b"):
         learned = accounts[(Surface.MOONSHOT_AI, account)].learned[Limit.CONCURRENCY]
         assert learned.value == 2 and learned.source.value == "message"
@@ -234,7 +234,7 @@ def test_proxies_on_one_store_split_an_accounts_caps(slow_streams: FakeKimi, pki
     state_caps(home, "acct-a", concurrency=2)
     proxies = [proxy_factory(home, {**base, "kimi_max_wait": 15}) for _ in range(2)]
     deadline = time.monotonic() + 10
-    while len(Store(home, readonly=True).live_proxies(time.time(), 10)) < 2:  # each has said it is alive
+    while len(SqliteStore(home, readonly=True).live_proxies(time.time(), 10)) < 2:  # each has said it is alive
         assert time.monotonic() < deadline
         time.sleep(0.1)
     time.sleep(2.5)  # and has read the other's row at its next heartbeat (pool.HEARTBEAT_SECONDS apart)
@@ -258,7 +258,7 @@ def test_a_cap_that_shrank_is_corrected_from_the_next_429(pool: Any, slow_stream
     proxy, home = pool(kimi_max_wait=10)
     with proxy_client(proxy, timeout=30) as client:
         parallel(8, lambda i: stream_request(client, OP_CHAT, body=chat(f"c{i}"), headers=BEARER).status)
-        accounts = Store(home, readonly=True).accounts()
+        accounts = SqliteStore(home, readonly=True).accounts()
         assert {accounts[(Surface.MOONSHOT_AI, a)].cap(Limit.CONCURRENCY) for a in ("acct-a", "acct-b")} == {3}
         assert stream_request(client, OP_CHAT, body=chat("x"), headers=BEARER).status == 200
         pinned = fake_kimi.requests[-1].account  # conversation x's account
@@ -271,6 +271,6 @@ def test_a_cap_that_shrank_is_corrected_from_the_next_429(pool: Any, slow_stream
     assert fake_kimi.account_counts(429)[pinned] == 1
     group = (Surface.MOONSHOT_AI, pinned)
     deadline = time.monotonic() + 5
-    while Store(home, readonly=True).accounts()[group].cap(Limit.CONCURRENCY) != 1:
-        assert time.monotonic() < deadline, Store(home, readonly=True).accounts()[group]
+    while SqliteStore(home, readonly=True).accounts()[group].cap(Limit.CONCURRENCY) != 1:
+        assert time.monotonic() < deadline, SqliteStore(home, readonly=True).accounts()[group]
         time.sleep(0.1)

@@ -18,7 +18,8 @@ from kimi_rotator.failover import Job
 from kimi_rotator.keys import fingerprint
 from kimi_rotator.models import CapSource, KeyRecord, LearnedCap, Limit, Outcome, OutcomeKind, Scope, Secret, Surface
 from kimi_rotator.pool import LivePool
-from kimi_rotator.store import NewKey, Store
+from kimi_rotator.store import NewKey
+from kimi_rotator.store_sqlite import SqliteStore
 
 NOW = 1_800_000_000.0
 ONE, TWO = ("sk-kimi-" + "a" * 28 + tag for tag in ("a1b2", "c3d4"))
@@ -134,7 +135,7 @@ async def test_the_pool_writes_cooldowns_and_caps_off_the_event_loop(
 
     monkeypatch.setattr(events, "append", noted_append)
     home = tmp_path / "home"
-    store = Store(home)
+    store = SqliteStore(home)
     for secret, name in ((ONE, "one"), (TWO, "two")):
         store.add_key(NewKey(secret=secret, name=name, surface=Surface.KIMI_CODE, account="uid:1"), time.time())
     live = LivePool(store)

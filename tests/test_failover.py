@@ -20,7 +20,8 @@ from kimi_rotator.failover import ATTEMPT_BODY_LIMIT, Failover, Job
 from kimi_rotator.keys import fingerprint
 from kimi_rotator.models import Outcome, OutcomeKind, Surface
 from kimi_rotator.pool import LivePool
-from kimi_rotator.store import NewKey, Store
+from kimi_rotator.store import NewKey
+from kimi_rotator.store_sqlite import SqliteStore
 from kimi_rotator.upstream import BrokenResponse
 
 PATH = "/coding/v1/chat/completions"
@@ -78,7 +79,7 @@ def key(tag: str) -> str:
 
 @pytest.fixture
 def live(tmp_path: Path) -> LivePool:
-    store = Store(tmp_path / "home")
+    store = SqliteStore(tmp_path / "home")
     now = time.time()
     store.add_key(NewKey(secret=key("one"), name="one", surface=Surface.KIMI_CODE, account="a1",
                          cooldown_until=now + 0.3, cooldown_reason="test"), now)
@@ -130,7 +131,7 @@ async def test_unflushed_outcomes_are_bounded_while_the_store_cannot_be_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(pool_module, "MAX_PENDING", 10)
-    store = Store(tmp_path / "home")
+    store = SqliteStore(tmp_path / "home")
     store.add_key(NewKey(secret=key("one"), name="one", surface=Surface.KIMI_CODE), time.time())
     live = LivePool(store)  # not started: nothing is written, as during an outage
     key_id = live.roster.keys[0].id
@@ -144,7 +145,7 @@ async def test_unflushed_outcomes_are_bounded_while_the_store_cannot_be_written(
 @pytest.fixture
 def ready(tmp_path: Path) -> LivePool:
     """Three free keys on three accounts."""
-    store = Store(tmp_path / "home")
+    store = SqliteStore(tmp_path / "home")
     for name in ("one", "two", "three"):
         store.add_key(NewKey(secret=key(name), name=name, surface=Surface.KIMI_CODE, account=name), time.time())
     return LivePool(store)

@@ -15,6 +15,7 @@ from kimi_rotator import engine
 from kimi_rotator.models import Outcome, OutcomeKind, Surface
 from kimi_rotator.pool import LivePool
 from kimi_rotator.store import NewKey, Store
+from kimi_rotator.store_sqlite import SqliteStore
 
 OK = Outcome(kind=OutcomeKind.SUCCESS, latency_ms=10)
 KC = Surface.KIMI_CODE
@@ -23,7 +24,7 @@ KC = Surface.KIMI_CODE
 @pytest.fixture
 def stores(kimi_home: Path) -> Iterator[tuple[Store, Store, list[int]]]:
     """The pool's store and another connection standing for the CLI, with three keys."""
-    mine, cli = Store(kimi_home), Store(kimi_home)
+    mine, cli = SqliteStore(kimi_home), SqliteStore(kimi_home)
     added, _ = cli.add_keys([NewKey(secret=f"sk-kimi-{'x' * 36}{i:04d}", name=f"k{i}", surface=KC)
                              for i in range(3)], time.time())
     yield mine, cli, [k.id for k in added]

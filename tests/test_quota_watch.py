@@ -23,6 +23,7 @@ from kimi_rotator.models import KeyRecord, Outcome, OutcomeKind, Scope, Surface
 from kimi_rotator.pool import LivePool
 from kimi_rotator.quota_watch import QuotaWatch
 from kimi_rotator.store import NewKey, Store
+from kimi_rotator.store_sqlite import SqliteStore
 from kimi_rotator.upstream import UpstreamClient, UpstreamSettings
 
 KC1, KC2 = "sk-kimi-" + "w" * 60 + "0001", "sk-kimi-" + "w" * 60 + "0002"
@@ -50,7 +51,7 @@ class World:
         return outcome
 
     def stored(self) -> dict[str, KeyRecord]:
-        reader = Store(self.store.home)
+        reader = SqliteStore(self.store.home)
         try:
             records = reader.keys()
         finally:
@@ -78,7 +79,7 @@ async def world(fake_kimi: FakeKimi, pki: TestPKI, kimi_home: Path) -> AsyncIter
     fake_kimi.clock = clock  # the plan's windows reset on the same clock as the watch's
     for secret, name in ((KC1, "one"), (KC2, "two")):
         fake_kimi.add_key(secret, account="acct", name=name)
-    store = Store(kimi_home)
+    store = SqliteStore(kimi_home)
     keys, _ = store.add_keys([NewKey(secret=KC1, name="one", surface=Surface.KIMI_CODE, account="team"),
                               NewKey(secret=KC2, name="two", surface=Surface.KIMI_CODE, account="team")], clock())
     pool = LivePool(store)

@@ -16,7 +16,8 @@ from kimi_rotator.failover import Failover, Job, Reply
 from kimi_rotator.models import Surface
 from kimi_rotator.pool import LivePool
 from kimi_rotator.relay import TOKEN_HEADER, Handover, Relay
-from kimi_rotator.store import NewKey, Store
+from kimi_rotator.store import NewKey
+from kimi_rotator.store_sqlite import SqliteStore
 
 PATH = "/coding/v1/chat/completions"
 SSE = b"data: one\n\ndata: two\n\n"
@@ -33,7 +34,7 @@ async def relay() -> AsyncIterator[Relay]:
 
 @pytest.fixture
 def failover(tmp_path: Path) -> tuple[Failover, ScriptedUpstream]:
-    store = Store(tmp_path / "home")
+    store = SqliteStore(tmp_path / "home")
     now = time.time()
     for name in ("one", "two"):
         store.add_key(NewKey(secret=key(name), name=name, surface=Surface.KIMI_CODE, account=name), now)

@@ -36,7 +36,7 @@ from harness import (
 )
 
 from kimi_rotator.models import Strategy
-from kimi_rotator.store import Store
+from kimi_rotator.store_sqlite import SqliteStore
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -99,7 +99,7 @@ def crash_lane(lane: int, rounds: int, home: Path, workdir: Path, options: dict[
             proxy.proc = None
 
         # The store opens after every kill (header and quick_check on open) and still holds every key.
-        store = Store(home)
+        store = SqliteStore(home)
         try:
             keys = store.keys()
         finally:

@@ -25,7 +25,7 @@ from harness import KeySpec, ProxyProcess, kimi_key, reset_store, upstream_optio
 from test_reliability_support import ID_HEADER, LoadResult, run_load
 
 from kimi_rotator.models import AccountRecord, Limit, Surface
-from kimi_rotator.store import Store
+from kimi_rotator.store_sqlite import SqliteStore
 
 pytestmark = [pytest.mark.e2e]
 
@@ -44,7 +44,7 @@ def start_load_rig(workdir: Path, pki: Any, confdir: Path, fraction: float = 0.2
     reset_store(home, KEYS)
     # This fake caps no account's concurrency: say so, or the proxy holds each Kimi Code account to the 30 requests
     # in flight Kimi documents, and 64 streams on the accounts that are not cooling would queue.
-    store = Store(home)
+    store = SqliteStore(home)
     try:
         for account in ACCOUNTS:
             group = (Surface.KIMI_CODE, account)

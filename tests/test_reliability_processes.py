@@ -62,7 +62,7 @@ import asyncio, json, random, sys, time
 from pathlib import Path
 from kimi_rotator.models import Outcome, OutcomeKind, Scope
 from kimi_rotator.pool import LivePool
-from kimi_rotator.store import Store
+from kimi_rotator.store_sqlite import SqliteStore
 
 home, n, seed, names = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(",")
 KINDS = [("success", OutcomeKind.SUCCESS, Scope.KEY), ("success", OutcomeKind.SUCCESS, Scope.KEY),
@@ -70,7 +70,7 @@ KINDS = [("success", OutcomeKind.SUCCESS, Scope.KEY), ("success", OutcomeKind.SU
          ("failed", OutcomeKind.REQUEST_ERROR, Scope.REQUEST)]
 
 async def main():
-    store = Store(home)
+    store = SqliteStore(home)
     pool = LivePool(store)
     pool.start(asyncio.get_running_loop())
     ids = {k.name: k.id for k in pool.roster.keys}

@@ -25,7 +25,8 @@ from kimi_rotator.accounts_db import ProxyRow
 from kimi_rotator.admission import Admission
 from kimi_rotator.models import AccountRecord, Group, Limit, Quota, QuotaWindow, Surface
 from kimi_rotator.status_view import pool_status, status_json, status_lines
-from kimi_rotator.store import HOME_ENV, MIGRATIONS, STORE_FILE, NewKey, Snapshot, Store
+from kimi_rotator.store import HOME_ENV, NewKey, Snapshot, Store
+from kimi_rotator.store_sqlite import MIGRATIONS, STORE_FILE, SqliteStore
 from kimi_rotator.symbols import FANCY, PLAIN
 
 NOW = time.time()
@@ -125,11 +126,11 @@ def test_a_schema_2_store_is_upgraded_and_its_proxies_read(tmp_path: Path) -> No
     db.execute("INSERT INTO proxies (id, pid, started, seen) VALUES ('old', 7, ?, ?)", (NOW - 9, NOW))
     db.close()
     os.chmod(home / STORE_FILE, 0o600)
-    reader = Store(home, readonly=True)  # reads an upgraded copy, writes nothing
+    reader = SqliteStore(home, readonly=True)  # reads an upgraded copy, writes nothing
     assert [(r.pid, r.usage) for r in reader.proxy_rows(NOW, 10.0)] == [(7, {})]
     reader.close()
     assert sqlite3.connect(home / STORE_FILE).execute("PRAGMA user_version").fetchone()[0] == 2
-    writer = Store(home)
+    writer = SqliteStore(home)
     writer.heartbeat("old", 7, NOW - 9, NOW + 1, 10.0, {ACME: (1, 1)})
     assert writer.proxy_rows(NOW + 1, 10.0)[0].usage == {ACME: (1, 1)}
     writer.close()
@@ -159,7 +160,7 @@ def test_admission_counts_what_is_in_flight_and_in_the_minute() -> None:
 
 
 def test_status_json_and_plain_output(kimi_home: Path) -> None:
-    store = Store(kimi_home)
+    store = SqliteStore(kimi_home)
     seeded(store)
     store.heartbeat("a", 99, NOW - 30, time.time(), 10.0, {ACME: (1, 3)})
     store.close()
@@ -175,7 +176,7 @@ def test_status_json_and_plain_output(kimi_home: Path) -> None:
 
 
 def test_status_with_ascii_output_uses_plain_symbols(kimi_home: Path) -> None:
-    store = Store(kimi_home)
+    store = SqliteStore(kimi_home)
     seeded(store)
     store.close()
     result = console(kimi_home, "status", PYTHONIOENCODING="ascii")
@@ -244,7 +245,7 @@ class Terminal:
 
 @pytest.mark.parametrize("no_color", [False, True])
 def test_watch_redraws_in_place_as_the_store_changes_and_ctrl_c_ends_it(kimi_home: Path, no_color: bool) -> None:
-    store = Store(kimi_home)
+    store = SqliteStore(kimi_home)
     seeded(store)
     store.close()
     env = {HOME_ENV: str(kimi_home), **({"NO_COLOR": "1"} if no_color else {})}

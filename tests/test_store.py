@@ -25,8 +25,6 @@ from kimi_rotator.models import KeyState, Outcome, OutcomeKind, PoolSettings, St
 from kimi_rotator.roster import Roster
 from kimi_rotator.store import (
     HOME_ENV,
-    SCHEMA_VERSION,
-    STORE_FILE,
     Attempt,
     Conflict,
     DuplicateKey,
@@ -37,6 +35,7 @@ from kimi_rotator.store import (
     store_home,
     utc_day,
 )
+from kimi_rotator.store_sqlite import SCHEMA_VERSION, STORE_FILE, SqliteStore
 
 NOW = 1_750_000_000.0  # 2025-06-15 15:06:40 UTC
 DAY = 86_400.0
@@ -68,7 +67,7 @@ def mode(path: Path) -> int:
 
 @contextmanager
 def opened(home: Path) -> Iterator[Store]:
-    s = Store(home)
+    s = SqliteStore(home)
     try:
         yield s
     finally:
@@ -344,7 +343,7 @@ def test_store_home_honours_kimi_rotate_home(tmp_path: Path, monkeypatch: pytest
     assert store_home() == tmp_path / "pool-a"
     with opened(store_home()) as s:
         s.add_key(new_key(0), NOW)
-    s2 = Store()
+    s2 = SqliteStore()
     try:
         assert s2.path == tmp_path / "pool-a" / STORE_FILE
         assert [k.name for k in list(s2.keys())] == ["key 0"]
@@ -364,11 +363,12 @@ WRITER = r"""
 import json, sys, time
 from pathlib import Path
 from kimi_rotator.models import Outcome, OutcomeKind
-from kimi_rotator.store import Attempt, Store
+from kimi_rotator.store import Attempt
+from kimi_rotator.store_sqlite import SqliteStore
 
 home, wid, count, batch = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 ids, KINDS = json.loads(sys.argv[5]), [OutcomeKind(k) for k in json.loads(sys.argv[6])]
-store = Store(home)
+store = SqliteStore(home)
 print("ready", flush=True)
 sys.stdin.readline()
 waits = []
@@ -391,19 +391,20 @@ ADDER = r"""
 import json, sys, time
 from pathlib import Path
 from kimi_rotator.models import Surface
-from kimi_rotator.store import NewKey, Store
+from kimi_rotator.store import NewKey
+from kimi_rotator.store_sqlite import SqliteStore
 
 home, stop = Path(sys.argv[1]), Path(sys.argv[2])
 print("ready", flush=True)
 sys.stdin.readline()
 commits = []  # when each add and each remove was committed
 while not commits or not stop.exists():
-    s = Store(home)
+    s = SqliteStore(home)
     extra = NewKey(secret=f"sk-kimi-extra{len(commits):020d}", name=f"extra {len(commits)}", surface=Surface.KIMI_CODE)
     key = s.add_key(extra, time.time())
     commits.append(time.time())
     s.close()
-    s = Store(home)
+    s = SqliteStore(home)
     s.remove_key(key.id)
     commits.append(time.time())
     s.close()
@@ -495,9 +496,10 @@ KILL_WRITER = r"""
 import sys, time
 from pathlib import Path
 from kimi_rotator.models import Outcome, OutcomeKind
-from kimi_rotator.store import Attempt, Store
+from kimi_rotator.store import Attempt
+from kimi_rotator.store_sqlite import SqliteStore
 
-store = Store(Path(sys.argv[1]))
+store = SqliteStore(Path(sys.argv[1]))
 key_id = int(sys.argv[2])
 n = 0
 while True:
@@ -560,9 +562,10 @@ CREATOR = r"""
 import sys, time
 from pathlib import Path
 from kimi_rotator.models import Surface
-from kimi_rotator.store import NewKey, Store
+from kimi_rotator.store import NewKey
+from kimi_rotator.store_sqlite import SqliteStore
 print("imported", flush=True)
-s = Store(Path(sys.argv[1]))
+s = SqliteStore(Path(sys.argv[1]))
 s.add_key(NewKey(secret="sk-kimi-created0000000000000", surface=Surface.KIMI_CODE), time.time())
 print("added", flush=True)
 """
@@ -630,7 +633,7 @@ def test_damaged_store_gives_a_clear_error_and_is_left_untouched(
     digest, size, listing = sha256(path), path.stat().st_size, sorted(os.listdir(home))
     for _ in range(2):  # a second try (the next CLI run) does not "repair" it either
         with pytest.raises(StoreError) as info:
-            Store(home)
+            SqliteStore(home)
         message = str(info.value)
         assert str(path) in message
         assert advice in message
@@ -658,7 +661,7 @@ def test_new_store_is_private_even_with_an_open_umask(tmp_path: Path) -> None:
     home = tmp_path / "a" / "b" / "home"
     old = os.umask(0)
     try:
-        s = Store(home)
+        s = SqliteStore(home)
         try:
             s.add_key(new_key(0), NOW)  # a write: the -wal and -shm files exist now
             files = {name: mode(home / name) for name in os.listdir(home)}
@@ -703,7 +706,7 @@ def test_unusable_folder_gives_a_clear_error(tmp_path: Path) -> None:
     blocker.write_text("a file where the store folder should be")
     home = blocker / "home"
     with pytest.raises(StoreError) as info:
-        Store(home)
+        SqliteStore(home)
     assert str(home) in str(info.value)
     assert HOME_ENV in str(info.value)
     assert blocker.read_text() == "a file where the store folder should be"
@@ -714,9 +717,10 @@ REPLACER = r"""
 import sys, time
 from pathlib import Path
 from kimi_rotator.models import Surface
-from kimi_rotator.store import NewKey, Store
+from kimi_rotator.store import NewKey
+from kimi_rotator.store_sqlite import SqliteStore
 
-s = Store(Path(sys.argv[1]))
+s = SqliteStore(Path(sys.argv[1]))
 for k in s.keys():
     s.remove_key(k.id)
 s.add_key(NewKey(secret="sk-kimi-" + sys.argv[2] * 40, name=sys.argv[2], surface=Surface.KIMI_CODE), time.time())

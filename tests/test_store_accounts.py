@@ -6,7 +6,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-from kimi_rotator import store as store_module
+from kimi_rotator import store_sqlite as store_module
 from kimi_rotator.models import (
     AccountRecord,
     CapSource,
@@ -18,7 +18,8 @@ from kimi_rotator.models import (
     QuotaWindow,
     Surface,
 )
-from kimi_rotator.store import MIGRATIONS, SCHEMA_VERSION, STORE_FILE, Attempt, NewKey, Store
+from kimi_rotator.store import Attempt, NewKey, Store
+from kimi_rotator.store_sqlite import MIGRATIONS, SCHEMA_VERSION, STORE_FILE, SqliteStore
 
 NOW = 1_750_000_000.0
 GROUP = (Surface.MOONSHOT_AI, "uid:alice")
@@ -42,12 +43,12 @@ def test_a_schema_1_store_is_upgraded_and_keeps_its_keys(tmp_path: Path) -> None
     os.chmod(home / STORE_FILE, 0o600)
 
     # A reader of a read-only old store sees the keys and no accounts, and changes nothing on disk.
-    reader = Store(home, readonly=True)
+    reader = SqliteStore(home, readonly=True)
     assert [key.name for key in Store.keys(reader)] == ["old"] and reader.accounts() == {}
     reader.close()
     assert sqlite3.connect(home / STORE_FILE).execute("PRAGMA user_version").fetchone()[0] == 1
 
-    store = Store(home)
+    store = SqliteStore(home)
     assert [key.name for key in Store.keys(store)] == ["old"]
     assert store.accounts() == {}
     assert sqlite3.connect(home / STORE_FILE).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
@@ -55,7 +56,7 @@ def test_a_schema_1_store_is_upgraded_and_keeps_its_keys(tmp_path: Path) -> None
 
 
 def test_stated_caps_survive_caps_a_proxy_learns(tmp_path: Path) -> None:
-    store = Store(tmp_path / "h")
+    store = SqliteStore(tmp_path / "h")
     stated = store.update_account(GROUP, lambda r: AccountRecord(surface=GROUP[0], account=GROUP[1],
                                                                  stated={Limit.CONCURRENCY: 7}))
     assert stated is not None and stated.cap(Limit.CONCURRENCY) == 7
@@ -79,7 +80,7 @@ def test_stated_caps_survive_caps_a_proxy_learns(tmp_path: Path) -> None:
 
 
 def test_learned_caps_ride_along_with_outcomes_in_one_transaction(tmp_path: Path) -> None:
-    store = Store(tmp_path / "h")
+    store = SqliteStore(tmp_path / "h")
     (key,), _ = store.add_keys([NewKey(secret="sk-test-0000000000000001", surface=Surface.MOONSHOT_AI,
                                        account="uid:alice")], NOW)
     ok = Outcome(kind=OutcomeKind.SUCCESS, caps=(rpm(200, CapSource.HEADER, at=0.0),))
@@ -91,7 +92,7 @@ def test_learned_caps_ride_along_with_outcomes_in_one_transaction(tmp_path: Path
 
 
 def test_quota_is_saved_and_read_back(tmp_path: Path) -> None:
-    store = Store(tmp_path / "h")
+    store = SqliteStore(tmp_path / "h")
     quota = Quota(checked_at=NOW, windows=(QuotaWindow(name="5h", limit=100.0, remaining=0.0, reset_at=NOW + 60),
                                            QuotaWindow(name="weekly", limit=None, remaining=5.0, reset_at=None)),
                   level="LEVEL_INTERMEDIATE")
@@ -106,7 +107,7 @@ def test_quota_is_saved_and_read_back(tmp_path: Path) -> None:
 
 
 def test_damaged_account_rows_read_as_unknown_not_as_errors(tmp_path: Path) -> None:
-    store = Store(tmp_path / "h")
+    store = SqliteStore(tmp_path / "h")
     db = sqlite3.connect(store.path, isolation_level=None)
     db.execute("INSERT INTO accounts VALUES ('moonshot-ai', 'a', '{\"rpm\": -1, \"xyz\": 3}', 'not json', '[]')")
     db.execute("INSERT INTO accounts VALUES ('mars', 'b', '{}', '{}', NULL)")
@@ -122,7 +123,7 @@ def test_damaged_account_rows_read_as_unknown_not_as_errors(tmp_path: Path) -> N
 
 
 def test_files_remember_their_uploader(tmp_path: Path) -> None:
-    store = Store(tmp_path / "h")
+    store = SqliteStore(tmp_path / "h")
     assert store.file_owner("file-1") is None
     store.remember_file("file-1", 4, GROUP, NOW)
     assert store.file_owner("file-1") == (4, GROUP)
@@ -132,7 +133,7 @@ def test_files_remember_their_uploader(tmp_path: Path) -> None:
 
 
 def test_running_proxies_are_listed_oldest_first_and_leave(tmp_path: Path) -> None:
-    store = Store(tmp_path / "h")
+    store = SqliteStore(tmp_path / "h")
     assert store.heartbeat("b", 2, NOW + 1, NOW + 1, ttl=10) == [("b", 2, NOW + 1)]
     assert [p[0] for p in store.heartbeat("a", 1, NOW, NOW + 2, ttl=10)] == ["a", "b"]
     assert [p[0] for p in store.live_proxies(NOW + 12, ttl=10)] == ["a"]  # b was last seen at NOW + 1
@@ -143,7 +144,7 @@ def test_running_proxies_are_listed_oldest_first_and_leave(tmp_path: Path) -> No
 
 def test_commands_on_accounts_reach_a_running_proxy(tmp_path: Path) -> None:
     """update_account is a command: it bumps the edit count that a proxy checks before each request."""
-    store = Store(tmp_path / "h")
+    store = SqliteStore(tmp_path / "h")
     before = store.edits()
     store.update_account(GROUP, lambda r: AccountRecord(surface=GROUP[0], account=GROUP[1], stated={Limit.RPM: 3}))
     assert store.edits() == before + 1

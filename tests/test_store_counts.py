@@ -6,9 +6,10 @@ import contextlib
 import sqlite3
 from pathlib import Path
 
-from kimi_rotator import store as store_module
+from kimi_rotator import store_sqlite as store_module
 from kimi_rotator.models import Outcome, OutcomeKind, Surface
-from kimi_rotator.store import HOURLY_KEPT_HOURS, MIGRATIONS, STORE_FILE, Attempt, Counts, NewKey, Store
+from kimi_rotator.store import HOURLY_KEPT_HOURS, Attempt, Counts, NewKey, Store
+from kimi_rotator.store_sqlite import MIGRATIONS, STORE_FILE, SqliteStore
 
 NOW = 1_750_000_000.0  # 2025-06-15 15:06:40 UTC
 HOUR = 3600
@@ -75,10 +76,10 @@ def test_a_schema_2_store_keeps_its_daily_counts(kimi_home: Path) -> None:
     db.close()
     path.chmod(0o600)
     # Read-only, an old store is read through an upgraded copy and the file is left at schema 2.
-    with contextlib.closing(Store(kimi_home, readonly=True)) as old:
+    with contextlib.closing(SqliteStore(kimi_home, readonly=True)) as old:
         assert old.counts(NOW, per_hour=False) == {1: {DAY_START: Counts(7, 5, 0)}}
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
-    with contextlib.closing(Store(kimi_home)) as s:
+    with contextlib.closing(SqliteStore(kimi_home)) as s:
         assert s.daily("2025-06-15") == {1: {"2025-06-15": (7, 5)}}
         s.record([attempt(1, OutcomeKind.RATE_LIMITED, NOW)])
         assert s.counts(NOW, per_hour=False) == {1: {DAY_START: Counts(8, 5, 1)}}

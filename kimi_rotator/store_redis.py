@@ -1,0 +1,581 @@
+"""The Redis store: one pool shared by proxies on several machines (`kimi_store=redis://...`).
+
+Layout, under a prefix (default `kimi-rotate:`, `?prefix=` in the URL for another pool on the same server):
+- `meta` (hash): the store's id, schema, next key id, rev, edits, version and the settings (JSON);
+- `keys` (hash): key id -> the key's record as JSON, its secret sealed with AES-GCM (secret_box.py);
+- `accounts`, `files`, `proxies`, `applied` (hashes); `hourly:<hour>` and `daily:<day>` (hashes of counters).
+Writers serialise on a lock (redis-py's Lock, with a timeout), read what they change while WATCHing it, and commit
+in one MULTI/EXEC that a lost lock makes fail: the same read-compute-write transactions the SQLite store runs.
+Every commit bumps `version` and is published on the `changed` channel, so other proxies read it within
+milliseconds; their store threads still read `version` every poll, in case a message was missed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import LockError, RedisError, WatchError
+from redis.retry import Retry
+
+from . import accounts_db
+from .keys import fingerprint
+from .models import AccountRecord, Group, KeyRecord, PoolSettings, Secret, Surface
+from .secret_box import SecretBox, SecretError
+from .store import (
+    BUSY_TIMEOUT,
+    HOURLY_KEPT_HOURS,
+    Counts,
+    NewKey,
+    Rows,
+    Snapshot,
+    Store,
+    StoreBusy,
+    StoreError,
+    Tally,
+    daily_tally,
+    day_start,
+    new_key_counters,
+    settings_fields,
+    settings_from,
+    utc_day,
+)
+
+if TYPE_CHECKING:
+    from .accounts_db import ProxyRow
+
+SCHEMA = "1"
+DEFAULT_PREFIX = "kimi-rotate:"
+SECRET_FILE = "store-secret"  # in the store folder, unless kimi_store_secret names another
+LOCK_SECONDS = 5.0  # a writer killed mid-transaction holds the lock this long at most
+SOCKET_TIMEOUT = 2.0  # a Redis that stops answering fails a call after this long: the proxy serves from memory
+CONNECT_TIMEOUT = 0.5
+_KEY_FIELDS = tuple(f.name for f in fields(KeyRecord) if f.name not in ("id", "secret"))
+_GROUP_SEP = "\x1f"  # between surface and account in a hash field (neither can contain it)
+
+
+class StoreLost(StoreError):
+    """The Redis server lost the store (restarted without persistence, or flushed)."""
+
+
+def is_redis_url(spec: str) -> bool:
+    return urlsplit(spec.strip()).scheme in ("redis", "rediss", "unix")
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _split_prefix(url: str) -> tuple[str, str]:
+    """(the URL redis-py is given, the key prefix): `prefix` is ours, not a connection option."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = next((v for k, v in query if k == "prefix"), DEFAULT_PREFIX)
+    rest = [(k, v) for k, v in query if k != "prefix"]
+    return urlunsplit(parts._replace(query=urlencode(rest))), prefix
+
+
+def connect(url: str, timeout: float = SOCKET_TIMEOUT) -> Any:
+    """A client that fails fast: one try, short timeouts (the proxy keeps serving from memory meanwhile). Typed Any:
+    redis-py's hints do not follow decode_responses, so every answer would need a cast."""
+    plain, _ = _split_prefix(url)
+    try:
+        return redis.Redis.from_url(plain, socket_timeout=timeout, socket_connect_timeout=CONNECT_TIMEOUT,
+                                    retry=Retry(NoBackoff(), 0), health_check_interval=30, decode_responses=True)
+    except ValueError as e:
+        raise StoreError(f"cannot use the store URL {redacted(url)} ({e}); write it as "
+                         "redis://[user:password@]host:port/db") from None
+
+
+class RedisStore(Store):
+    def __init__(self, url: str, home: Path, secret_file: Path | None = None, *, readonly: bool = False) -> None:
+        self.url = url
+        self.where = redacted(url)
+        self.home = home
+        self.readonly = readonly
+        self.secret_file = secret_file if secret_file is not None else home / SECRET_FILE
+        _, self.prefix = _split_prefix(url)
+        self.client: Any = connect(url)
+        self.instance = uuid.uuid4().hex[:12]  # this Store's name in `applied`
+        self._commit_lock = threading.Lock()  # as in the SQLite store: `recorded` and `taken` are exact
+        self._recorded = 0
+        self._taken = 0
+        self._unsure = False  # a commit failed in a way that leaves open whether it went through
+        self._opened: dict[str, Secret] = {}  # sealed token -> key, so a snapshot opens each key once
+        self._edits_seen = 0
+        self._watcher: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._store_id = self._open()
+        self.box = self._load_box()
+
+    # -- opening -------------------------------------------------------------------------------
+
+    def _k(self, name: str) -> str:
+        return self.prefix + name
+
+    def _fail(self, e: Exception) -> StoreError:
+        if isinstance(e, StoreError):
+            return e
+        return StoreError(f"cannot reach the store {self.where} ({type(e).__name__}: {e}); check that Redis runs "
+                          "and the URL, user and password are right")
+
+    def _open(self) -> str:
+        try:
+            meta = self.client.hgetall(self._k("meta"))
+            if not meta and not self.readonly:
+                fresh = uuid.uuid4().hex
+                self.client.hsetnx(self._k("meta"), "id", fresh)
+                self.client.hsetnx(self._k("meta"), "schema", SCHEMA)
+                meta = self.client.hgetall(self._k("meta"))
+        except RedisError as e:
+            raise self._fail(e) from None
+        schema = meta.get("schema", SCHEMA)
+        if schema != SCHEMA:
+            raise StoreError(f"the store {self.where} was written by another kimi-rotate (schema {schema}, this one "
+                             f"knows {SCHEMA}); use the same version on every machine. Nothing was changed.")
+        self._edits_seen = int(meta.get("edits", 0))
+        return str(meta.get("id", ""))
+
+    def _load_box(self) -> SecretBox | None:
+        """The sealing secret: made here for a store with no keys yet, else it must be the one the keys were sealed
+        with (copied from the machine that made the store)."""
+        try:
+            has_keys = bool(self.client.hlen(self._k("keys")))
+        except RedisError as e:
+            raise self._fail(e) from None
+        if self.readonly and not has_keys and not self.secret_file.exists():
+            return None
+        try:
+            return SecretBox.load(self.secret_file, create=not has_keys and not self.readonly)
+        except SecretError as e:
+            raise StoreError(str(e)) from None
+
+    def reopen(self) -> RedisStore:
+        return RedisStore(self.url, self.home, self.secret_file)
+
+    def close(self) -> None:
+        self._closing.set()
+        with contextlib.suppress(RedisError):
+            self.client.close()
+
+    # -- sealing -------------------------------------------------------------------------------
+
+    def _seal(self, secret: str) -> str:
+        if self.box is None:
+            raise StoreError(f"no sealing secret at {self.secret_file}; run a command that writes first")
+        return self.box.seal(secret, fingerprint(secret))
+
+    def _open_secret(self, token: str, fp: str) -> Secret:
+        found = self._opened.get(token)
+        if found is None:
+            if self.box is None:
+                raise StoreError(f"the keys in {self.where} are sealed, and there is no secret file at "
+                                 f"{self.secret_file}: copy it from the machine that made the store")
+            try:
+                found = Secret(self.box.open(token, fp))
+            except SecretError as e:
+                raise StoreError(str(e)) from None
+            self._opened[token] = found
+        return found
+
+    def _key_from(self, key_id: str, text: str) -> KeyRecord:
+        data = json.loads(text)
+        data["secret"] = self._open_secret(data.pop("sealed"), data["fingerprint"])
+        data["surface"] = Surface(data["surface"])
+        return KeyRecord(id=int(key_id), **{n: data[n] for n in ("secret", *_KEY_FIELDS) if n in data})
+
+    def _key_text(self, key: KeyRecord, sealed: str) -> str:
+        data: dict[str, Any] = {n: getattr(key, n) for n in _KEY_FIELDS}
+        data["surface"] = key.surface.value
+        data["sealed"] = sealed
+        return json.dumps(data, separators=(",", ":"))
+
+    # -- watching for other writers ------------------------------------------------------------
+
+    def watch(self, changed: Callable[[], None]) -> None:
+        """Call `changed` (from a thread of this store) within milliseconds of any commit by another writer, and
+        keep edits() current without asking Redis on every request."""
+        if self._watcher is not None:
+            return
+        self._watcher = threading.Thread(target=self._listen, args=(changed,), name="kimi-rotate-redis-watch",
+                                         daemon=True)
+        self._watcher.start()
+
+    def _listen(self, changed: Callable[[], None]) -> None:
+        channel = self._k("changed")
+        while not self._closing.is_set():
+            try:
+                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(channel)
+                changed()  # (re)subscribed: whatever was missed meanwhile is read now
+                while not self._closing.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    edits, _, writer = str(message["data"]).partition(" ")
+                    if edits.isdigit():
+                        self._edits_seen = max(self._edits_seen, int(edits))
+                    if writer != self.instance:
+                        changed()
+            except Exception:  # Redis is away (the store thread's polls report it), or this store was closed
+                if self._closing.wait(0.5):
+                    return
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def data_version(self) -> int:
+        try:
+            store_id, version = self.client.hmget(self._k("meta"), ["id", "version"])
+        except RedisError as e:
+            raise self._fail(e) from None
+        if store_id is None and self._store_id:
+            raise StoreLost(f"the store {self.where} is empty: Redis lost it (restarted without persistence?)")
+        return int(version or 0)
+
+    def snapshot(self) -> Snapshot:
+        try:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hgetall(self._k("meta"))
+            pipe.hgetall(self._k("keys"))
+            pipe.hgetall(self._k("accounts"))
+            with self._commit_lock:  # the transaction fixes what is read: none of our commits in between
+                meta, keys, accounts = pipe.execute()
+                self._taken += 1
+                taken, recorded = self._taken, self._recorded
+        except RedisError as e:
+            raise self._fail(e) from None
+        if not meta.get("id") and self._store_id:
+            raise StoreLost(f"the store {self.where} is empty: Redis lost it (restarted without persistence?)")
+        edits = int(meta.get("edits", 0))
+        self._edits_seen = max(self._edits_seen, edits)
+        return Snapshot(_sorted_keys(self, keys), _settings(meta), int(meta.get("rev", 0)), edits, recorded, taken,
+                        _accounts(accounts))
+
+    def edits(self) -> int:
+        return self._edits_seen
+
+    def fresh_snapshot(self) -> Snapshot:
+        return self.snapshot()
+
+    def counts(self, since: float, per_hour: bool) -> dict[int, dict[int, Counts]]:
+        try:
+            if per_hour:
+                hours = self.client.zrangebyscore(self._k("hours"), int(since // 3600), "+inf")
+                buckets = [(f"hourly:{h}", int(h) * 3600) for h in hours]
+            else:
+                since_day = utc_day(since)
+                days = sorted(d for d in self.client.smembers(self._k("days")) if d >= since_day)
+                buckets = [(f"daily:{d}", day_start(d)) for d in days]
+            pipe = self.client.pipeline(transaction=False)
+            for name, _ in buckets:
+                pipe.hgetall(self._k(name))
+            found = pipe.execute()
+        except RedisError as e:
+            raise self._fail(e) from None
+        out: dict[int, dict[int, Counts]] = {}
+        for (_, start), tallies in zip(buckets, found, strict=True):
+            for key_id, text in tallies.items():
+                req, ok, limited = (int(n) for n in text.split(","))
+                out.setdefault(int(key_id), {})[start] = Counts(req, ok, limited)
+        return out
+
+    # -- files and proxies ---------------------------------------------------------------------
+
+    def remember_file(self, file_id: str, key_id: int, group: Group, now: float) -> None:
+        self._quick(lambda c: c.hset(self._k("files"), file_id, json.dumps([key_id, group[0].value, group[1], now])))
+
+    def file_owner(self, file_id: str) -> tuple[int, Group] | None:
+        text = self._quick(lambda c: c.hget(self._k("files"), file_id))
+        if text is None:
+            return None
+        key_id, surface, account, _ = json.loads(text)
+        return int(key_id), (Surface(surface), str(account))
+
+    def heartbeat(
+        self, proxy_id: str, pid: int, started: float, now: float, ttl: float,
+        usage: Mapping[Group, tuple[int, int]] | None = None,
+    ) -> list[tuple[str, int, float]]:
+        row = json.dumps({"pid": pid, "started": started, "seen": now, "usage": accounts_db.encode_usage(usage)})
+        self._quick(lambda c: c.hset(self._k("proxies"), proxy_id, row))
+        return self.live_proxies(now, ttl)
+
+    def proxy_rows(self, now: float, ttl: float) -> list[ProxyRow]:
+        found = self._quick(lambda c: c.hgetall(self._k("proxies")))
+        rows = []
+        for proxy_id, text in found.items():
+            data = json.loads(text)
+            if data["seen"] >= now - ttl:
+                rows.append(accounts_db.ProxyRow(proxy_id, int(data["pid"]), float(data["started"]),
+                                                 float(data["seen"]), accounts_db.decode_usage(data["usage"])))
+        return sorted(rows, key=lambda r: (r.started, r.id))
+
+    def leave(self, proxy_id: str, now: float, ttl: float) -> None:
+        found = self._quick(lambda c: c.hgetall(self._k("proxies")))
+        gone = [p for p, text in found.items() if p == proxy_id or json.loads(text)["seen"] < now - 10 * ttl]
+        if gone:
+            self._quick(lambda c: c.hdel(self._k("proxies"), *gone))
+
+    def _quick(self, call: Callable[[Any], Any]) -> Any:
+        """One command that needs no transaction."""
+        try:
+            return call(self.client)
+        except RedisError as e:
+            raise self._fail(e) from None
+
+    # -- transactions --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Rows]:
+        try:
+            yield RedisRows(self, self.client)
+        except RedisError as e:
+            raise self._fail(e) from None
+
+    @contextlib.contextmanager
+    def _write(self, wait: float = BUSY_TIMEOUT, mark: int | None = None) -> Iterator[Rows]:
+        if self.readonly:
+            raise RuntimeError("this Store was opened with readonly=True")
+        lock = self.client.lock(self._k("lock"), timeout=LOCK_SECONDS, sleep=0.002, blocking_timeout=wait,
+                                thread_local=False)
+        try:
+            if not lock.acquire():
+                raise StoreBusy(f"the store {self.where} is busy (other kimi-rotate processes are writing); "
+                                "try again")
+        except RedisError as e:
+            raise self._fail(e) from None
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.watch(self._k("lock"))  # a lock that timed out and was taken by another fails the commit
+                rows = RedisRows(self, pipe)
+                if not pipe.hget(self._k("meta"), "id") and self._store_id:
+                    raise StoreLost(f"the store {self.where} is empty: Redis lost it (restarted without "
+                                    "persistence?)")
+                yield rows
+                self._commit(pipe, rows, mark)
+        except WatchError:
+            raise StoreBusy(f"a write to {self.where} took longer than {LOCK_SECONDS:.0f} s and was dropped; "
+                            "try again") from None
+        except RedisError as e:
+            raise self._fail(e) from None
+        finally:
+            with contextlib.suppress(LockError, RedisError):
+                lock.release()
+
+    def _commit(self, pipe: Any, rows: RedisRows, mark: int | None) -> None:
+        pipe.multi()
+        for method, args, kwargs in rows.ops:
+            getattr(pipe, method)(*args, **kwargs)
+        meta = self._k("meta")
+        if mark is None and rows.ops:
+            pipe.hincrby(meta, "edits", 1)
+        if mark:
+            pipe.hset(self._k("applied"), self.instance, mark)
+        pipe.hincrby(meta, "version", 1)
+        pipe.hget(meta, "edits")
+        with self._commit_lock:
+            try:
+                results = pipe.execute()
+            except (redis.ConnectionError, redis.TimeoutError):
+                self._unsure = True  # sent, perhaps applied: record() asks before sending these outcomes again
+                raise
+            if mark:
+                self._recorded = max(self._recorded, mark)
+        edits = int(results[-1] or 0)
+        self._edits_seen = max(self._edits_seen, edits)
+        with contextlib.suppress(RedisError):  # committed already: the others' polls see it if this is lost
+            self.client.publish(self._k("changed"), f"{edits} {self.instance}")
+
+    def record(self, attempts: Any, active_key_id: int | None = None, rev: int | None = None,
+               wait: float = BUSY_TIMEOUT, mark: int = 0) -> None:
+        """As Store.record; after a commit whose answer was lost, the attempts Redis already holds (by this Store's
+        mark in `applied`) are not applied twice. The attempts are numbered up to `mark`, one apart."""
+        if mark and self._unsure:
+            done = int(self._quick(lambda c: c.hget(self._k("applied"), self.instance)) or 0)
+            self._unsure = False
+            skip = done - (mark - len(attempts))
+            if skip > 0:
+                attempts = list(attempts)[skip:]
+                with self._commit_lock:
+                    self._recorded = max(self._recorded, done)
+                if not attempts and active_key_id is None:
+                    return
+        super().record(attempts, active_key_id, rev, wait, mark)
+
+
+class RedisRows(Rows):
+    """Reads go to Redis at once (inside _write, on the WATCHing pipeline); writes are queued for the commit."""
+
+    def __init__(self, store: RedisStore, reader: Any) -> None:
+        self.store = store
+        self.reader = reader
+        self.ops: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []  # pipeline calls for the commit
+        self._keys: list[KeyRecord] | None = None
+        self._meta: dict[str, str] | None = None
+        self._accounts: dict[Group, AccountRecord] | None = None
+
+    def _k(self, name: str) -> str:
+        return self.store.prefix + name
+
+    def _op(self, method: str, *args: Any, **kwargs: Any) -> None:
+        self.ops.append((method, args, kwargs))
+
+    def _read_meta(self) -> dict[str, str]:
+        if self._meta is None:
+            self._meta = dict(self.reader.hgetall(self._k("meta")))
+        return self._meta
+
+    def keys(self) -> list[KeyRecord]:
+        if self._keys is None:
+            self._keys = _sorted_keys(self.store, self.reader.hgetall(self._k("keys")))
+        return list(self._keys)
+
+    def save_keys(self, keys: Iterable[KeyRecord]) -> None:
+        stored = {k.id: k for k in self.keys()}
+        texts = {}
+        for k in keys:
+            before = stored.get(k.id)
+            if before is None:
+                continue  # removed meanwhile, as an UPDATE of a missing row does nothing
+            sealed = json.loads(self._raw(k.id))["sealed"]
+            texts[str(k.id)] = self.store._key_text(replace(k, secret=before.secret, fingerprint=before.fingerprint,
+                                                             added_at=before.added_at), sealed)
+            stored[k.id] = k
+        if texts:
+            self._op("hset", self._k("keys"), mapping=texts)
+            self._keys = sorted(stored.values(), key=lambda k: k.id)
+
+    def _raw(self, key_id: int) -> str:
+        return str(self.reader.hget(self._k("keys"), str(key_id)))
+
+    def insert_key(self, new: NewKey, name: str, now: float) -> KeyRecord:
+        next_id = int(self._read_meta().get("next_key_id", 1))
+        self._meta = dict(self._read_meta(), next_key_id=str(next_id + 1))
+        total, ok, limited, failed = new_key_counters(new)
+        key = KeyRecord(
+            id=next_id, secret=Secret(new.secret), fingerprint=fingerprint(new.secret), name=name,
+            surface=new.surface, account=new.account, added_at=new.added_at or now, last_used=new.last_used,
+            health=max(0.0, min(100.0, new.health)), health_at=now, cooldown_until=new.cooldown_until,
+            cooldown_reason=new.cooldown_reason, disabled_reason=new.disabled_reason, total_requests=total,
+            successful_requests=ok, rate_limited_requests=limited, failed_requests=failed,
+        )
+        self.put_key(key)
+        self._op("hset", self._k("meta"), "next_key_id", next_id + 1)
+        return key
+
+    def put_key(self, key: KeyRecord) -> None:
+        """Write a whole record with its id (a new key, a restored one)."""
+        text = self.store._key_text(key, self.store._seal(key.secret.get_secret_value()))
+        name = str(key.id)
+        self._op("hset", self._k("keys"), name, text)
+        self._keys = sorted([*(k for k in self.keys() if k.id != key.id), key], key=lambda k: k.id)
+
+    def delete_key(self, key_id: int) -> None:
+        self._op("hdel", self._k("keys"), str(key_id))
+        self._keys = [k for k in self.keys() if k.id != key_id]
+        # Its counters, in every hour and day that has some.
+        hours = [f"hourly:{h}" for h in self.reader.zrange(self._k("hours"), 0, -1)]
+        days = [f"daily:{d}" for d in self.reader.smembers(self._k("days"))]
+        for name in (*hours, *days):
+            self._op("hdel", self._k(name), str(key_id))
+
+    def settings(self) -> PoolSettings:
+        return _settings(self._read_meta())
+
+    def rev(self) -> int:
+        return int(self._read_meta().get("rev", 0))
+
+    def save_settings(self, settings: PoolSettings, bump: bool) -> None:
+        text = json.dumps(settings_fields(settings), separators=(",", ":"))
+        self._meta = dict(self._read_meta(), settings=text)
+        self._op("hset", self._k("meta"), "settings", text)
+        if bump:
+            self._op("hincrby", self._k("meta"), "rev", 1)
+
+    def accounts(self) -> dict[Group, AccountRecord]:
+        if self._accounts is None:
+            self._accounts = _accounts(self.reader.hgetall(self._k("accounts")))
+        return dict(self._accounts)
+
+    def account(self, group: Group) -> AccountRecord | None:
+        return self.accounts().get(group)
+
+    def save_accounts(self, records: Iterable[AccountRecord]) -> None:
+        texts = {}
+        current = self.accounts()
+        for r in records:
+            texts[r.surface.value + _GROUP_SEP + r.account] = json.dumps(accounts_db.encode_account(r))
+            current[r.group] = r
+        if texts:
+            self._accounts = current
+            self._op("hset", self._k("accounts"), mapping=texts)
+
+    def count(self, hourly: Tally) -> None:
+        """Counters as "requests,successes,rate_limited" per key in one hash per hour and one per day, with the
+        hours and days that have one in `hours` (sorted) and `days`. Writers hold the lock, so reading and adding
+        is exact."""
+        hours: dict[str, dict[str, list[int]]] = {}
+        for (key_id, hour), tally in hourly.items():
+            hours.setdefault(f"hourly:{hour}", {})[str(key_id)] = tally
+        days: dict[str, dict[str, list[int]]] = {}
+        for (key_id, day), tally in daily_tally(hourly).items():
+            days.setdefault(f"daily:{day}", {})[str(key_id)] = tally
+        for name, adds in hours.items():
+            self._add(name, adds)
+            hour = int(name.split(":", 1)[1])
+            self._op("zadd", self._k("hours"), {str(hour): hour})
+        # As the SQLite store: hours older than HOURLY_KEPT_HOURS before the latest one written go.
+        oldest = max(hour for _, hour in hourly) - HOURLY_KEPT_HOURS
+        old = self.reader.zrangebyscore(self._k("hours"), "-inf", f"({oldest}")
+        if old:
+            self._op("delete", *(self._k(f"hourly:{h}") for h in old))
+            self._op("zrem", self._k("hours"), *old)
+        for name, adds in days.items():
+            self._add(name, adds)
+            self._op("sadd", self._k("days"), name.split(":", 1)[1])
+
+    def _add(self, name: str, adds: dict[str, list[int]]) -> None:
+        before = dict(zip(adds, self.reader.hmget(self._k(name), list(adds)), strict=True))
+        texts = {}
+        for key_id, tally in adds.items():
+            old = [int(n) for n in before[key_id].split(",")] if before[key_id] else [0, 0, 0]
+            texts[key_id] = ",".join(str(a + b) for a, b in zip(old, tally, strict=True))
+        self._op("hset", self._k(name), mapping=texts)
+
+
+def _sorted_keys(store: RedisStore, found: Mapping[str, str]) -> list[KeyRecord]:
+    return sorted((store._key_from(i, text) for i, text in found.items()), key=lambda k: k.id)
+
+
+def _settings(meta: Mapping[str, str]) -> PoolSettings:
+    text = meta.get("settings")
+    return settings_from(json.loads(text)) if text else PoolSettings()
+
+
+def _accounts(found: Mapping[str, str]) -> dict[Group, AccountRecord]:
+    out: dict[Group, AccountRecord] = {}
+    for name, text in found.items():
+        surface, _, account = name.partition(_GROUP_SEP)
+        try:
+            stated, learned, quota = json.loads(text)
+            record = accounts_db.decode_account(Surface(surface), account, stated, learned, quota)
+        except ValueError:  # a surface this version does not know
+            continue
+        out[record.group] = record
+    return out
