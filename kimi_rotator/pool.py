@@ -11,6 +11,7 @@ store's edit count (a few microseconds) and, when a command has committed, reads
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -20,7 +21,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import overload
+from typing import TypeVar, overload
 
 from . import activity, caps, engine, events
 from .accounts_db import PROXY_TTL
@@ -38,15 +39,19 @@ from .models import (
     Surface,
 )
 from .roster import Roster
-from .store import BUSY_TIMEOUT, Attempt, Snapshot, Store, StoreBusy, StoreError
+from .store import BUSY_TIMEOUT, Attempt, Snapshot, Store, StoreBusy, StoreError, StoreLost
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 POLL_SECONDS = 0.2  # how soon other proxies' outcomes are seen
 FLUSH_WAIT = 0.05  # seconds the writer waits for the store's write lock before trying again next pass
 FLUSH_BATCH = 256  # outcomes that make the writer go before its next poll
 MAX_PENDING = 100_000  # outcomes kept while the store cannot be written (then the oldest are dropped)
 HEARTBEAT_SECONDS = 2.0  # how often a proxy tells the store it is alive
+# Outcomes kept after they were written, to send again if the store loses them (a Redis restarted without
+# persistence, after another proxy wrote its own view back): about a minute of a busy proxy's traffic.
+WRITTEN_KEPT = 50_000
 QUOTA_HORIZON = 3600.0  # quota that runs out by itself within this many seconds is spent first
 
 
@@ -77,6 +82,8 @@ class LivePool:
     _queue: list[_Pending] = field(default_factory=list, init=False)
     _active_to_save: tuple[int, int] | None = field(default=None, init=False)  # (key id, rev it was chosen under)
     _seq_written: int = field(default=0, init=False)
+    _written: deque[_Pending] = field(default_factory=lambda: deque(maxlen=WRITTEN_KEPT), init=False)  # store thread
+    _writers: dict[str, int] = field(default_factory=dict, init=False)  # Snapshot.writers of the installed one
     _counts: Counter[Surface] = field(default_factory=Counter, init=False)
     on_error: Callable[[StoreError], None] | None = None
     on_recover: Callable[[], None] | None = None  # the store works again after on_error
@@ -359,6 +366,8 @@ class LivePool:
                     roster = _prepared(snapshot)
                     if self._loop is not None:
                         self._loop.call_soon_threadsafe(self._install, snapshot, roster)
+            except StoreLost as e:
+                self._restore(e)
             except StoreError as e:
                 self._report(e)
             except Exception:  # a broken loop or store must not kill the thread silently
@@ -410,6 +419,7 @@ class LivePool:
             return self._seq_written
         if batch:
             self._seq_written = batch[-1].seq
+            self._written.extend(batch)
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._forget, self._seq_written)
         return self._seq_written
@@ -427,6 +437,57 @@ class LivePool:
         share = (len(ids), ids.index(self.proxy_id)) if self.proxy_id in ids else (1, 0)
         if share != self.share and self._loop is not None:
             self._loop.call_soon_threadsafe(self._set_share, share)
+
+    def _restore(self, lost: StoreLost) -> None:
+        """The store lost everything (Redis restarted without persistence): write this proxy's view back, unless
+        another proxy did first; then the outcomes the store lacks are sent again (from the queue and the written
+        ones kept), so none is lost and none is counted twice."""
+        view = self._on_loop(self._view)
+        if view is None:
+            self._report(lost)
+            return
+        snapshot, seq = view
+        try:
+            restored = self.store.restore(snapshot, seq)
+            done = seq if restored else self.store.applied_mark()
+        except StoreError as e:
+            self._report(e)
+            return
+        with self._queue_lock:
+            if restored:  # the view holds every outcome up to seq, queued or not
+                self._queue = [p for p in self._queue if p.seq > seq]
+            else:
+                self._queue[:0] = [p for p in self._written if p.seq > done]
+        self._written.clear()
+        self._seq_written = seq if restored else min(self._seq_written, done)
+        if restored and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._forget, seq)
+        log.warning("kimi-rotate: %s; %s", lost, "this proxy wrote its view of the pool back" if restored
+                    else "another proxy wrote its view back; this one sends its outcomes again")
+
+    def _view(self) -> tuple[Snapshot, int]:
+        """The pool as this proxy sees it now, and the last outcome that view holds (on the event loop)."""
+        view = Snapshot(list(self.roster.keys), self.settings, self._rev, self._edits,
+                        accounts=dict(self.accounts), writers=dict(self._writers))
+        return view, self._seq
+
+    def _on_loop(self, call: Callable[[], _T]) -> _T | None:
+        """Run `call` on the event loop and wait for it (None if the loop does not run it within 5 s)."""
+        if self._loop is None:
+            return call()
+        done: concurrent.futures.Future[_T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                done.set_result(call())
+            except BaseException as e:
+                done.set_exception(e)
+
+        self._loop.call_soon_threadsafe(run)
+        try:
+            return done.result(timeout=5.0)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            return None
 
     def _take_usage(self) -> None:
         if self.usage_counts is not None:
@@ -453,7 +514,7 @@ class LivePool:
     def _install(self, snapshot: Snapshot, roster: Roster | None = None) -> None:
         if snapshot.taken < self._taken:
             return  # read before the installed one (catch_up came first): it would undo what that one holds
-        self._taken, self._edits = snapshot.taken, snapshot.edits
+        self._taken, self._edits, self._writers = snapshot.taken, snapshot.edits, snapshot.writers
         if roster is None:
             roster = _prepared(snapshot)
         settings_changed = snapshot.rev != self._rev

@@ -62,6 +62,10 @@ class KeyNotFound(StoreError):
     pass
 
 
+class StoreLost(StoreError):
+    """The store's server lost it (a Redis restarted without persistence, or flushed): a proxy writes it back."""
+
+
 @dataclass(frozen=True)
 class Conflict:
     """Why one key of a batch can't be added (or a key can't take a name): its secret or its name is taken."""
@@ -135,6 +139,9 @@ class Snapshot:
     recorded: int = field(default=0, compare=False)
     taken: int = field(default=0, compare=False)
     accounts: dict[Group, AccountRecord] = field(default_factory=dict)
+    # Each writer's last batch mark that the snapshot holds, by writer (a backend that can lose its data keeps them,
+    # so that after a loss every writer knows which of its outcomes to send again).
+    writers: dict[str, int] = field(default_factory=dict, compare=False)
 
 
 # Per key and hour: [requests, successes, rate_limited] to add (Rows.count).
@@ -297,6 +304,16 @@ class Store(ABC):
 
     @abstractmethod
     def leave(self, proxy_id: str, now: float, ttl: float) -> None: ...
+
+    def restore(self, view: Snapshot, mark: int) -> bool:
+        """Write a proxy's view of the pool (its keys, settings, accounts, and `view.writers`) back into a store that
+        lost everything, with this Store's own batches up to `mark` in it; False (nothing written) if the store is
+        not empty any more (another proxy restored it first). Only a backend that can lose its data needs it."""
+        raise StoreError(f"the store {self.where} cannot be restored from a proxy's view")
+
+    def applied_mark(self) -> int:
+        """The last of this Store's batch marks that the store holds (after a loss: what to send again)."""
+        raise StoreError(f"the store {self.where} keeps no batch marks")
 
     def watch(self, changed: Callable[[], None]) -> None:
         """Have `changed` called (from any thread) soon after another writer commits. A backend that cannot tell

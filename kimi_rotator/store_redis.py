@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import fields, replace
@@ -42,6 +41,7 @@ from .store import (
     Store,
     StoreBusy,
     StoreError,
+    StoreLost,
     Tally,
     daily_tally,
     day_start,
@@ -62,10 +62,6 @@ SOCKET_TIMEOUT = 2.0  # a Redis that stops answering fails a call after this lon
 CONNECT_TIMEOUT = 0.5
 _KEY_FIELDS = tuple(f.name for f in fields(KeyRecord) if f.name not in ("id", "secret"))
 _GROUP_SEP = "\x1f"  # between surface and account in a hash field (neither can contain it)
-
-
-class StoreLost(StoreError):
-    """The Redis server lost the store (restarted without persistence, or flushed)."""
 
 
 def is_redis_url(spec: str) -> bool:
@@ -231,7 +227,7 @@ class RedisStore(Store):
                         continue
                     edits, _, writer = str(message["data"]).partition(" ")
                     if edits.isdigit():
-                        self._edits_seen = max(self._edits_seen, int(edits))
+                        self._edits_seen = int(edits)
                     if writer != self.instance:
                         changed()
             except Exception:  # Redis is away (the store thread's polls report it), or this store was closed
@@ -243,10 +239,10 @@ class RedisStore(Store):
     def data_version(self) -> int:
         try:
             store_id, version = self.client.hmget(self._k("meta"), ["id", "version"])
+            if store_id != self._store_id:
+                self._check_id(store_id, bool(self.client.hlen(self._k("keys"))))
         except RedisError as e:
             raise self._fail(e) from None
-        if store_id is None and self._store_id:
-            raise StoreLost(f"the store {self.where} is empty: Redis lost it (restarted without persistence?)")
         return int(version or 0)
 
     def snapshot(self) -> Snapshot:
@@ -255,20 +251,31 @@ class RedisStore(Store):
             pipe.hgetall(self._k("meta"))
             pipe.hgetall(self._k("keys"))
             pipe.hgetall(self._k("accounts"))
+            pipe.hgetall(self._k("applied"))
             with self._commit_lock:  # the transaction fixes what is read: none of our commits in between
-                meta, keys, accounts = pipe.execute()
+                meta, keys, accounts, applied = pipe.execute()
                 self._taken += 1
                 taken, recorded = self._taken, self._recorded
         except RedisError as e:
             raise self._fail(e) from None
-        if not meta.get("id") and self._store_id:
-            raise StoreLost(f"the store {self.where} is empty: Redis lost it (restarted without persistence?)")
+        self._check_id(meta.get("id"), bool(keys))
         edits = int(meta.get("edits", 0))
-        self._edits_seen = max(self._edits_seen, edits)
+        self._edits_seen = edits
         return Snapshot(_sorted_keys(self, keys), _settings(meta), int(meta.get("rev", 0)), edits, recorded, taken,
-                        _accounts(accounts))
+                        _accounts(accounts), {w: int(m) for w, m in applied.items()})
+
+    def _check_id(self, found: str | None, has_keys: bool) -> None:
+        """The store is still the one this Store opened. One that is gone, or was made anew with no keys (a command
+        run against the empty server), is lost: a proxy restores it. One made anew with keys is taken as it is."""
+        if found == self._store_id or not self._store_id:
+            return
+        if found is None or not has_keys:
+            raise StoreLost(f"the store {self.where} is empty: Redis lost it (restarted without persistence?)")
+        self._store_id = found
 
     def edits(self) -> int:
+        """The last count a change notice or a read said (not the highest: after a restore it starts from a view's,
+        and a proxy only asks whether it moved)."""
         return self._edits_seen
 
     def fresh_snapshot(self) -> Snapshot:
@@ -350,6 +357,11 @@ class RedisStore(Store):
 
     @contextlib.contextmanager
     def _write(self, wait: float = BUSY_TIMEOUT, mark: int | None = None) -> Iterator[Rows]:
+        with self._transaction(wait, mark, restoring=False) as rows:
+            yield rows
+
+    @contextlib.contextmanager
+    def _transaction(self, wait: float, mark: int | None, restoring: bool) -> Iterator[RedisRows]:
         if self.readonly:
             raise RuntimeError("this Store was opened with readonly=True")
         lock = self.client.lock(self._k("lock"), timeout=LOCK_SECONDS, sleep=0.002, blocking_timeout=wait,
@@ -364,9 +376,10 @@ class RedisStore(Store):
             with self.client.pipeline(transaction=True) as pipe:
                 pipe.watch(self._k("lock"))  # a lock that timed out and was taken by another fails the commit
                 rows = RedisRows(self, pipe)
-                if not pipe.hget(self._k("meta"), "id") and self._store_id:
-                    raise StoreLost(f"the store {self.where} is empty: Redis lost it (restarted without "
-                                    "persistence?)")
+                if not restoring:  # never half a store written into an empty server: a proxy restores it whole
+                    found = pipe.hget(self._k("meta"), "id")
+                    if found != self._store_id:
+                        self._check_id(found, bool(pipe.hlen(self._k("keys"))))
                 yield rows
                 self._commit(pipe, rows, mark)
         except WatchError:
@@ -398,9 +411,35 @@ class RedisStore(Store):
             if mark:
                 self._recorded = max(self._recorded, mark)
         edits = int(results[-1] or 0)
-        self._edits_seen = max(self._edits_seen, edits)
+        self._edits_seen = edits
         with contextlib.suppress(RedisError):  # committed already: the others' polls see it if this is lost
             self.client.publish(self._k("changed"), f"{edits} {self.instance}")
+
+    def restore(self, view: Snapshot, mark: int) -> bool:
+        try:
+            with self._transaction(BUSY_TIMEOUT, None, restoring=True) as rows:
+                if rows.keys():
+                    raise _Restored
+                rows.clear()
+                # rev and edits go on from the view's (both move with this commit), so that every proxy sees a change
+                top = max((k.id for k in view.keys), default=0)
+                rows.set_meta(id=self._store_id, schema=SCHEMA, next_key_id=top + 1, rev=view.rev, edits=view.edits)
+                for key in view.keys:
+                    rows.put_key(key)
+                rows.save_settings(view.settings, bump=True)
+                rows.save_accounts(view.accounts.values())
+                rows.set_applied({**view.writers, self.instance: mark})
+        except _Restored:
+            return False
+        with self._commit_lock:
+            self._recorded = mark
+        return True
+
+    def applied_mark(self) -> int:
+        done = int(self._quick(lambda c: c.hget(self._k("applied"), self.instance)) or 0)
+        with self._commit_lock:
+            self._recorded = done
+        return done
 
     def record(self, attempts: Any, active_key_id: int | None = None, rev: int | None = None,
                wait: float = BUSY_TIMEOUT, mark: int = 0) -> None:
@@ -417,6 +456,10 @@ class RedisStore(Store):
                 if not attempts and active_key_id is None:
                     return
         super().record(attempts, active_key_id, rev, wait, mark)
+
+
+class _Restored(Exception):
+    """Another proxy restored the lost store first."""
 
 
 class RedisRows(Rows):
@@ -494,6 +537,18 @@ class RedisRows(Rows):
         days = [f"daily:{d}" for d in self.reader.smembers(self._k("days"))]
         for name in (*hours, *days):
             self._op("hdel", self._k(name), str(key_id))
+
+    def clear(self) -> None:
+        """Drop what a command may have made in the empty server before the restore."""
+        self._op("delete", *(self._k(n) for n in ("meta", "keys", "accounts", "applied")))
+        self._keys, self._meta, self._accounts = [], {}, {}
+
+    def set_meta(self, **values: object) -> None:
+        self._op("hset", self._k("meta"), mapping={k: str(v) for k, v in values.items()})
+
+    def set_applied(self, writers: Mapping[str, int]) -> None:
+        if writers:
+            self._op("hset", self._k("applied"), mapping=dict(writers))
 
     def settings(self) -> PoolSettings:
         return _settings(self._read_meta())

@@ -15,8 +15,18 @@ from redis_server import RedisServer
 from kimi_rotator import engine
 from kimi_rotator.caps import state_caps
 from kimi_rotator.models import Limit, Outcome, OutcomeKind, Quota, Scope, Strategy, Surface
-from kimi_rotator.store import Attempt, Counts, DuplicateKey, KeyNotFound, NewKey, Store, StoreError, open_store
-from kimi_rotator.store_redis import RedisStore, StoreLost, redacted
+from kimi_rotator.store import (
+    Attempt,
+    Counts,
+    DuplicateKey,
+    KeyNotFound,
+    NewKey,
+    Store,
+    StoreError,
+    StoreLost,
+    open_store,
+)
+from kimi_rotator.store_redis import RedisStore, redacted
 
 NOW = 1_790_000_000.0
 SECRETS = [f"sk-{c * 40}" for c in "abcdef"]
@@ -48,7 +58,8 @@ def store(spec: str | None, tmp_path: Path) -> Iterator[Store]:
 def test_keys_are_added_listed_renamed_and_removed(store: Store) -> None:
     added, skipped = store.add_keys([new_key(0), new_key(1, account="acme"), new_key(0)], NOW)
     assert [k.name for k in added] == ["key0", "key1"] and len(skipped) == 1
-    assert [k.secret.get_secret_value() for k in store.keys()] == SECRETS[:2]
+    listed = store.keys()
+    assert [k.secret.get_secret_value() for k in listed] == SECRETS[:2]
     with pytest.raises(DuplicateKey, match="already in the pool as \\[0\\] key0"):
         store.add_key(new_key(0, name="other"), NOW)
     with pytest.raises(DuplicateKey, match="already exists"):
@@ -58,7 +69,8 @@ def test_keys_are_added_listed_renamed_and_removed(store: Store) -> None:
     store.use_key(added[1].id)
     assert store.settings().active_key_id == added[1].id
     store.remove_key(added[1].id)
-    assert [k.name for k in store.keys()] == ["key0"] and store.settings().active_key_id is None
+    remaining = store.keys()
+    assert [k.name for k in remaining] == ["key0"] and store.settings().active_key_id is None
     with pytest.raises(KeyNotFound):
         store.set_disabled(added[1].id, "gone")
     third = store.add_key(new_key(2), NOW)
@@ -66,7 +78,7 @@ def test_keys_are_added_listed_renamed_and_removed(store: Store) -> None:
 
 
 def test_outcomes_move_counters_health_and_cooldowns(store: Store) -> None:
-    a, b = store.add_keys([new_key(0, account="acme"), new_key(1, account="acme")], NOW)[0]  # noqa: RUF059
+    a, b = store.add_keys([new_key(0, account="acme"), new_key(1, account="acme")], NOW)[0]
     store.record([success(a.id), success(a.id), limited(a.id)], mark=3)
     snap = store.snapshot()
     key = next(k for k in snap.keys if k.id == a.id)
