@@ -45,7 +45,8 @@ async def until(check: object, timeout: float = 10.0) -> None:
 
 
 def total(store: RedisStore) -> int:
-    return sum(k.total_requests for k in store.keys())
+    listed = store.keys()
+    return sum(k.total_requests for k in listed)
 
 
 async def test_a_cli_command_reaches_every_pool_within_100_ms(redis_url: str, tmp_path: Path) -> None:
@@ -112,7 +113,8 @@ async def test_a_flushed_store_keeps_its_settings_and_account_caps(
         for _ in range(flushes):
             redis_server.flushall()
         await until(lambda: cli.client.hlen(cli._k("keys")) == 2)
-        keys = {k.name: k for k in cli.keys()}
+        listed = cli.keys()
+        keys = {k.name: k for k in listed}
         assert keys["a"].disabled_reason == "paused by hand" and cli.settings().active_key_id == b.id
         assert keys["a"].secret.get_secret_value() == "sk-kimi-" + "a" * 40
         cli.set_disabled(a.id, None)  # a command after the restore reaches the pools
