@@ -51,7 +51,11 @@ def proxy(
         raise SetupError(f"--port {port} is not a port number; pick one from 1 to 65535, e.g. --port 8080")
     from .proxy import ProxyConfig, ProxyError, run  # mitmproxy loads only for this command
 
+    from .cli import STORE_CHOICE
+
     sets = [f"confdir={confdir}"] if confdir else []
+    if STORE_CHOICE[0]:  # `kimi-rotate --store URL proxy`
+        sets.append(f"kimi_store={STORE_CHOICE[0]}")
     sets += set_ or []
     try:
         run(ProxyConfig(host=host, port=port, web=web, sets=sets, allow_remote=allow_remote, quiet=quiet,
