@@ -6,6 +6,7 @@ and a store written by a newer kimi-rotate then still reads (unknown limits are 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from collections.abc import Iterable, Mapping
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .models import AccountRecord, CapSource, Group, LearnedCap, Limit, Quota, QuotaWindow, Surface
+from .store import FileRecord
 
 SCHEMA = """
     CREATE TABLE accounts (
@@ -170,6 +172,16 @@ def remember_file(db: sqlite3.Connection, file_id: str, key_id: int, group: Grou
         "account = excluded.account, uploaded_at = excluded.uploaded_at",
         (file_id, key_id, group[0].value, group[1], now),
     )
+
+
+def load_files(db: sqlite3.Connection) -> dict[str, FileRecord]:
+    out = {}
+    for file_id, key_id, surface, account, uploaded_at in db.execute(
+        "SELECT file_id, key_id, surface, account, uploaded_at FROM files"
+    ):
+        with contextlib.suppress(ValueError):  # a surface this version does not know
+            out[file_id] = FileRecord(int(key_id), (Surface(surface), account), float(uploaded_at))
+    return out
 
 
 def file_owner(db: sqlite3.Connection, file_id: str) -> tuple[int, Group] | None:

@@ -32,7 +32,19 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from . import account_views, caps, cli_accounts, cli_check, cli_events, cli_plot, cli_setup, cli_status, engine, views
+from . import (
+    account_views,
+    caps,
+    cli_accounts,
+    cli_check,
+    cli_events,
+    cli_plot,
+    cli_setup,
+    cli_status,
+    cli_store,
+    engine,
+    views,
+)
 from .cli_help import HelpLayout, NoArgsIsHelp, UsageError, usage_message
 from .errors import UserError
 from .keys import (
@@ -184,8 +196,7 @@ def _options(
                           f"${STORE_ENV}, else the local file)."),
     ] = None,
 ) -> None:
-    if store is not None:
-        STORE_CHOICE[0] = store
+    STORE_CHOICE[0] = store  # set on every run: in-process runs (tests) must not inherit an earlier run's --store
 
 
 STORE_CHOICE: list[str | None] = [None]  # --store, for every command of this run
@@ -937,6 +948,11 @@ app.command("ca")(cli_setup.ca)
 app.command("doctor")(cli_setup.doctor)
 app.command("check")(cli_check.check)
 app.command("status")(cli_status.status)
+store_app = _App(cls=_Group, name="store", help=cli_store.HELP, no_args_is_help=True, rich_markup_mode=None,
+                 pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]})
+store_app.command("migrate")(cli_store.migrate)
+store_app.command("rotate-secret")(cli_store.rotate_secret)
+app.add_typer(store_app)
 
 
 def main() -> None:

@@ -146,6 +146,49 @@ class Snapshot:
 
 # Per key and hour: [requests, successes, rate_limited] to add (Rows.count).
 Tally = dict[tuple[int, int], list[int]]
+# Per key: {start of the hour or UTC day (epoch seconds): Counts}.
+Counters = dict[int, dict[int, Counts]]
+
+
+class FileRecord(NamedTuple):
+    """Which key uploaded a file (files live on the key's account), and when."""
+
+    key_id: int
+    group: Group
+    uploaded_at: float
+
+
+@dataclass(frozen=True)
+class StoreImage:
+    """A whole store, as `store migrate` copies it: everything but what belongs to running processes (their
+    heartbeats, a proxy's count of applied outcomes). Keys carry their ids, so counters and file owners follow."""
+
+    keys: list[KeyRecord]
+    settings: PoolSettings
+    rev: int
+    next_key_id: int  # ids are never reused, not even those of removed keys
+    accounts: dict[Group, AccountRecord]
+    hourly: Counters
+    daily: Counters
+    files: dict[str, FileRecord]
+
+    def days(self) -> int:
+        """How many UTC days have counters."""
+        return len({start for days in self.daily.values() for start in days})
+
+    def differences(self, other: StoreImage) -> list[str]:
+        """What differs from `other`, in words that show no key (empty: the same store)."""
+        out = []
+        mine, theirs = {k.id: k for k in self.keys}, {k.id: k for k in other.keys}
+        for key_id in sorted(mine.keys() | theirs.keys()):
+            if mine.get(key_id) != theirs.get(key_id):
+                known = mine.get(key_id) or theirs[key_id]
+                out.append(f"key {known.name} ({known.fingerprint})")
+        for what in ("settings", "rev", "next_key_id", "accounts", "hourly", "daily", "files"):
+            if getattr(self, what) != getattr(other, what):
+                out.append({"hourly": "hourly counters", "daily": "daily counters", "files": "file owners",
+                            "next_key_id": "next key id"}.get(what, what))
+        return out
 
 
 def store_home() -> Path:
@@ -234,6 +277,35 @@ class Rows(ABC):
     def count(self, hourly: Tally) -> None:
         """Add attempts' counts to the hourly and daily counters (hourly ones older than HOURLY_KEPT_HOURS go)."""
 
+    @abstractmethod
+    def counters(self, since: float, per_hour: bool) -> Counters:
+        """Per key: {start of the hour or UTC day (epoch seconds): Counts} for the buckets from the one holding
+        `since` on."""
+
+    @abstractmethod
+    def files(self) -> dict[str, FileRecord]: ...
+
+    @abstractmethod
+    def next_key_id(self) -> int:
+        """The id the next key added gets."""
+
+    # -- restoring a whole store (load_image) ----------------------------------------------------
+
+    @abstractmethod
+    def put_key(self, key: KeyRecord) -> None:
+        """Write a whole record with its id."""
+
+    @abstractmethod
+    def put_counts(self, counters: Counters, per_hour: bool) -> None:
+        """Set these hourly (or daily) counters, replacing any for the same key and bucket."""
+
+    @abstractmethod
+    def put_files(self, files: Mapping[str, FileRecord]) -> None: ...
+
+    @abstractmethod
+    def put_settings(self, settings: PoolSettings, rev: int, next_key_id: int) -> None:
+        """Set the settings and rev as they are, and have new keys numbered from `next_key_id` on."""
+
 
 class Store(ABC):
     """One pool's keys, settings, accounts and counters. Each backend opens, reads and transacts its own way; every
@@ -277,11 +349,6 @@ class Store(ABC):
     @abstractmethod
     def fresh_snapshot(self) -> Snapshot:
         """As snapshot(), for the event loop (see edits)."""
-
-    @abstractmethod
-    def counts(self, since: float, per_hour: bool) -> dict[int, dict[int, Counts]]:
-        """Per key: {start of the hour or UTC day (epoch seconds): Counts} for the buckets from the one holding
-        `since` on. Hours are kept for HOURLY_KEPT_HOURS; days for as long as the key is."""
 
     @abstractmethod
     def remember_file(self, file_id: str, key_id: int, group: Group, now: float) -> None: ...
@@ -334,6 +401,12 @@ class Store(ABC):
         with self._read() as rows:
             return rows.accounts()
 
+    def counts(self, since: float, per_hour: bool) -> Counters:
+        """Per key: {start of the hour or UTC day (epoch seconds): Counts} for the buckets from the one holding
+        `since` on. Hours are kept for HOURLY_KEPT_HOURS; days for as long as the key is."""
+        with self._read() as rows:
+            return rows.counters(since, per_hour)
+
     def live_proxies(self, now: float, ttl: float) -> list[tuple[str, int, float]]:
         return [(r.id, r.pid, r.started) for r in self.proxy_rows(now, ttl)]
 
@@ -357,6 +430,32 @@ class Store(ABC):
         found = self.counts(day_start(since_day) if since_day >= "1970-01-01" else 0, per_hour=False)
         return {key_id: {utc_day(start): (c.requests, c.successes) for start, c in days.items()}
                 for key_id, days in found.items()}
+
+    # -- the whole store (store migrate) -------------------------------------------------------
+
+    def image(self) -> StoreImage:
+        """Everything the store holds for the pool, read in one transaction (see StoreImage)."""
+        with self._read() as rows:
+            return StoreImage(keys=rows.keys(), settings=rows.settings(), rev=rows.rev(),
+                              next_key_id=rows.next_key_id(), accounts=rows.accounts(),
+                              hourly=rows.counters(0, per_hour=True), daily=rows.counters(0, per_hour=False),
+                              files=rows.files())
+
+    def load_image(self, image: StoreImage) -> None:
+        """Write a whole store into this one, which must hold no key, in one transaction: keys keep their ids."""
+        with self._write() as rows:
+            present = rows.keys()
+            if present:
+                raise StoreError(f"the store {self.where} already holds {len(present)} key(s); copy into an empty "
+                                 "store (another Redis database or prefix, another folder), or remove its keys first")
+            for key in image.keys:
+                rows.put_key(key)
+            rows.put_counts(image.hourly, per_hour=True)
+            rows.put_counts(image.daily, per_hour=False)
+            rows.save_accounts(image.accounts.values())
+            rows.put_files(image.files)
+            highest = max((k.id for k in image.keys), default=0)
+            rows.put_settings(image.settings, image.rev, max(image.next_key_id, highest + 1))
 
     # -- changing keys -------------------------------------------------------------------------
 

@@ -34,7 +34,9 @@ from .secret_box import SecretBox, SecretError
 from .store import (
     BUSY_TIMEOUT,
     HOURLY_KEPT_HOURS,
+    Counters,
     Counts,
+    FileRecord,
     NewKey,
     Rows,
     Snapshot,
@@ -184,12 +186,37 @@ class RedisStore(Store):
             if self.box is None:
                 raise StoreError(f"the keys in {self.where} are sealed, and there is no secret file at "
                                  f"{self.secret_file}: copy it from the machine that made the store")
+            if _sealed_with(token) not in self.box.key_ids:
+                self._reload_box()
             try:
                 found = Secret(self.box.open(token, fp))
             except SecretError as e:
                 raise StoreError(str(e)) from None
             self._opened[token] = found
         return found
+
+    def _reload_box(self) -> None:
+        """Read the secret file again: `store rotate-secret --finish` re-sealed the keys with a secret that was
+        added to the file (and copied here) after this store read it."""
+        with contextlib.suppress(SecretError):  # the value then does not open, and says why
+            self.box = SecretBox.load(self.secret_file)
+
+    def reseal(self) -> int:
+        """Seal every key again with the current (first) secret of the file, in one transaction; how many keys were
+        re-sealed. Afterwards no value in the store needs an older secret, so they can be dropped from the file."""
+        self._reload_box()
+        with self._write() as rows:
+            assert isinstance(rows, RedisRows)
+            return rows.reseal()
+
+    def sealed_by(self) -> dict[str, int]:
+        """How many keys are sealed with each secret (by its id)."""
+        found = self._quick(lambda c: c.hgetall(self._k("keys")))
+        out: dict[str, int] = {}
+        for text in found.values():
+            kid = _sealed_with(json.loads(text)["sealed"])
+            out[kid] = out.get(kid, 0) + 1
+        return out
 
     def _key_from(self, key_id: str, text: str) -> KeyRecord:
         data = json.loads(text)
@@ -280,28 +307,6 @@ class RedisStore(Store):
 
     def fresh_snapshot(self) -> Snapshot:
         return self.snapshot()
-
-    def counts(self, since: float, per_hour: bool) -> dict[int, dict[int, Counts]]:
-        try:
-            if per_hour:
-                hours = self.client.zrangebyscore(self._k("hours"), int(since // 3600), "+inf")
-                buckets = [(f"hourly:{h}", int(h) * 3600) for h in hours]
-            else:
-                since_day = utc_day(since)
-                days = sorted(d for d in self.client.smembers(self._k("days")) if d >= since_day)
-                buckets = [(f"daily:{d}", day_start(d)) for d in days]
-            pipe = self.client.pipeline(transaction=False)
-            for name, _ in buckets:
-                pipe.hgetall(self._k(name))
-            found = pipe.execute()
-        except RedisError as e:
-            raise self._fail(e) from None
-        out: dict[int, dict[int, Counts]] = {}
-        for (_, start), tallies in zip(buckets, found, strict=True):
-            for key_id, text in tallies.items():
-                req, ok, limited = (int(n) for n in text.split(","))
-                out.setdefault(int(key_id), {})[start] = Counts(req, ok, limited)
-        return out
 
     # -- files and proxies ---------------------------------------------------------------------
 
@@ -605,6 +610,75 @@ class RedisRows(Rows):
             self._add(name, adds)
             self._op("sadd", self._k("days"), name.split(":", 1)[1])
 
+    def counters(self, since: float, per_hour: bool) -> Counters:
+        client = self.store.client  # a plain read: inside _write the lock keeps other writers out
+        if per_hour:
+            hours = client.zrangebyscore(self._k("hours"), int(since // 3600), "+inf")
+            buckets = [(f"hourly:{h}", int(h) * 3600) for h in hours]
+        else:
+            since_day = utc_day(since)
+            days = sorted(d for d in client.smembers(self._k("days")) if d >= since_day)
+            buckets = [(f"daily:{d}", day_start(d)) for d in days]
+        pipe = client.pipeline(transaction=False)
+        for name, _ in buckets:
+            pipe.hgetall(self._k(name))
+        out: Counters = {}
+        for (_, start), tallies in zip(buckets, pipe.execute(), strict=True):
+            for key_id, text in tallies.items():
+                req, ok, limited = (int(n) for n in text.split(","))
+                out.setdefault(int(key_id), {})[start] = Counts(req, ok, limited)
+        return out
+
+    def files(self) -> dict[str, FileRecord]:
+        out = {}
+        for file_id, text in self.reader.hgetall(self._k("files")).items():
+            key_id, surface, account, at = json.loads(text)
+            with contextlib.suppress(ValueError):  # a surface this version does not know
+                out[file_id] = FileRecord(int(key_id), (Surface(surface), str(account)), float(at))
+        return out
+
+    def next_key_id(self) -> int:
+        return int(self._read_meta().get("next_key_id", 1))
+
+    def put_counts(self, counters: Counters, per_hour: bool) -> None:
+        buckets: dict[str, dict[str, str]] = {}
+        for key_id, found in counters.items():
+            for start, c in found.items():
+                bucket = str(start // 3600) if per_hour else utc_day(start)
+                buckets.setdefault(bucket, {})[str(key_id)] = ",".join(str(n) for n in c)
+        for bucket, texts in buckets.items():
+            if per_hour:
+                self._op("hset", self._k(f"hourly:{bucket}"), mapping=texts)
+                self._op("zadd", self._k("hours"), {bucket: int(bucket)})
+            else:
+                self._op("hset", self._k(f"daily:{bucket}"), mapping=texts)
+                self._op("sadd", self._k("days"), bucket)
+
+    def put_files(self, files: Mapping[str, FileRecord]) -> None:
+        if files:
+            self._op("hset", self._k("files"), mapping={
+                file_id: json.dumps([f.key_id, f.group[0].value, f.group[1], f.uploaded_at])
+                for file_id, f in files.items()})
+
+    def put_settings(self, settings: PoolSettings, rev: int, next_key_id: int) -> None:
+        self.save_settings(settings, bump=False)
+        self._meta = dict(self._read_meta(), rev=str(rev), next_key_id=str(next_key_id))
+        self._op("hset", self._k("meta"), mapping={"rev": rev, "next_key_id": next_key_id})
+
+    def reseal(self) -> int:
+        store = self.store
+        assert store.box is not None  # a store with keys has its secret file
+        texts = {}
+        for key_id, text in self.reader.hgetall(self._k("keys")).items():
+            data = json.loads(text)
+            if not store.box.sealed_with_current(data["sealed"]):
+                secret = store._open_secret(data["sealed"], data["fingerprint"])
+                data["sealed"] = store._seal(secret.get_secret_value())
+                texts[key_id] = json.dumps(data, separators=(",", ":"))
+        if texts:
+            self._op("hset", self._k("keys"), mapping=texts)
+        return len(texts)
+
     def _add(self, name: str, adds: dict[str, list[int]]) -> None:
         before = dict(zip(adds, self.reader.hmget(self._k(name), list(adds)), strict=True))
         texts = {}
@@ -612,6 +686,12 @@ class RedisRows(Rows):
             old = [int(n) for n in before[key_id].split(",")] if before[key_id] else [0, 0, 0]
             texts[key_id] = ",".join(str(a + b) for a, b in zip(old, tally, strict=True))
         self._op("hset", self._k(name), mapping=texts)
+
+
+def _sealed_with(token: str) -> str:
+    """The id of the secret a sealed value needs (see secret_box)."""
+    parts = token.split(".")
+    return parts[1] if len(parts) == 3 else ""
 
 
 def _sorted_keys(store: RedisStore, found: Mapping[str, str]) -> list[KeyRecord]:

@@ -29,7 +29,9 @@ from .store import (
     BUSY_TIMEOUT,
     HOME_ENV,
     HOURLY_KEPT_HOURS,
+    Counters,
     Counts,
+    FileRecord,
     KeyNotFound,
     NewKey,
     Rows,
@@ -431,27 +433,6 @@ class SqliteStore(Store):
                                           check_same_thread=False)
         return self._probe
 
-    def counts(self, since: float, per_hour: bool) -> dict[int, dict[int, Counts]]:
-        """Per key: {start of the hour or UTC day (epoch seconds): Counts} for the buckets from the one holding
-        `since` on. Hours are kept for HOURLY_KEPT_HOURS; days for as long as the key is."""
-        out: dict[int, dict[int, Counts]] = {}
-        with self._reading() as db:
-            if per_hour:
-                rows = db.execute(
-                    "SELECT key_id, hour, requests, successes, rate_limited FROM hourly WHERE hour >= ?",
-                    (int(since // 3600),),
-                )
-                for key_id, hour, req, ok, limited in rows:
-                    out.setdefault(key_id, {})[hour * 3600] = Counts(req, ok, limited)
-            else:
-                rows = db.execute(
-                    "SELECT key_id, day, requests, successes, rate_limited FROM daily WHERE day >= ?",
-                    (utc_day(since),),
-                )
-                for key_id, day, req, ok, limited in rows:
-                    out.setdefault(key_id, {})[day_start(day)] = Counts(req, ok, limited)
-        return out
-
     # -- files ---------------------------------------------------------------------------------
 
     def remember_file(self, file_id: str, key_id: int, group: Group, now: float) -> None:
@@ -576,6 +557,61 @@ class SqliteRows(Rows):
                 [(key_id, b, *tally) for (key_id, b), tally in rows.items()],
             )
         self.db.execute("DELETE FROM hourly WHERE hour < ?", (max(hour for _, hour in hourly) - HOURLY_KEPT_HOURS,))
+
+    def counters(self, since: float, per_hour: bool) -> Counters:
+        out: Counters = {}
+        if per_hour:
+            rows = self.db.execute(
+                "SELECT key_id, hour, requests, successes, rate_limited FROM hourly WHERE hour >= ?",
+                (int(since // 3600),),
+            )
+            for key_id, hour, req, ok, limited in rows:
+                out.setdefault(key_id, {})[hour * 3600] = Counts(req, ok, limited)
+        else:
+            rows = self.db.execute(
+                "SELECT key_id, day, requests, successes, rate_limited FROM daily WHERE day >= ?",
+                (utc_day(since),),
+            )
+            for key_id, day, req, ok, limited in rows:
+                out.setdefault(key_id, {})[day_start(day)] = Counts(req, ok, limited)
+        return out
+
+    def files(self) -> dict[str, FileRecord]:
+        return accounts_db.load_files(self.db)
+
+    def next_key_id(self) -> int:
+        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'keys'").fetchone()
+        return int(row[0]) + 1 if row else 1
+
+    def put_key(self, key: KeyRecord) -> None:
+        values = [getattr(key, c) for c in _KEY_COLUMNS]
+        self.db.execute(
+            f"INSERT INTO keys ({', '.join(_KEY_COLUMNS)}) VALUES ({', '.join('?' * len(_KEY_COLUMNS))})",
+            [v.get_secret_value() if isinstance(v, Secret) else v.value if isinstance(v, Surface) else v
+             for v in values],
+        )
+
+    def put_counts(self, counters: Counters, per_hour: bool) -> None:
+        table, bucket = ("hourly", "hour") if per_hour else ("daily", "day")
+        self.db.executemany(
+            f"INSERT INTO {table} (key_id, {bucket}, requests, successes, rate_limited) VALUES (?, ?, ?, ?, ?) "
+            f"ON CONFLICT (key_id, {bucket}) DO UPDATE SET requests = excluded.requests, "
+            "successes = excluded.successes, rate_limited = excluded.rate_limited",
+            [(key_id, start // 3600 if per_hour else utc_day(start), *c)
+             for key_id, buckets in counters.items() for start, c in buckets.items()],
+        )
+
+    def put_files(self, files: Mapping[str, FileRecord]) -> None:
+        for file_id, f in files.items():
+            accounts_db.remember_file(self.db, file_id, f.key_id, f.group, f.uploaded_at)
+
+    def put_settings(self, settings: PoolSettings, rev: int, next_key_id: int) -> None:
+        self.save_settings(settings, bump=False)
+        self.db.execute("INSERT INTO meta (name, value) VALUES ('rev', ?) "
+                        "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (str(rev),))
+        # AUTOINCREMENT numbers from the highest id sqlite_sequence remembers (a row SQLite makes on first insert).
+        self.db.execute("DELETE FROM sqlite_sequence WHERE name = 'keys'")
+        self.db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('keys', ?)", (next_key_id - 1,))
 
 
 _SELECT_KEYS = f"SELECT {', '.join(_KEY_COLUMNS)} FROM keys"
