@@ -49,9 +49,8 @@ def proxy(
     """Start the rotating proxy and print the lines to paste into your agent's shell, then a line per request."""
     if not 1 <= port <= 65535:
         raise SetupError(f"--port {port} is not a port number; pick one from 1 to 65535, e.g. --port 8080")
-    from .proxy import ProxyConfig, ProxyError, run  # mitmproxy loads only for this command
-
     from .cli import STORE_CHOICE
+    from .proxy import ProxyConfig, ProxyError, run  # mitmproxy loads only for this command
 
     sets = [f"confdir={confdir}"] if confdir else []
     if STORE_CHOICE[0]:  # `kimi-rotate --store URL proxy`
