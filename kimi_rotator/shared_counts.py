@@ -305,6 +305,8 @@ class SharedCounts:
         """Renew (or write again) every live lease with its start, and the starts sent while Redis did not answer:
         after a restart of Redis without persistence, what this proxy has in flight counts there again."""
         now = time.monotonic()
+        self._outage_starts = {i: v for i, v in self._outage_starts.items() if now - v[1] < RPM_WINDOW}
+        outage = list(self._outage_starts)
         leases = list(self._held.items())
         sent = {i: (h.group, h.started) for i, h in leases} | self._outage_starts
         starts = [(i, g, at) for i, (g, at) in sent.items() if now - at < RPM_WINDOW]
@@ -314,7 +316,7 @@ class SharedCounts:
             args += [lease_id, _ms(now - at)]
         if keys:
             await self._sync(keys=keys, args=args)
-        for lease_id, _, _ in starts:
+        for lease_id in outage:  # written (those of requests counted locally since are kept for the next call)
             self._outage_starts.pop(lease_id, None)
 
     async def _listen(self) -> None:
