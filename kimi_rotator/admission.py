@@ -1,11 +1,11 @@
 """Admission: keeping each account under its caps before a request is sent, and a fair queue when all are full.
 
 Kimi's caps are per account: requests in flight at once (an open stream counts until its end) and requests
-admitted in any minute. The proxy counts both per account (`Usage`, the one interface the counting hides
-behind: the Redis store will count across machines behind the same methods), treats an account at a cap as
-full, and the engine then picks a key of another account. When every account that could serve is full, the
-request waits in a first-come queue of its surface (`Gate`), woken by an event (a request ended, a minute's
-oldest request left the window), never by polling: a waiting request costs no CPU.
+admitted in any minute. The proxy counts both per account (`Usage`), treats an account at a cap as full, and the
+engine then picks a key of another account. Proxies sharing one Redis also count in Redis (shared_counts.py): an
+account Redis refuses is held full here (`hold_full`) until another proxy's release is heard. When every account
+that could serve is full, the request waits in a first-come queue of its surface (`Gate`), woken by an event (a
+request ended, a minute's oldest request left the window), never by polling: a waiting request costs no CPU.
 
 The minute is counted from when a request is sent, which is a little before Kimi counts it; RPM_WINDOW is a
 little longer than Kimi's minute so that a request admitted as the oldest leaves our window has also left Kimi's.
@@ -87,6 +87,7 @@ class Lease:
     group: Group
     started: float
     done: bool = False
+    lease_id: str | None = None  # its lease in the counts shared by the proxies (shared_counts.py), if any
 
     def release(self, refused: bool = False) -> None:
         if not self.done:
@@ -103,16 +104,34 @@ class Admission:
     usage: Usage = field(default_factory=LocalUsage)
     enabled: bool = True
     on_free: Callable[[Group], None] | None = None  # an account stopped being full: its queue may move
+    on_release: Callable[[Lease, bool], None] | None = None  # gives a shared lease back (Lease.lease_id set)
     _full: dict[Group, bool] = field(default_factory=dict)  # full account -> whether by RPM (else by concurrency)
+    # Accounts full across the proxies though not by this one's counts: until when to treat them so, and whether by
+    # RPM. Their queue is woken by a release another proxy publishes, else at that time.
+    _held_full: dict[Group, tuple[float, bool]] = field(default_factory=dict)
     _counted: set[Group] = field(default_factory=set)  # every account a request was admitted on
 
     def full(self, now: float) -> frozenset[Group]:
         """The accounts at a cap now (always none when admission is off)."""
-        if not self._full:
+        if not self._full and not self._held_full:
             return frozenset()
         for group in list(self._full):
             self._update(group, now)
-        return frozenset(self._full)
+        if not self._held_full:
+            return frozenset(self._full)
+        for group, (until, _) in list(self._held_full.items()):
+            if until <= now:
+                del self._held_full[group]
+        return frozenset(self._full).union(self._held_full)
+
+    def hold_full(self, group: Group, until: float, by_rpm: bool) -> None:
+        """The shared counts refused a request on `group`: treat it as full until `until` or `freed_elsewhere`."""
+        self._held_full[group] = (until, by_rpm)
+
+    def freed_elsewhere(self, group: Group) -> None:
+        """A proxy gave back a request of `group` at its cap: try it again."""
+        if self._held_full.pop(group, None) is not None and self.on_free is not None:
+            self.on_free(group)
 
     def admit(self, group: Group, now: float) -> Lease:
         """Count a request sent on `group` now (also when admission is off: the counts stay true for views)."""
@@ -124,13 +143,17 @@ class Admission:
 
     def release(self, lease: Lease, refused: bool) -> None:
         self.usage.ended(lease.group, lease.started if refused else None)
+        if lease.lease_id is not None and self.on_release is not None:
+            self.on_release(lease, refused)
         if lease.group in self._full and not self._update(lease.group, self.clock()) and self.on_free is not None:
             self.on_free(lease.group)
 
     def next_free_at(self, now: float) -> float | None:
         """The first moment a full account frees by itself (the oldest request of its minute leaving the window);
-        None when only a request ending can free one (every full account is full by concurrency)."""
+        None when only a request ending can free one (every full account is full by concurrency). An account held
+        full across the proxies counts at the time it is tried again."""
         times = [self.usage.frees_at(g, now) for g, by_rpm in self._full.items() if by_rpm]
+        times += [until for until, _ in self._held_full.values()]
         return min((t for t in times if t is not None), default=None)
 
     def counts(self, now: float) -> dict[Group, tuple[int, int]]:
@@ -140,7 +163,7 @@ class Admission:
 
     def full_by_concurrency(self) -> bool:
         """Whether some account is full because of its requests in flight (one ending frees it)."""
-        return not all(self._full.values())
+        return not all(self._full.values()) or not all(by_rpm for _, by_rpm in self._held_full.values())
 
     def recheck(self, now: float) -> None:
         """The caps changed (learned, stated, shared between proxies): judge every counted account afresh."""

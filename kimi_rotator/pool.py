@@ -101,6 +101,7 @@ class LivePool:
     usage_counts: Callable[[float], dict[Group, tuple[int, int]]] | None = None
     _usage_seen: dict[Group, tuple[int, int]] | None = field(default=None, init=False)  # last handed to the beat
     _caps: dict[Group, Caps] = field(default_factory=dict, init=False)  # caps() answers, until something changes
+    _account_caps: dict[Group, Caps] = field(default_factory=dict, init=False)  # account_caps() answers, likewise
     _with_quota: list[tuple[Group, Quota]] = field(default_factory=list, init=False)  # accounts whose quota is known
     # Proxies on this store share each account's caps: (how many are alive, this one's place among them).
     share: tuple[int, int] = field(default=(1, 0), init=False)
@@ -207,14 +208,22 @@ class LivePool:
     # -- accounts ------------------------------------------------------------------------------
 
     def caps(self, group: Group) -> Caps:
-        """(concurrency, rpm) this proxy holds `group` to: the cap in force (stated, else learned, else Kimi Code's
-        documented concurrency), split with the other proxies on this store."""
+        """(concurrency, rpm) this proxy holds `group` to when it counts alone: the account's caps, split with the
+        other proxies on this store."""
         found = self._caps.get(group)
         if found is None:
-            record = caps.with_defaults(self.accounts.get(group), group)
-            concurrency = record.cap(Limit.CONCURRENCY) if record is not None else None
-            rpm = record.cap(Limit.RPM) if record is not None else None
+            concurrency, rpm = self.account_caps(group)
             found = self._caps[group] = (_share_of(concurrency, self.share), _share_of(rpm, self.share))
+        return found
+
+    def account_caps(self, group: Group) -> Caps:
+        """(concurrency, rpm) in force for `group` as a whole (stated, else learned, else Kimi Code's documented
+        concurrency): what counts shared by all the proxies hold it to."""
+        found = self._account_caps.get(group)
+        if found is None:
+            record = caps.with_defaults(self.accounts.get(group), group)
+            found = self._account_caps[group] = (record.cap(Limit.CONCURRENCY), record.cap(Limit.RPM)) \
+                if record is not None else (None, None)
         return found
 
     def expiring_first(self, surface: Surface, now: float) -> list[Group]:
@@ -239,6 +248,7 @@ class LivePool:
 
     def _caps_moved(self) -> None:
         self._caps.clear()
+        self._account_caps.clear()
         self._with_quota = [(g, r.quota) for g, r in self.accounts.items() if r.quota is not None]
         if self.on_caps_changed is not None:
             self.on_caps_changed()

@@ -8,6 +8,9 @@ The failover loop asks `next_key` before every attempt. In order:
    with the fewest live conversations. Other strategies keep choosing per request, as their users asked.
 3. Accounts at their caps (admission.py) are passed over. When every account that could serve is full, the request
    waits in its surface's first-come queue until a slot frees or its `kimi_max_wait` is up, then gets a local 429.
+4. With counts shared by several proxies (shared_counts.py), the chosen account is then asked of Redis against its
+   whole caps: refused, it is full (held so until a proxy publishes a release) and the choice is made again. While
+   Redis does not answer, this proxy holds each account to its share of the caps, as proxies on one SQLite store do.
 It imports no mitmproxy.
 """
 
@@ -19,15 +22,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import engine
-from .admission import Admission, Gate
+from .admission import Admission, Caps, Gate, Lease
 from .affinity import Pins
 from .models import Group, KeyRecord, Strategy, Surface
 from .pool import LivePool
 
 if TYPE_CHECKING:
     from .failover import Job
+    from .shared_counts import SharedCounts
 
 CAPPED_RETRY_AFTER = 1.0  # seconds to suggest when only a request ending can free an account
+# An account another proxy holds at its concurrency cap is tried again after this long even if no release is heard:
+# pub/sub may drop a message (a subscriber reconnecting), and a killed proxy's leases expire without one.
+REMOTE_RECHECK = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,12 +54,19 @@ class SchedulerOptions:
 
 class Scheduler:
     def __init__(self, pool: LivePool, clock: Callable[[], float], max_wait: float,
-                 options: SchedulerOptions = SchedulerOptions()) -> None:
+                 options: SchedulerOptions = SchedulerOptions(), shared: SharedCounts | None = None) -> None:
+        """`shared`: counts shared with the other proxies on one Redis (None: this proxy counts alone)."""
         self.pool = pool
         self.clock = clock
         self.max_wait = max_wait
         self.options = options
-        self.admission = Admission(pool.caps, clock, enabled=options.admission, on_free=self._freed)
+        self.shared = shared
+        self.admission = Admission(pool.caps if shared is None else self._caps_in_force, clock,
+                                   enabled=options.admission, on_free=self._freed,
+                                   on_release=self._release_shared if shared is not None else None)
+        if shared is not None:
+            shared.on_freed = self.admission.freed_elsewhere
+            shared.on_health = lambda _: self._caps_changed()
         pool.on_caps_changed = self._caps_changed
         pool.usage_counts = self.admission.counts
         self.pins = Pins(idle=options.affinity_idle)
@@ -89,7 +103,10 @@ class Scheduler:
             if isinstance(result, engine.Selection):
                 key = result.key
                 if job.inference:
-                    job.lease = self.admission.admit(key.limit_group, now)
+                    lease = self.admission.admit(key.limit_group, now)  # counted here first: see _admit_shared
+                    if self.shared is not None and not await self._admit_shared(lease):
+                        continue
+                    job.lease = lease
                 if queued and gate:
                     gate.wake()  # there may be room for the next one too: it tries, and waits again if not
                 return key
@@ -138,6 +155,39 @@ class Scheduler:
             key = placed.key
             self.pins.pin(_pin_id(surface, conversation.id), key.limit_group, key.id, now)
         return placed
+
+    async def _admit_shared(self, lease: Lease) -> bool:
+        """Whether Redis admits the request `lease` counts here; refused, the account is held full and the lease given
+        back. The local count comes first: requests choosing together while Redis is slow or down must see each
+        other, or they would all pass a share of a cap that only one had room under."""
+        assert self.shared is not None
+        group = lease.group
+        caps = self.pool.account_caps(group) if self.options.admission else (None, None)
+        try:
+            got = await self.shared.acquire(group, caps)
+        except BaseException:  # the client went away while Redis was asked
+            lease.release(refused=True)
+            raise
+        if got.lease_id is not None:
+            lease.lease_id = got.lease_id
+            return True
+        now = self.clock()
+        by_concurrency = caps[0] is not None and got.in_flight >= caps[0]
+        if by_concurrency or got.frees_in is None:
+            self.admission.hold_full(group, now + REMOTE_RECHECK, by_rpm=False)
+        else:
+            self.admission.hold_full(group, now + got.frees_in, by_rpm=True)
+        lease.release(refused=True)  # never sent: it used none of the minute
+        return False
+
+    def _release_shared(self, lease: Lease, refused: bool) -> None:
+        assert self.shared is not None and lease.lease_id is not None
+        self.shared.release(lease.lease_id, refund=refused)
+
+    def _caps_in_force(self, group: Group) -> Caps:
+        """The account's whole caps while Redis counts for all the proxies; this proxy's share while it does not."""
+        assert self.shared is not None
+        return self.pool.account_caps(group) if self.shared.healthy else self.pool.caps(group)
 
     def _file_key(self, job: Job, now: float) -> engine.Selection | None:
         """The key that uploaded the job's file, else another key of its account; None (and `job.file_owner`
