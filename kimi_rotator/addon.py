@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mitmproxy import command, connection, ctx, exceptions, http, tls
 from mitmproxy.proxy import server_hooks
@@ -68,6 +69,9 @@ from .upstream import (
 )
 from .upstream import add_options as add_upstream_options
 
+if TYPE_CHECKING:
+    from .shared_counts import SharedCounts
+
 log = logging.getLogger("kimi_rotate")
 
 MARK_FAILOVER = ":arrows_counterclockwise:"
@@ -94,6 +98,7 @@ class KimiRotate:
         self.pool: LivePool | None = None
         self.failover: Failover | None = None
         self.scheduler: Scheduler | None = None  # lives as long as its pool: it holds the counts and the pins
+        self.shared_counts: SharedCounts | None = None  # a Redis store's per-account counts, with the scheduler
         self.quota_watch: QuotaWatch | None = None  # probes an account whose quota Kimi says is used up
         self.relay: Relay | None = None
         self.relayed: dict[str, RelayedFlow] = {}
@@ -231,7 +236,8 @@ class KimiRotate:
         options = SchedulerOptions(admission=opts.kimi_admission, affinity=opts.kimi_affinity,
                                    quota_aware=opts.kimi_quota_aware, affinity_idle=float(opts.kimi_affinity_idle))
         if self.scheduler is None or self.scheduler.pool is not self.pool:
-            self.scheduler = Scheduler(self.pool, time.time, opts.kimi_max_wait, options)
+            self.scheduler = Scheduler(self.pool, time.time, opts.kimi_max_wait, options,
+                                       shared=self._shared_counts(self.pool))
         else:
             self.scheduler.configure(options, opts.kimi_max_wait)
         old, client = self.failover, UpstreamClient(settings)
@@ -278,7 +284,21 @@ class KimiRotate:
         if self.failover is not None:
             _spawn(self.failover.upstream.aclose())
 
+    def _shared_counts(self, pool: LivePool) -> SharedCounts | None:
+        """On a Redis store, each account's requests are counted in Redis, across every proxy on the store."""
+        if self.shared_counts is not None:
+            _spawn(self.shared_counts.aclose())
+            self.shared_counts = None
+        if pool.store.redis_url is not None:
+            from .shared_counts import SharedCounts  # redis-py loads only for a Redis store
+
+            self.shared_counts = SharedCounts.from_url(pool.store.redis_url, pool.store.prefix, pool.proxy_id)
+        return self.shared_counts
+
     def _close_pool(self) -> None:
+        if self.shared_counts is not None:
+            _spawn(self.shared_counts.aclose())
+            self.shared_counts = None
         if self.pool is not None:
             self.pool.stop()
         if self.store is not None:

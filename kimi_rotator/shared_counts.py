@@ -189,8 +189,11 @@ class SharedCounts:
     def from_url(cls, url: str, prefix: str, proxy_id: str, **options: Any) -> SharedCounts:
         """`url`: redis://, rediss:// or unix:// with user and password as Redis takes them. No retries inside the
         client: a command that fails is the outage's business, not a request's."""
-        client = aioredis.from_url(url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT,
-                                   retry=Retry(NoBackoff(), 0), health_check_interval=30)
+        from .store_redis import connection_url  # ours: `prefix` is no connection option
+
+        client = aioredis.from_url(connection_url(url), socket_timeout=REDIS_TIMEOUT,
+                                   socket_connect_timeout=REDIS_TIMEOUT, retry=Retry(NoBackoff(), 0),
+                                   health_check_interval=30)
         return cls(client, prefix, proxy_id, **options)
 
     # -- per request -------------------------------------------------------------------------------------------------

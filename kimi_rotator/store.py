@@ -314,6 +314,8 @@ class Store(ABC):
     home: Path  # the local folder for what is this machine's own (the event log, the proxy's CA)
     readonly: bool
     where: str  # the store as messages name it: a file path, or a Redis URL without its password
+    redis_url: str | None = None  # a Redis store's URL: each account's requests are then counted there too
+    prefix: str = ""  # of the names it keeps in Redis
 
     # -- what each backend provides ------------------------------------------------------------
 

@@ -90,6 +90,11 @@ def _split_prefix(url: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(query=urlencode(rest))), prefix
 
 
+def connection_url(url: str) -> str:
+    """The URL as redis-py takes it (without our `prefix`)."""
+    return _split_prefix(url)[0]
+
+
 def connect(url: str, timeout: float = SOCKET_TIMEOUT) -> Any:
     """A client that fails fast: one try, short timeouts (the proxy keeps serving from memory meanwhile). Typed Any:
     redis-py's hints do not follow decode_responses, so every answer would need a cast."""
@@ -104,7 +109,7 @@ def connect(url: str, timeout: float = SOCKET_TIMEOUT) -> Any:
 
 class RedisStore(Store):
     def __init__(self, url: str, home: Path, secret_file: Path | None = None, *, readonly: bool = False) -> None:
-        self.url = url
+        self.url = self.redis_url = url
         self.where = redacted(url)
         self.home = home
         self.readonly = readonly

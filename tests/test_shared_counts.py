@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from redis_server import RedisServer
 
 from kimi_rotator import shared_counts
 from kimi_rotator.admission import RPM_WINDOW
@@ -24,64 +22,23 @@ from kimi_rotator.models import AccountRecord, Group, Limit, Surface
 from kimi_rotator.pool import LivePool
 from kimi_rotator.scheduler import Capped, Scheduler
 from kimi_rotator.shared_counts import SharedCounts
-from kimi_rotator.store import NewKey, Store
+from kimi_rotator.store import NewKey
+from kimi_rotator.store_sqlite import SqliteStore
 
-REDIS_SERVER = "/usr/bin/redis-server"
-PASSWORD = "not-a-real-password-7f3a"  # must never appear in a log line
 A: Group = (Surface.MOONSHOT_AI, "uid:a")
 B: Group = (Surface.MOONSHOT_AI, "uid:b")
 
-pytestmark = pytest.mark.skipif(not os.access(REDIS_SERVER, os.X_OK) and not os.environ.get("CI"),
-                                reason="no redis-server")
 
-
-class LocalRedis:
-    """A redis-server on a free loopback port, no persistence, restartable on the same port (to be replaced by the
-    shared fixture in tests/redis_server.py)."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://:{PASSWORD}@127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--requirepass", PASSWORD],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.1):
-                return
-            time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
+@pytest.fixture
+def server(private_redis_server: RedisServer) -> RedisServer:
+    """A Redis of the test's own (some stop and start it), with a password that must never appear in a log line."""
+    return private_redis_server
 
 
 @pytest.fixture
-def redis_server() -> Iterator[LocalRedis]:
-    with tempfile.TemporaryDirectory() as workdir:
-        server = LocalRedis(Path(workdir))
-        server.start()
-        yield server
-        server.stop()
-
-
-@pytest.fixture
-async def proxies(redis_server: LocalRedis) -> AsyncIterator[list[SharedCounts]]:
+async def proxies(server: RedisServer) -> AsyncIterator[list[SharedCounts]]:
     """Three proxies' counts on the one Redis."""
-    made = [SharedCounts.from_url(redis_server.url, "test:", f"p{i}") for i in range(3)]
+    made = [SharedCounts.from_url(server.url, "test:", f"p{i}") for i in range(3)]
     yield made
     for counts in made:
         await counts.aclose()
@@ -201,8 +158,8 @@ async def test_a_request_gone_while_redis_is_asked_leaves_no_lease(proxies: list
 
 # -- leases ----------------------------------------------------------------------------------------------------------
 
-async def test_renewed_leases_outlive_their_ttl(redis_server: LocalRedis) -> None:
-    counts = SharedCounts.from_url(redis_server.url, "test:", "live", lease_ttl=0.4, renew_every=0.1)
+async def test_renewed_leases_outlive_their_ttl(server: RedisServer) -> None:
+    counts = SharedCounts.from_url(server.url, "test:", "live", lease_ttl=0.4, renew_every=0.1)
     try:
         assert (await counts.acquire(A, (1, None))).admitted
         await asyncio.sleep(1.2)
@@ -227,10 +184,10 @@ asyncio.run(main())
 """
 
 
-async def test_a_proxy_killed_with_kill_9_leaves_nothing_in_flight_after_its_lease(redis_server: LocalRedis) -> None:
+async def test_a_proxy_killed_with_kill_9_leaves_nothing_in_flight_after_its_lease(server: RedisServer) -> None:
     ttl = 0.6
-    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, redis_server.url, str(ttl)], stdout=subprocess.PIPE)
-    counts = SharedCounts.from_url(redis_server.url, "test:", "survivor")
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, server.url, str(ttl)], stdout=subprocess.PIPE)
+    counts = SharedCounts.from_url(server.url, "test:", "survivor")
     try:
         assert proc.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
@@ -255,14 +212,14 @@ async def test_a_proxy_killed_with_kill_9_leaves_nothing_in_flight_after_its_lea
 # -- faults ----------------------------------------------------------------------------------------------------------
 
 async def test_redis_down_counts_locally_and_redis_back_counts_again(
-        redis_server: LocalRedis, caplog: pytest.LogCaptureFixture) -> None:
-    counts = SharedCounts.from_url(redis_server.url, "test:", "p0")
+        server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    counts = SharedCounts.from_url(server.url, "test:", "p0")
     health: list[bool] = []
     counts.on_health = health.append
     try:
         before = await counts.acquire(A, (10, None))
         assert before.shared and before.lease_id is not None
-        redis_server.stop()
+        server.stop()
         with caplog.at_level(logging.WARNING, logger="kimi_rotator.shared_counts"):
             started = time.monotonic()
             cut_off = [await counts.acquire(A, (10, None)) for _ in range(4)]
@@ -272,7 +229,7 @@ async def test_redis_down_counts_locally_and_redis_back_counts_again(
             counts.release(cut_off[0].lease_id or "")  # ended during the outage: its start still counts
             counts.release(cut_off[1].lease_id or "", refund=True)  # refused by Kimi: not even that
             counts.release(before.lease_id)
-            redis_server.start()  # empty: no persistence
+            server.start()  # empty: no persistence
             for _ in range(300):
                 if counts.healthy:
                     break
@@ -282,7 +239,7 @@ async def test_redis_down_counts_locally_and_redis_back_counts_again(
         assert await counts.counts(A) == (2, 3)
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert len(warnings) == 2 and "does not answer" in warnings[0] and "answers again" in warnings[1]
-        assert not any(PASSWORD in w for w in warnings)
+        assert server.password and not any(server.password in w for w in warnings)
         for got in cut_off[2:]:
             counts.release(got.lease_id or "")
         for _ in range(100):
@@ -301,14 +258,14 @@ def secret(tag: str) -> str:
 
 
 def two_pools(home: Path, **caps: int) -> list[LivePool]:
-    store = Store(home)
+    store = SqliteStore(home)
     now = time.time()
     for name, account in (("a1", "uid:a"), ("a2", "uid:a"), ("b1", "uid:b")):
         store.add_key(NewKey(secret=secret(name), name=name, surface=Surface.MOONSHOT_AI, account=account), now)
     for group in (A, B):
         store.update_account(group, lambda r, g=group: AccountRecord(  # type: ignore[misc]
             surface=g[0], account=g[1], stated={Limit(k): v for k, v in caps.items()}))
-    return [LivePool(store), LivePool(Store(home))]
+    return [LivePool(store), LivePool(SqliteStore(home))]
 
 
 def chat() -> Job:
@@ -316,13 +273,13 @@ def chat() -> Job:
 
 
 async def test_two_schedulers_on_one_redis_hold_each_account_to_its_whole_cap(
-        redis_server: LocalRedis, tmp_path: Path) -> None:
+        server: RedisServer, tmp_path: Path) -> None:
     cap = 3
     pools = two_pools(tmp_path / "home", concurrency=cap)
     for i, pool in enumerate(pools):
         pool.share = (2, i)  # as their heartbeats would say: what each holds to if Redis stops answering
         pool._caps_moved()
-    shared = [SharedCounts.from_url(redis_server.url, "test:", pool.proxy_id) for pool in pools]
+    shared = [SharedCounts.from_url(server.url, "test:", pool.proxy_id) for pool in pools]
     schedulers = [Scheduler(pool, time.time, max_wait=10.0, shared=s) for pool, s in zip(pools, shared, strict=True)]
     flying: dict[Group, int] = {A: 0, B: 0}
     most: dict[Group, int] = {A: 0, B: 0}
@@ -366,22 +323,22 @@ async def test_two_schedulers_on_one_redis_hold_each_account_to_its_whole_cap(
 
 
 async def test_a_scheduler_cut_off_from_redis_holds_its_share_and_counts_there_again(
-        redis_server: LocalRedis, tmp_path: Path) -> None:
+        server: RedisServer, tmp_path: Path) -> None:
     pool = two_pools(tmp_path / "home", concurrency=3)[0]
     pool.share = (2, 0)  # two proxies alive at the last heartbeat: this one's share of 3 is 2
     pool._caps_moved()
-    shared = SharedCounts.from_url(redis_server.url, "test:", pool.proxy_id)
+    shared = SharedCounts.from_url(server.url, "test:", pool.proxy_id)
     scheduler = Scheduler(pool, time.time, max_wait=0.2, shared=shared)
     try:
         assert not isinstance(await scheduler.next_key(chat()), Capped)
-        redis_server.stop()
+        server.stop()
         jobs = [chat() for _ in range(3)]
         keys = [await scheduler.next_key(job) for job in jobs]
         assert not any(isinstance(k, Capped) for k in keys)  # no client error from the outage
         # 1 before the outage + 3 during it: 2 on each account, its share; the next one waits, then is capped.
         assert pool.usage_counts is not None and set(pool.usage_counts(time.time()).values()) == {(2, 2)}
         assert isinstance(await scheduler.next_key(chat()), Capped)
-        redis_server.start()
+        server.start()
         for _ in range(300):
             if shared.healthy:
                 break
