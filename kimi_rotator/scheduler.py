@@ -163,6 +163,8 @@ class Scheduler:
         assert self.shared is not None
         group = lease.group
         caps = self.pool.account_caps(group) if self.options.admission else (None, None)
+        if caps == (None, None):  # nothing to hold it to: no round trip (status shows this proxy's own counts)
+            return True
         try:
             got = await self.shared.acquire(group, caps)
         except BaseException:  # the client went away while Redis was asked
@@ -181,8 +183,9 @@ class Scheduler:
         return False
 
     def _release_shared(self, lease: Lease, refused: bool) -> None:
-        assert self.shared is not None and lease.lease_id is not None
-        self.shared.release(lease.lease_id, refund=refused)
+        assert self.shared is not None
+        if lease.lease_id is not None:
+            self.shared.release(lease.lease_id, refund=refused)
 
     def _caps_in_force(self, group: Group) -> Caps:
         """The account's whole caps while Redis counts for all the proxies; this proxy's share while it does not."""
