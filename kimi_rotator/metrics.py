@@ -162,7 +162,8 @@ class PoolCollector(Collector):
                 names = [group[0].value, account_label(group)]
                 if usage is not None:
                     in_flight.add_metric(names, usage.in_flight(group))
-                concurrency, rpm = pool.caps(group)
+                # as the scheduler holds it: the whole cap while Redis counts for every proxy, else this one's share
+                concurrency, rpm = scheduler.admission.caps(group) if scheduler is not None else pool.caps(group)
                 for limit, value in (("concurrency", concurrency), ("rpm", rpm)):
                     if value is not None:
                         cap.add_metric([*names, limit], value)
