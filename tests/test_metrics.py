@@ -61,7 +61,7 @@ def metrics() -> Metrics:
     )
     usage = LocalUsage()
     usage.started((Surface.KIMI_CODE, "acct-1"), NOW)
-    scheduler = SimpleNamespace(admission=SimpleNamespace(usage=usage))
+    scheduler = SimpleNamespace(admission=SimpleNamespace(usage=usage, caps=pool.caps))
     m = Metrics()
     m.watch(lambda: pool, lambda: scheduler, lambda: NOW)  # type: ignore[arg-type, return-value]
     return m
