@@ -59,7 +59,7 @@ from .routing import (
     reverse_resolve,
 )
 from .scheduler import Scheduler, SchedulerOptions
-from .store import Store, StoreError, open_store, store_home
+from .store import Store, StoreError, StoreUnreachable, open_store, store_home
 from .upstream import (
     UPSTREAM_OPTIONS,
     UpstreamClient,
@@ -223,6 +223,8 @@ class KimiRotate:
             self.metrics.attempt(key, outcome)
 
     def _store_failed(self, error: StoreError) -> None:
+        if isinstance(error, StoreUnreachable):  # Redis away for now: serve from the pool's view meanwhile
+            return
         self.store_error = str(error)
 
     def _store_recovered(self) -> None:

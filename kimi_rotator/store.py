@@ -62,6 +62,11 @@ class KeyNotFound(StoreError):
     pass
 
 
+class StoreUnreachable(StoreError):
+    """The store's server does not answer (for now): a proxy serves from its last view meanwhile and writes what it
+    counted when the server is back."""
+
+
 class StoreLost(StoreError):
     """The store's server lost it (a Redis restarted without persistence, or flushed): a proxy writes it back."""
 

@@ -44,6 +44,7 @@ from .store import (
     StoreBusy,
     StoreError,
     StoreLost,
+    StoreUnreachable,
     Tally,
     daily_tally,
     day_start,
@@ -136,8 +137,9 @@ class RedisStore(Store):
     def _fail(self, e: Exception) -> StoreError:
         if isinstance(e, StoreError):
             return e
-        return StoreError(f"cannot reach the store {self.where} ({type(e).__name__}: {e}); check that Redis runs "
-                          "and the URL, user and password are right")
+        kind = StoreUnreachable if isinstance(e, redis.ConnectionError | redis.TimeoutError) else StoreError
+        return kind(f"cannot reach the store {self.where} ({type(e).__name__}: {e}); check that Redis runs "
+                    "and the URL, user and password are right")
 
     def _open(self) -> str:
         try:
