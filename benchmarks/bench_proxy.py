@@ -330,11 +330,15 @@ def loadgen_main(targets: dict[str, Target], plan: dict[str, int], out: Connecti
 
 MAKE_STORE = """
 import secrets, sys, time
+from pathlib import Path
 from kimi_rotator.models import Surface
 from kimi_rotator.store import NewKey
 from kimi_rotator.store_sqlite import SqliteStore
-from kimi_rotator.store_sqlite import SqliteStore
-store = SqliteStore(__import__("pathlib").Path(sys.argv[1]))
+if len(sys.argv) > 2:  # a Redis store (kimi_store), sealed with the secret file in the home folder
+    from kimi_rotator.store import open_store
+    store = open_store(sys.argv[2], Path(sys.argv[1]))
+else:
+    store = SqliteStore(Path(sys.argv[1]))
 for i in range(4):
     store.add_key(NewKey(secret=f"sk-kimi-bench{i}-{secrets.token_hex(12)}", name=f"bench-{i}",
                          surface=Surface.KIMI_CODE, account=f"bench-{i}"), time.time())
@@ -342,15 +346,18 @@ store.close()
 """
 
 
-def make_store(home: Path, root: Path = ROOT) -> None:
+def make_store(home: Path, root: Path = ROOT, store_url: str | None = None) -> None:
     """4 kimi-code keys, each its own account, so an account-scope 429 cools only that key. Made by the code that
-    will serve it (`root`): an older baseline cannot open a store of a newer schema."""
+    will serve it (`root`): an older baseline cannot open a store of a newer schema. With `store_url` (a kimi_store
+    URL) the keys go there, sealed with a secret file made in `home`."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    subprocess.run([sys.executable, "-c", MAKE_STORE, str(home)], env=env, check=True, cwd=root)  # -c imports from cwd
+    args = [str(home)] + ([store_url] if store_url else [])
+    subprocess.run([sys.executable, "-c", MAKE_STORE, *args], env=env, check=True, cwd=root)  # -c imports from cwd
 
 
-def proxy_command(kind: str, port: int, confdir: Path, up_port: int, ca: Path, root: Path = ROOT) -> list[str]:
-    sets = [f"confdir={confdir}", f"ssl_verify_upstream_trusted_ca={ca}"]
+def proxy_command(kind: str, port: int, confdir: Path, up_port: int, ca: Path, root: Path = ROOT,
+                  extra_sets: tuple[str, ...] = ()) -> list[str]:
+    sets = [f"confdir={confdir}", f"ssl_verify_upstream_trusted_ca={ca}", *extra_sets]
     if kind != "stock":
         sets.append(f"kimi_resolve={HOST}=127.0.0.1:{up_port}")
     args = [a for s in sets for a in ("--set", s)]
@@ -368,8 +375,10 @@ def proxy_command(kind: str, port: int, confdir: Path, up_port: int, ca: Path, r
     return [sys.executable, "-c", code]
 
 
-def start_proxy(kind: str, work: Path, up_port: int, ca: Path,
-                baseline: Path | None = None) -> tuple[subprocess.Popen[bytes], Target, str]:
+def start_proxy(kind: str, work: Path, up_port: int, ca: Path, baseline: Path | None = None,
+                store_url: str | None = None) -> tuple[subprocess.Popen[bytes], Target, str]:
+    """A proxy of `kind` in `work`, on its own store of 4 keys: the SQLite file in work/home, or with `store_url` the
+    Redis store there (the proxy gets kimi_store=store_url)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
@@ -384,8 +393,8 @@ def start_proxy(kind: str, work: Path, up_port: int, ca: Path,
         root = baseline
         env["PYTHONPATH"] = os.pathsep.join([str(baseline), *filter(None, [env.get("PYTHONPATH")])])
     if kind != "stock":
-        make_store(work / "home", root)
-    cmd = proxy_command(kind, port, confdir, up_port, ca, root)
+        make_store(work / "home", root, store_url)
+    cmd = proxy_command(kind, port, confdir, up_port, ca, root, (f"kimi_store={store_url}",) if store_url else ())
     with (work / "proxy.log").open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
     deadline = time.monotonic() + 30

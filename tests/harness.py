@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from kimi_rotator.models import KeyRecord, PoolSettings, Strategy, Surface
-from kimi_rotator.store import HOME_ENV, NewKey
+from kimi_rotator.store import HOME_ENV, NewKey, Store, open_store
 from kimi_rotator.store_sqlite import SqliteStore
 
 if TYPE_CHECKING:  # the fake is only passed in here, never built: the hints need the class, the code does not
@@ -92,15 +92,23 @@ def _clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def open_test_store(home: Path, store_url: str | None = None) -> Store:
+    """The store the proxies on `home` use: its SQLite file, or with `store_url` (kimi_store) that Redis store, sealed
+    with the secret file in `home` as theirs is."""
+    return SqliteStore(home) if store_url is None else open_store(store_url, home)
+
+
 def reset_store(
-    home: Path, specs: Sequence[KeySpec], strategy: Strategy = Strategy.HEALTH_BASED, settle: bool = False
+    home: Path, specs: Sequence[KeySpec], strategy: Strategy = Strategy.HEALTH_BASED, settle: bool = False,
+    store_url: str | None = None,
 ) -> list[KeyRecord]:
-    """Make the store at `home` hold exactly `specs` (fresh records: full health, no history) and `strategy`.
+    """Make the store at `home` (or the Redis store at `store_url`) hold exactly `specs` (fresh records: full
+    health, no history) and `strategy`.
 
     Keys are removed and re-added, so a running proxy sees new ids and none of the old state. With `settle`, wait
     until any proxy on the store has had time to read the change.
     """
-    store = SqliteStore(home)
+    store = open_test_store(home, store_url)
     try:
         store.clear_limits(None)  # caps learned from earlier tests' answers go too
         for old in list(store.keys()):
@@ -148,9 +156,9 @@ def prepare_pool(
     return upstream_options(fake.port, ca)
 
 
-def read_keys(home: Path) -> list[KeyRecord]:
+def read_keys(home: Path, store_url: str | None = None) -> list[KeyRecord]:
     """The store's keys, read in-process (for polling; assertions use `cli_keys`, the public contract)."""
-    store = SqliteStore(home)
+    store = open_test_store(home, store_url)
     try:
         return store.keys()
     finally:
