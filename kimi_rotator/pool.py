@@ -84,6 +84,7 @@ class LivePool:
     _seq_written: int = field(default=0, init=False)
     _written: deque[_Pending] = field(default_factory=lambda: deque(maxlen=WRITTEN_KEPT), init=False)  # store thread
     _writers: dict[str, int] = field(default_factory=dict, init=False)  # Snapshot.writers of the installed one
+    _write_asked: bool = field(default=False, init=False)  # a wake that wants the queue written (see _ask_write)
     _counts: Counter[Surface] = field(default_factory=Counter, init=False)
     on_error: Callable[[StoreError], None] | None = None
     on_recover: Callable[[], None] | None = None  # the store works again after on_error
@@ -259,7 +260,7 @@ class LivePool:
         self._files[file_id] = (key.id, key.limit_group)
         with self._queue_lock:
             self._files_to_save.append((file_id, key.id, key.limit_group, now))
-        self._wake.set()
+        self._ask_write()
 
     def file_owner(self, file_id: str) -> tuple[int, Group] | None:
         """The key that uploaded `file_id` and its account: this proxy's uploads, else the store's (another proxy's,
@@ -311,7 +312,7 @@ class LivePool:
         # proxy a core's worth of GIL time under load. A large backlog is written at once, and so is a key
         # that started cooling or was disabled: other proxies and `list-keys` should know that at once.
         if backlog >= FLUSH_BATCH or changed_state:
-            self._wake.set()
+            self._ask_write()
         return updates
 
     def count(self, surface: Surface) -> int:
@@ -323,7 +324,7 @@ class LivePool:
         exact cooldown would otherwise be lengthened again by the guess it replaces, written after it."""
         target = self._seq
         deadline = time.monotonic() + timeout
-        self._wake.set()
+        self._ask_write()
         while self._seq_written < target:
             if self._thread is None or time.monotonic() >= deadline:
                 return False
@@ -338,13 +339,23 @@ class LivePool:
         self._rewatch(self._back_checked)
         self._thread = threading.Thread(target=self._run, name="kimi-rotate-store", daemon=True)
         self._thread.start()
-        self.store.watch(self._wake.set)
+        self.store.watch(self._changed_elsewhere)
+
+    def _ask_write(self) -> None:
+        """Have the store thread write the queue now (set before the wake: the thread clears the wake, then reads)."""
+        self._write_asked = True
+        self._wake.set()
+
+    def _changed_elsewhere(self) -> None:
+        """Another writer committed (a Redis store says so at once): read it now, but write our batch on its own time.
+        Writing on every such wake would turn each proxy's commit into a commit by every other, and so on."""
+        self._wake.set()
 
     def stop(self) -> None:
         """Write everything still pending, then stop the thread."""
         self._stop_watching()
         self._stop.set()
-        self._wake.set()
+        self._ask_write()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
@@ -357,9 +368,14 @@ class LivePool:
     def _run(self) -> None:
         last_version = self._version  # not now: a commit since the snapshot would never be installed
         beat_at = 0.0
+        flush_at = 0.0  # monotonic: when the batch goes out at the latest
         while True:
-            self._wake.wait(POLL_SECONDS)
+            self._wake.wait(max(0.0, min(POLL_SECONDS, flush_at - time.monotonic())))
+            # Every pass reads; it writes when asked (a backlog, a key that started cooling, a file, shutdown) or
+            # once POLL_SECONDS are up, not on a wake that only says another writer committed.
             self._wake.clear()
+            asked, self._write_asked = self._write_asked, False
+            read_only = not asked and time.monotonic() < flush_at
             stopping = self._stop.is_set()
             self._pass_failed = False
             now = time.time()
@@ -382,6 +398,9 @@ class LivePool:
                 self._report(e)
             except Exception:  # a broken loop or store must not kill the thread silently
                 log.exception("kimi-rotate: reading the store failed")
+            if read_only and not stopping:
+                continue
+            flush_at = time.monotonic() + POLL_SECONDS
             # A busy store is no failure: the batch waits for the next pass (but not at shutdown).
             self._flush(wait=BUSY_TIMEOUT if stopping else FLUSH_WAIT)
             self.event_log.flush()
