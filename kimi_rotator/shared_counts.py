@@ -16,6 +16,13 @@ never renewed after its release reached Redis, so a released lease cannot come b
 which was at its concurrency cap (or refunds a start of one at its rpm) is PUBLISHed, and every proxy's subscriber
 wakes its own queue (`on_freed`).
 
+Round trips are saved where exactness allows: on an account with a concurrency cap and no rpm cap (Kimi Code's
+default), a request that ends keeps its lease as this proxy's spare, still counted in Redis, and this proxy's next
+request on the account takes it without asking Redis. Spares go back to Redis once idle for SPARE_IDLE, at once when
+another proxy is refused on the account (the refusal is PUBLISHed as a want), and not kept while the account is
+wanted elsewhere (CONTENDED seconds), so a busy proxy cannot starve the others. The count in Redis (busy + spare) is
+never above the cap, so the cap still holds exactly across the proxies.
+
 When Redis does not answer within REDIS_TIMEOUT the request is not held up: `acquire` says so (`shared=False`) and
 the caller counts it locally with its share of the caps. One warning per outage. Once Redis answers again, this
 proxy's requests still in flight, and the starts of those sent during the outage, are written there again, so the
@@ -51,13 +58,16 @@ RENEW_SECONDS = 3.0
 REDIS_TIMEOUT = 0.25
 PROBE_SECONDS = 0.5  # how often a proxy cut off from Redis tries it again
 RELEASES_KEPT = 10_000  # releases kept for Redis while it does not answer (the leases expire by themselves anyway)
+SPARE_IDLE = 1.0  # a spare lease unused this long goes back to Redis
+CONTENDED = 1.0  # after another proxy was refused on an account, ended leases go back to Redis for this long
 
 _NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: flying, starts. ARGV: lease id, ttl ms, window ms, concurrency cap or '', rpm cap or ''.
+# KEYS: flying, starts. ARGV: lease id, ttl ms, window ms, concurrency cap or '', rpm cap or '', want channel, message
+# naming the account (published there when refused by the concurrency cap, so proxies holding spares give them back).
 # Returns {admitted 0/1, in flight, recent, ms until the oldest start leaves the window or -1}.
 _ACQUIRE = _NOW + """
 local ttl, window = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -73,6 +83,8 @@ if not ((concurrency and flying >= concurrency) or (rpm and recent >= rpm)) then
   redis.call('PEXPIRE', KEYS[1], ttl)
   redis.call('PEXPIRE', KEYS[2], window)
   flying, recent, admitted = flying + 1, recent + 1, 1
+elseif concurrency and flying >= concurrency then
+  redis.call('PUBLISH', ARGV[6], ARGV[7])
 end
 local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
 local frees_in = -1
@@ -172,12 +184,15 @@ class SharedCounts:
         self.on_health: Callable[[bool], None] | None = None  # Redis stopped (False) or started again (True) answering
         self.healthy = True
         self._channel = f"{prefix}freed"
+        self._want_channel = f"{prefix}want"
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
         self._sync = client.register_script(_SYNC)
         self._count = client.register_script(_COUNT)
         self._n = 0
-        self._held: dict[str, _Held] = {}  # this proxy's requests in flight
+        self._held: dict[str, _Held] = {}  # this proxy's leases in Redis: its requests in flight and its spares
+        self._spares: dict[Group, dict[str, float]] = {}  # spare lease ids per account, with when each fell idle
+        self._contended: dict[Group, float] = {}  # accounts another proxy was refused on, until (monotonic)
         # Sent while Redis did not answer, kept until written there (also if ended meanwhile): id -> group, monotonic
         self._outage_starts: dict[str, tuple[Group, float]] = {}
         self._outbox: list[_Release] = []
@@ -201,6 +216,13 @@ class SharedCounts:
     async def acquire(self, group: Group, caps: Caps) -> Acquired:
         """Count a request on `group` if the account is under `caps` (its whole caps) across the proxies."""
         self.start()
+        spares = self._spares.get(group)
+        if spares:
+            if caps[1] is None and caps[0] is not None:  # a slot this proxy holds already: no round trip
+                lease_id, _ = spares.popitem()
+                self._held[lease_id].started = time.monotonic()
+                return Acquired(lease_id, True)
+            self._give_back(group)  # an rpm cap now: every request must be counted in Redis
         self._n += 1
         lease_id = f"{self.proxy_id}:{self._n}"
         if not self.healthy:
@@ -209,7 +231,8 @@ class SharedCounts:
             async with asyncio.timeout(self.timeout):
                 admitted, flying, recent, frees_in = await self._acquire(
                     keys=self._keys(group),
-                    args=[lease_id, _ms(self.lease_ttl), _ms(RPM_WINDOW), _cap(caps[0]), _cap(caps[1])])
+                    args=[lease_id, _ms(self.lease_ttl), _ms(RPM_WINDOW), _cap(caps[0]), _cap(caps[1]),
+                          self._want_channel, _message(group)])
         except _FAULTS as e:
             self._went_down(e)
             return self._local(lease_id, group, caps)  # the script may have run: the same id makes that harmless
@@ -223,9 +246,16 @@ class SharedCounts:
 
     def release(self, lease_id: str, refund: bool = False) -> None:
         """The request ended; `refund`: Kimi refused it, its start leaves the minute. Once per lease; never waits."""
-        held = self._held.pop(lease_id, None)
-        if held is None:
+        held = self._held.get(lease_id)
+        if held is None or lease_id in self._spares.get(held.group, ()):
             return
+        now = time.monotonic()
+        if not refund and not self._closing and held.caps[1] is None and held.caps[0] is not None \
+                and self._contended.get(held.group, 0.0) <= now:
+            self._spares.setdefault(held.group, {})[lease_id] = now  # kept, still counted: see the module's doc
+            self._kick.set()  # the writer gives it back once idle
+            return
+        del self._held[lease_id]
         if refund:
             self._outage_starts.pop(lease_id, None)
         self._send(_Release(lease_id, held.group, refund, held.caps))
@@ -250,6 +280,8 @@ class SharedCounts:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=1.0)
+        for group in list(self._spares):
+            self._give_back(group)
         for lease_id in list(self._held):
             self.release(lease_id)
         if self.healthy and self._outbox:
@@ -267,12 +299,14 @@ class SharedCounts:
         renew_at = loop.time() + self.renew_every
         while not self._closing:
             if self.healthy:
+                wake_at = renew_at if not self._spares else min(renew_at, loop.time() + SPARE_IDLE / 2)
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(0.0, renew_at - loop.time())):
+                    async with asyncio.timeout(max(0.0, wake_at - loop.time())):
                         await self._kick.wait()
             else:  # releases pile up meanwhile: no point knocking sooner
                 await asyncio.sleep(PROBE_SECONDS)
             self._kick.clear()
+            self._give_back_idle()
             try:
                 async with asyncio.timeout(self.timeout):
                     if self._outbox:
@@ -327,13 +361,17 @@ class SharedCounts:
         while not self._closing:
             pubsub = self.client.pubsub()
             try:
-                await pubsub.subscribe(self._channel)
+                await pubsub.subscribe(self._channel, self._want_channel)
                 while not self._closing:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
-                    if message is not None and self.on_freed is not None:
-                        group = _group(message["data"])
-                        if group is not None:
-                            self.on_freed(group)
+                    group = _group(message["data"]) if message is not None else None
+                    if message is None or group is None:
+                        continue
+                    if _text(message["channel"]) == self._want_channel:
+                        self._contended[group] = time.monotonic() + CONTENDED
+                        self._give_back(group)
+                    elif self.on_freed is not None:
+                        self.on_freed(group)
             except _FAULTS:
                 await asyncio.sleep(PROBE_SECONDS)
             finally:
@@ -341,6 +379,24 @@ class SharedCounts:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     # -- helpers -----------------------------------------------------------------------------------------------------
+
+    def _give_back(self, group: Group) -> None:
+        """Release this proxy's spare leases of `group` to Redis."""
+        for lease_id in self._spares.pop(group, {}):
+            held = self._held.pop(lease_id)
+            self._send(_Release(lease_id, group, False, held.caps))
+
+    def _give_back_idle(self) -> None:
+        now = time.monotonic()
+        for group, spares in list(self._spares.items()):
+            idle = [i for i, since in spares.items() if now - since >= SPARE_IDLE]
+            for lease_id in idle:
+                del spares[lease_id]
+                held = self._held.pop(lease_id)
+                self._send(_Release(lease_id, group, False, held.caps))
+            if not spares:
+                del self._spares[group]
+        self._contended = {g: t for g, t in self._contended.items() if t > now}
 
     def _local(self, lease_id: str, group: Group, caps: Caps) -> Acquired:
         now = time.monotonic()
@@ -384,9 +440,12 @@ def _message(group: Group) -> str:
     return f"{group[0].value}\n{group[1]}"
 
 
+def _text(data: bytes | str) -> str:
+    return data.decode() if isinstance(data, bytes) else data
+
+
 def _group(data: bytes | str) -> Group | None:
-    text = data.decode() if isinstance(data, bytes) else data
-    surface, _, account = text.partition("\n")
+    surface, _, account = _text(data).partition("\n")
     try:
         return Surface(surface), account
     except ValueError:

@@ -217,12 +217,12 @@ async def test_redis_down_counts_locally_and_redis_back_counts_again(
     health: list[bool] = []
     counts.on_health = health.append
     try:
-        before = await counts.acquire(A, (10, None))
+        before = await counts.acquire(A, (10, 1000))
         assert before.shared and before.lease_id is not None
         server.stop()
         with caplog.at_level(logging.WARNING, logger="kimi_rotator.shared_counts"):
             started = time.monotonic()
-            cut_off = [await counts.acquire(A, (10, None)) for _ in range(4)]
+            cut_off = [await counts.acquire(A, (10, 1000)) for _ in range(4)]
             assert time.monotonic() - started < 0.5  # one timeout at most, then no wait at all
             assert all(got.admitted and not got.shared for got in cut_off)
             assert not counts.healthy and health == [False]
@@ -249,6 +249,50 @@ async def test_redis_down_counts_locally_and_redis_back_counts_again(
         assert (await counts.counts(A))[0] == 0
     finally:
         await counts.aclose()
+
+
+async def test_a_concurrency_only_account_reuses_spare_slots_and_gives_them_back(server: RedisServer) -> None:
+    """Kimi Code's default cap (concurrency, no rpm): an ended request's lease stays this proxy's spare, so its next
+    request costs no round trip; another proxy refused on the account gets it back at once; an idle one goes back."""
+    mine, other = (SharedCounts.from_url(server.url, "test:", p) for p in ("mine", "other"))
+    caps = (1, None)
+    try:
+        first = await mine.acquire(A, caps)
+        assert first.lease_id is not None
+        mine.release(first.lease_id)
+        again = await mine.acquire(A, caps)
+        assert again.lease_id == first.lease_id  # the spare, without asking Redis
+        mine.release(again.lease_id)
+        assert await mine.counts(A) == (1, 1)  # a spare still counts: the cap holds whatever the others do
+        freed = asyncio.Event()
+        other.on_freed = lambda group: freed.set()
+        other.start()
+        for _ in range(200):  # both listen on both channels
+            found = dict(await mine.client.pubsub_numsub("test:want", "test:freed"))
+            if found.get(b"test:want", 0) >= 2 and found.get(b"test:freed", 0) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        refused = await other.acquire(A, caps)
+        assert refused.lease_id is None
+        started = time.monotonic()
+        await asyncio.wait_for(freed.wait(), 2.0)  # mine heard the want, gave its spare back, and that was published
+        assert time.monotonic() - started < 0.1
+        got = await other.acquire(A, caps)
+        assert got.lease_id is not None and got.lease_id.startswith("other:")
+        other.release(got.lease_id, refund=True)  # refused by Kimi: no spare is kept for it
+        for _ in range(100):
+            if (await other.counts(A))[0] == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert (await other.counts(A))[0] == 0
+        spare = await mine.acquire(A, (5, None))
+        assert spare.lease_id is not None
+        mine.release(spare.lease_id)
+        await asyncio.sleep(shared_counts.SPARE_IDLE * 1.8)  # idle: back to Redis
+        assert (await mine.counts(A))[0] == 0
+    finally:
+        await mine.aclose()
+        await other.aclose()
 
 
 # -- the scheduler on shared counts ----------------------------------------------------------------------------------
