@@ -252,8 +252,9 @@ class SharedCounts:
         now = time.monotonic()
         if not refund and not self._closing and held.caps[1] is None and held.caps[0] is not None \
                 and self._contended.get(held.group, 0.0) <= now:
+            if not self._spares:
+                self._kick.set()  # the writer now wakes every SPARE_IDLE / 2 to give back idle spares
             self._spares.setdefault(held.group, {})[lease_id] = now  # kept, still counted: see the module's doc
-            self._kick.set()  # the writer gives it back once idle
             return
         del self._held[lease_id]
         if refund:
