@@ -286,6 +286,20 @@ def _option_args(options: Mapping[str, object] | Iterable[tuple[str, object]]) -
     return args
 
 
+def end_process(proc: subprocess.Popen[bytes] | None, sig: signal.Signals, timeout: float) -> int | None:
+    """Send `sig`, then SIGKILL if the process has not exited within `timeout`; its exit status (None: none ran)."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    return proc.returncode
+
+
 class ProxyProcess:
     """`mitmdump -s kimi_rotate.py` on 127.0.0.1 with a random port, its own store and a temporary confdir.
 
@@ -381,18 +395,8 @@ class ProxyProcess:
             return []
 
     def stop(self) -> int | None:
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(STOP_TIMEOUT)
-        self.proc = None
-        return proc.returncode
+        proc, self.proc = self.proc, None
+        return end_process(proc, signal.SIGTERM, STOP_TIMEOUT)
 
     def __enter__(self) -> ProxyProcess:
         return self.start()

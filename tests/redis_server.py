@@ -32,6 +32,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from harness import end_process
 
 if TYPE_CHECKING:  # redis-py is imported when a server is used, so a module importing the fixtures stays light
     import redis
@@ -180,18 +181,8 @@ class RedisServer:
         return self._end(signal.SIGKILL)
 
     def _end(self, sig: signal.Signals) -> int | None:
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(STOP_TIMEOUT)
-        self.proc = None
-        return proc.returncode
+        proc, self.proc = self.proc, None
+        return end_process(proc, sig, STOP_TIMEOUT)
 
     def close(self) -> None:
         """Stops the server and removes the folder it made itself (a folder passed in is left for the test's logs)."""

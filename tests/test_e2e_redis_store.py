@@ -433,16 +433,22 @@ def served(fake: FakeKimi, specs: Sequence[KeySpec]) -> dict[str, tuple[int, int
 OUTCOMES = 10_000
 
 
+def pool_of_three(root: Path, url: str, fake: FakeKimi, ca: Path, confdir: Path, first: int,
+                  keys: int) -> tuple[list[KeySpec], list[ProxyProcess]]:
+    """`keys` random keys in the fake and in a fresh Redis store (home: root/home), and three proxies on it."""
+    specs = [random_key(first + n) for n in range(keys)]
+    for spec in specs:
+        fake.add_key(spec.secret, account=spec.account or "none", name=spec.name)
+    reset_store(root / "home", specs, store_url=url)
+    return specs, start_proxies(root, confdir, root / "home", proxy_options(fake, ca, url))
+
+
 @pytest.mark.slow
 def test_no_update_is_lost_over_10000_outcomes(
     tmp_path: Path, private_redis_server: RedisServer, fake_kimi: FakeKimi, pki: Any, mitm_confdir: Path
 ) -> None:
     home, url = tmp_path / "home", private_redis_server.url
-    specs = [random_key(100 + n) for n in range(12)]
-    for spec in specs:
-        fake_kimi.add_key(spec.secret, account=spec.account or "none", name=spec.name)
-    reset_store(home, specs, store_url=url)
-    procs = start_proxies(tmp_path, mitm_confdir, home, proxy_options(fake_kimi, pki.ca_cert, url))
+    specs, procs = pool_of_three(tmp_path, url, fake_kimi, pki.ca_cert, mitm_confdir, first=100, keys=12)
     try:
         fake_kimi.clear_requests()
         fake_kimi.rate_limit_fraction(0.03, seed=11, retry_after=1)
@@ -470,11 +476,7 @@ def test_redis_stopped_for_10_s_under_load_costs_no_client_error_and_counters_re
     tmp_path: Path, private_redis_server: RedisServer, fake_kimi: FakeKimi, pki: Any, mitm_confdir: Path
 ) -> None:
     home, url = tmp_path / "home", private_redis_server.url
-    specs = [random_key(200 + n) for n in range(4)]
-    for spec in specs:
-        fake_kimi.add_key(spec.secret, account=spec.account or "none", name=spec.name)
-    reset_store(home, specs, store_url=url)
-    procs = start_proxies(tmp_path, mitm_confdir, home, proxy_options(fake_kimi, pki.ca_cert, url))
+    specs, procs = pool_of_three(tmp_path, url, fake_kimi, pki.ca_cert, mitm_confdir, first=200, keys=4)
     fake_kimi.clear_requests()
     try:
         with Load(procs) as load:
