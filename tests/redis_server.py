@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -87,7 +87,9 @@ class RedisServer:
         username: str | None = None,
         password: str | None = None,
         binary: str | None = None,
+        extra: Sequence[str] = (),
     ) -> None:
+        """`extra`: more redis-server options (a TLS port, say)."""
         if password is not None and username is None:
             raise ValueError("a password needs a username (the default user is the one switched off)")
         self._own_workdir = workdir is None
@@ -95,6 +97,7 @@ class RedisServer:
         self.username = username
         self.password = (password or secrets.token_hex(12)) if username is not None else None
         self.binary = binary or require_redis_server()
+        self.extra = list(extra)
         self.port = 0
         self.log_path = self.workdir / "redis.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -117,7 +120,7 @@ class RedisServer:
         ]
         if self.username is not None:
             cmd += ["--user", self.username, "on", f">{self.password}", "~*", "&*", "+@all", "--user", "default", "off"]
-        return cmd
+        return cmd + self.extra
 
     def start(self) -> RedisServer:
         """Starts the server and waits until it answers PING; the same port as before when it ran already."""

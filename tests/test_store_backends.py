@@ -248,3 +248,38 @@ def test_redis_urls_are_checked_and_passwords_never_shown(tmp_path: Path) -> Non
     with pytest.raises(StoreError) as failed:
         open_store("redis://kimi:hunter2@127.0.0.1:1/0", tmp_path)
     assert "hunter2" not in str(failed.value) and "check that Redis runs" in str(failed.value)
+
+
+def test_a_tls_redis_store_works_through_rediss(tmp_path: Path) -> None:
+    """rediss://: the store and the shared counts over TLS, verified against the server's CA (Debian's redis-server
+    is built with TLS)."""
+    import asyncio
+    import socket
+
+    from certs import make_test_pki
+
+    from kimi_rotator.shared_counts import SharedCounts
+
+    pki = make_test_pki(tmp_path / "pki")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        tls_port = s.getsockname()[1]
+    tls = ["--tls-port", str(tls_port), "--tls-cert-file", str(pki.server_cert), "--tls-key-file",
+           str(pki.server_key), "--tls-ca-cert-file", str(pki.ca_cert), "--tls-auth-clients", "no"]
+    with RedisServer(tmp_path / "redis", username="kimi", extra=tls) as server:
+        url = server.url.replace("redis://", "rediss://").replace(f":{server.port}/", f":{tls_port}/")
+        url += f"?ssl_ca_certs={pki.ca_cert}"
+        with contextlib.closing(open_store(url, tmp_path / "home")) as s:
+            s.add_key(new_key(0), NOW)
+            assert s.keys()[0].secret.get_secret_value() == SECRETS[0] and "***" in s.where
+
+        async def count() -> str | None:
+            shared = SharedCounts.from_url(url, "kimi-rotate:", "p1")
+            try:
+                return (await shared.acquire((Surface.MOONSHOT_AI, "acme"), (3, 10))).lease_id
+            finally:
+                await shared.aclose()
+
+        assert asyncio.run(count()) == "p1:1"
+        with pytest.raises(StoreError, match="cannot reach the store"):  # a client that does not trust the CA
+            open_store(url.split("?")[0], tmp_path / "home")
