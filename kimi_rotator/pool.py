@@ -394,6 +394,7 @@ class LivePool:
                         self._loop.call_soon_threadsafe(self._install, snapshot, roster)
             except StoreLost as e:
                 self._restore(e)
+                last_version = -1  # the restored store counts versions afresh: read it whatever it says next
             except StoreError as e:
                 self._report(e)
             except Exception:  # a broken loop or store must not kill the thread silently
@@ -492,7 +493,7 @@ class LivePool:
         if restored and self._loop is not None:
             self._loop.call_soon_threadsafe(self._forget, seq)
         log.warning("kimi-rotate: %s; %s", lost, "this proxy wrote its view of the pool back" if restored
-                    else "another proxy wrote its view back; this one sends its outcomes again")
+                    else "this proxy sends again the outcomes that view lacks")
 
     def _view(self) -> tuple[Snapshot, int]:
         """The pool as this proxy sees it now, and the last outcome that view holds (on the event loop)."""

@@ -124,6 +124,8 @@ class RedisStore(Store):
         self._unsure = False  # a commit failed in a way that leaves open whether it went through
         self._opened: dict[str, Secret] = {}  # sealed token -> key, so a snapshot opens each key once
         self._edits_seen = 0
+        self._restored = 0
+        self._lost_pending = False  # a restore by another proxy was seen and this Store's owner has not acted on it
         self._watcher: threading.Thread | None = None
         self._closing = threading.Event()
         self._store_id = self._open()
@@ -156,6 +158,7 @@ class RedisStore(Store):
             raise StoreError(f"the store {self.where} was written by another kimi-rotate (schema {schema}, this one "
                              f"knows {SCHEMA}); use the same version on every machine. Nothing was changed.")
         self._edits_seen = int(meta.get("edits", 0))
+        self._restored = int(meta.get("restored", 0))  # how many times a proxy wrote the store back after a loss
         return str(meta.get("id", ""))
 
     def _load_box(self) -> SecretBox | None:
@@ -271,10 +274,11 @@ class RedisStore(Store):
     # -- reading -------------------------------------------------------------------------------
 
     def data_version(self) -> int:
+        if self._lost_pending:
+            raise self._lost("and another proxy wrote its view back")
         try:
-            store_id, version = self.client.hmget(self._k("meta"), ["id", "version"])
-            if store_id != self._store_id:
-                self._check_id(store_id, bool(self.client.hlen(self._k("keys"))))
+            store_id, version, restored = self.client.hmget(self._k("meta"), ["id", "version", "restored"])
+            self._check_id(store_id, restored, lambda: bool(self.client.hlen(self._k("keys"))))
         except RedisError as e:
             raise self._fail(e) from None
         return int(version or 0)
@@ -292,20 +296,33 @@ class RedisStore(Store):
                 taken, recorded = self._taken, self._recorded
         except RedisError as e:
             raise self._fail(e) from None
-        self._check_id(meta.get("id"), bool(keys))
+        self._check_id(meta.get("id"), meta.get("restored"), lambda: bool(keys))
         edits = int(meta.get("edits", 0))
         self._edits_seen = edits
         return Snapshot(_sorted_keys(self, keys), _settings(meta), int(meta.get("rev", 0)), edits, recorded, taken,
                         _accounts(accounts), {w: int(m) for w, m in applied.items()})
 
-    def _check_id(self, found: str | None, has_keys: bool) -> None:
-        """The store is still the one this Store opened. One that is gone, or was made anew with no keys (a command
-        run against the empty server), is lost: a proxy restores it. One made anew with keys is taken as it is."""
-        if found == self._store_id or not self._store_id:
+    def _check_id(self, found: str | None, restored: str | None, has_keys: Callable[[], bool]) -> None:
+        """The store is still the one this Store opened, as this Store last knew it. One that is gone, or was made anew
+        with no keys (a command run against the empty server), is lost: a proxy restores it. One that another proxy
+        restored since is lost too, for this Store's owner (the outcomes it wrote before the loss must be sent again:
+        restore() says which); a store made anew with keys is taken as it is."""
+        if not self._store_id:
             return
-        if found is None or not has_keys:
-            raise StoreLost(f"the store {self.where} is empty: Redis lost it (restarted without persistence?)")
-        self._store_id = found
+        if found != self._store_id:
+            if found is None or not has_keys():
+                raise self._lost("")
+            self._store_id, self._restored = found, int(restored or 0)
+            return
+        if int(restored or 0) != self._restored:
+            self._restored = int(restored or 0)
+            if self._watcher is not None:  # a proxy's pool: it has outcomes to send again (a command has none)
+                self._lost_pending = True
+                raise self._lost("and another proxy wrote its view back")
+
+    def _lost(self, more: str) -> StoreLost:
+        return StoreLost(f"the store {self.where} was lost by Redis (restarted without persistence?)"
+                         + (f" {more}" if more else ""))
 
     def edits(self) -> int:
         """The last count a change notice or a read said (not the highest: after a restore it starts from a view's,
@@ -389,9 +406,8 @@ class RedisStore(Store):
                 pipe.watch(self._k("lock"))  # a lock that timed out and was taken by another fails the commit
                 rows = RedisRows(self, pipe)
                 if not restoring:  # never half a store written into an empty server: a proxy restores it whole
-                    found = pipe.hget(self._k("meta"), "id")
-                    if found != self._store_id:
-                        self._check_id(found, bool(pipe.hlen(self._k("keys"))))
+                    found, restored = pipe.hmget(self._k("meta"), ["id", "restored"])
+                    self._check_id(found, restored, lambda: bool(pipe.hlen(self._k("keys"))))
                 yield rows
                 self._commit(pipe, rows, mark)
         except WatchError:
@@ -435,14 +451,18 @@ class RedisStore(Store):
                 rows.clear()
                 # rev and edits go on from the view's (both move with this commit), so that every proxy sees a change
                 top = max((k.id for k in view.keys), default=0)
-                rows.set_meta(id=self._store_id, schema=SCHEMA, next_key_id=top + 1, rev=view.rev, edits=view.edits)
+                rows.set_meta(id=self._store_id, schema=SCHEMA, next_key_id=top + 1, rev=view.rev, edits=view.edits,
+                              restored=self._restored + 1)
                 for key in view.keys:
                     rows.put_key(key)
                 rows.save_settings(view.settings, bump=True)
                 rows.save_accounts(view.accounts.values())
                 rows.set_applied({**view.writers, self.instance: mark})
-        except _Restored:
+        except _Restored:  # by another proxy: from now on this Store knows that restore
+            restored = self._quick(lambda c: c.hget(self._k("meta"), "restored"))
+            self._restored, self._lost_pending = int(restored or 0), False
             return False
+        self._restored, self._lost_pending = self._restored + 1, False
         with self._commit_lock:
             self._recorded = mark
         return True

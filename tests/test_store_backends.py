@@ -226,7 +226,7 @@ def test_other_writers_commits_are_announced_within_100_ms(redis_store: RedisSto
 def test_a_store_lost_by_redis_is_reported_not_recreated(redis_store: RedisStore, redis_server: RedisServer) -> None:
     key = redis_store.add_key(new_key(0), NOW)
     redis_server.flushall()
-    with pytest.raises(StoreLost, match="Redis lost it"):
+    with pytest.raises(StoreLost, match="was lost by Redis"):
         redis_store.data_version()
     with pytest.raises(StoreLost):
         redis_store.record([success(key.id)], mark=1)
@@ -283,3 +283,23 @@ def test_a_tls_redis_store_works_through_rediss(tmp_path: Path) -> None:
         assert asyncio.run(count()) == "p1:1"
         with pytest.raises(StoreError, match="cannot reach the store"):  # a client that does not trust the CA
             open_store(url.split("?")[0], tmp_path / "home")
+
+
+def test_a_store_restored_by_one_writer_is_lost_for_the_others(redis_url: str, redis_server: RedisServer,
+                                                                tmp_path: Path) -> None:
+    """Redis came back empty and writer A wrote its view back before writer B looked: B must still learn the store was
+    lost (the outcomes it wrote since A's view are gone) and which of its batches A's view holds."""
+    with contextlib.closing(RedisStore(redis_url, tmp_path)) as a, contextlib.closing(a.reopen()) as b:
+        b.watch(lambda: None)  # as a proxy's pool does: B has outcomes to send again after a loss
+        key = a.add_key(new_key(0), NOW)
+        b.record([success(key.id)] * 2, mark=2)
+        view = a.snapshot()  # holds B's batch up to mark 2
+        b.record([success(key.id)] * 3, mark=5)  # lost with the server's data
+        redis_server.flushall()
+        assert a.restore(view, mark=0)
+        with pytest.raises(StoreLost, match="another proxy wrote its view back"):
+            b.data_version()
+        assert not b.restore(view, mark=5) and b.applied_mark() == 2
+        b.data_version()  # known now: no more StoreLost
+        b.record([success(key.id)] * 3, mark=5)  # what B sends again
+        assert a.keys()[0].total_requests == 5
