@@ -59,7 +59,7 @@ from .routing import (
     reverse_resolve,
 )
 from .scheduler import Scheduler, SchedulerOptions
-from .store import Store, StoreError, StoreUnreachable, open_store, store_home
+from .store import Store, StoreError, StoreLost, StoreUnreachable, open_store, store_home
 from .upstream import (
     UPSTREAM_OPTIONS,
     UpstreamClient,
@@ -223,7 +223,7 @@ class KimiRotate:
             self.metrics.attempt(key, outcome)
 
     def _store_failed(self, error: StoreError) -> None:
-        if isinstance(error, StoreUnreachable):  # Redis away for now: serve from the pool's view meanwhile
+        if isinstance(error, StoreUnreachable | StoreLost):  # Redis away or emptied: serve from the view meanwhile
             return
         self.store_error = str(error)
 
