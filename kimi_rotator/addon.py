@@ -238,8 +238,9 @@ class KimiRotate:
         options = SchedulerOptions(admission=opts.kimi_admission, affinity=opts.kimi_affinity,
                                    quota_aware=opts.kimi_quota_aware, affinity_idle=float(opts.kimi_affinity_idle))
         if self.scheduler is None or self.scheduler.pool is not self.pool:
-            self.scheduler = Scheduler(self.pool, time.time, opts.kimi_max_wait, options,
-                                       shared=self._shared_counts(self.pool))
+            # On a Redis store each account's requests are counted in Redis, across every proxy on the store.
+            self.shared_counts = self.pool.store.shared_counts(self.pool.proxy_id)
+            self.scheduler = Scheduler(self.pool, time.time, opts.kimi_max_wait, options, shared=self.shared_counts)
         else:
             self.scheduler.configure(options, opts.kimi_max_wait)
         old, client = self.failover, UpstreamClient(settings)
@@ -285,17 +286,6 @@ class KimiRotate:
             _spawn(self.relay.stop())
         if self.failover is not None:
             _spawn(self.failover.upstream.aclose())
-
-    def _shared_counts(self, pool: LivePool) -> SharedCounts | None:
-        """On a Redis store, each account's requests are counted in Redis, across every proxy on the store."""
-        if self.shared_counts is not None:
-            _spawn(self.shared_counts.aclose())
-            self.shared_counts = None
-        if pool.store.redis_url is not None:
-            from .shared_counts import SharedCounts  # redis-py loads only for a Redis store
-
-            self.shared_counts = SharedCounts.from_url(pool.store.redis_url, pool.store.prefix, pool.proxy_id)
-        return self.shared_counts
 
     def _close_pool(self) -> None:
         if self.shared_counts is not None:

@@ -42,6 +42,7 @@ from .roster import Roster
 if TYPE_CHECKING:
     from .accounts_db import ProxyRow
     from .probe import ProbeResult
+    from .shared_counts import SharedCounts
 
 HOME_ENV = "KIMI_ROTATE_HOME"
 STORE_ENV = "KIMI_ROTATE_STORE"  # a Redis URL: the pool lives there instead of in the store folder's file
@@ -319,8 +320,6 @@ class Store(ABC):
     home: Path  # the local folder for what is this machine's own (the event log, the proxy's CA)
     readonly: bool
     where: str  # the store as messages name it: a file path, or a Redis URL without its password
-    redis_url: str | None = None  # a Redis store's URL: each account's requests are then counted there too
-    prefix: str = ""  # of the names it keeps in Redis
 
     # -- what each backend provides ------------------------------------------------------------
 
@@ -388,6 +387,11 @@ class Store(ABC):
     def applied_mark(self) -> int:
         """The last of this Store's batch marks that the store holds (after a loss: what to send again)."""
         raise StoreError(f"the store {self.where} keeps no batch marks")
+
+    def shared_counts(self, proxy_id: str) -> SharedCounts | None:
+        """Per-account counts of requests shared by every proxy on this store, for proxy `proxy_id` (None: this
+        backend has none, and proxies on it split each account's caps between them)."""
+        return None
 
     def watch(self, changed: Callable[[], None]) -> None:
         """Have `changed` called (from any thread) soon after another writer commits. A backend that cannot tell

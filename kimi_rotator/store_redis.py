@@ -56,6 +56,7 @@ from .store import (
 
 if TYPE_CHECKING:
     from .accounts_db import ProxyRow
+    from .shared_counts import SharedCounts
 
 SCHEMA = "1"
 DEFAULT_PREFIX = "kimi-rotate:"
@@ -110,7 +111,7 @@ def connect(url: str, timeout: float = SOCKET_TIMEOUT) -> Any:
 
 class RedisStore(Store):
     def __init__(self, url: str, home: Path, secret_file: Path | None = None, *, readonly: bool = False) -> None:
-        self.url = self.redis_url = url
+        self.url = url
         self.where = redacted(url)
         self.home = home
         self.readonly = readonly
@@ -241,6 +242,11 @@ class RedisStore(Store):
         return json.dumps(data, separators=(",", ":"))
 
     # -- watching for other writers ------------------------------------------------------------
+
+    def shared_counts(self, proxy_id: str) -> SharedCounts:
+        from .shared_counts import SharedCounts  # its asyncio client is the proxy's only
+
+        return SharedCounts.from_url(self.url, self.prefix, proxy_id)
 
     def watch(self, changed: Callable[[], None]) -> None:
         """Call `changed` (from a thread of this store) within milliseconds of any commit by another writer, and
