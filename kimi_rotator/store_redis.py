@@ -229,11 +229,11 @@ class RedisStore(Store):
             out[kid] = out.get(kid, 0) + 1
         return out
 
-    def _key_from(self, key_id: str, text: str) -> KeyRecord:
-        data = json.loads(text)
-        data["secret"] = self._open_secret(data.pop("sealed"), data["fingerprint"])
-        data["surface"] = Surface(data["surface"])
-        return KeyRecord(id=int(key_id), **{n: data[n] for n in ("secret", *_KEY_FIELDS) if n in data})
+    def _key_from(self, key_id: int, data: Mapping[str, Any]) -> KeyRecord:
+        """The record from its stored fields (as _key_text wrote them)."""
+        fields = {n: data[n] for n in _KEY_FIELDS if n in data}
+        fields["surface"] = Surface(data["surface"])
+        return KeyRecord(id=key_id, secret=self._open_secret(data["sealed"], data["fingerprint"]), **fields)
 
     def _key_text(self, key: KeyRecord, sealed: str) -> str:
         data: dict[str, Any] = {n: getattr(key, n) for n in _KEY_FIELDS}
@@ -305,8 +305,8 @@ class RedisStore(Store):
         self._check_id(meta.get("id"), meta.get("restored"), lambda: bool(keys))
         edits = int(meta.get("edits", 0))
         self._edits_seen = edits
-        return Snapshot(_sorted_keys(self, keys), _settings(meta), int(meta.get("rev", 0)), edits, recorded, taken,
-                        _accounts(accounts), {w: int(m) for w, m in applied.items()})
+        return Snapshot(_sorted_keys(self, _parsed(keys)), _settings(meta), int(meta.get("rev", 0)), edits, recorded,
+                        taken, _accounts(accounts), {w: int(m) for w, m in applied.items()})
 
     def _check_id(self, found: str | None, restored: str | None, has_keys: Callable[[], bool]) -> None:
         """The store is still the one this Store opened, as this Store last knew it. One that is gone, or was made anew
@@ -508,6 +508,7 @@ class RedisRows(Rows):
         self.reader = reader
         self.ops: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []  # pipeline calls for the commit
         self._keys: list[KeyRecord] | None = None
+        self._sealed: dict[int, str] = {}  # each key's sealed secret as read or written: saved again as it is
         self._meta: dict[str, str] | None = None
         self._accounts: dict[Group, AccountRecord] | None = None
 
@@ -524,7 +525,9 @@ class RedisRows(Rows):
 
     def keys(self) -> list[KeyRecord]:
         if self._keys is None:
-            self._keys = _sorted_keys(self.store, self.reader.hgetall(self._k("keys")))
+            found = _parsed(self.reader.hgetall(self._k("keys")))
+            self._sealed = {i: data["sealed"] for i, data in found.items()}
+            self._keys = _sorted_keys(self.store, found)
         return list(self._keys)
 
     def save_keys(self, keys: Iterable[KeyRecord]) -> None:
@@ -534,16 +537,12 @@ class RedisRows(Rows):
             before = stored.get(k.id)
             if before is None:
                 continue  # removed meanwhile, as an UPDATE of a missing row does nothing
-            sealed = json.loads(self._raw(k.id))["sealed"]
             texts[str(k.id)] = self.store._key_text(replace(k, secret=before.secret, fingerprint=before.fingerprint,
-                                                             added_at=before.added_at), sealed)
+                                                             added_at=before.added_at), self._sealed[k.id])
             stored[k.id] = k
         if texts:
             self._op("hset", self._k("keys"), mapping=texts)
             self._keys = sorted(stored.values(), key=lambda k: k.id)
-
-    def _raw(self, key_id: int) -> str:
-        return str(self.reader.hget(self._k("keys"), str(key_id)))
 
     def insert_key(self, new: NewKey, name: str, now: float) -> KeyRecord:
         next_id = int(self._read_meta().get("next_key_id", 1))
@@ -562,10 +561,10 @@ class RedisRows(Rows):
 
     def put_key(self, key: KeyRecord) -> None:
         """Write a whole record with its id (a new key, a restored one)."""
-        text = self.store._key_text(key, self.store._seal(key.secret.get_secret_value()))
-        name = str(key.id)
-        self._op("hset", self._k("keys"), name, text)
-        self._keys = sorted([*(k for k in self.keys() if k.id != key.id), key], key=lambda k: k.id)
+        keys = [k for k in self.keys() if k.id != key.id]  # read first: it sets _sealed afresh
+        self._sealed[key.id] = self.store._seal(key.secret.get_secret_value())
+        self._op("hset", self._k("keys"), str(key.id), self.store._key_text(key, self._sealed[key.id]))
+        self._keys = sorted([*keys, key], key=lambda k: k.id)
 
     def delete_key(self, key_id: int) -> None:
         self._op("hdel", self._k("keys"), str(key_id))
@@ -727,8 +726,13 @@ def _sealed_with(token: str) -> str:
     return parts[1] if len(parts) == 3 else ""
 
 
-def _sorted_keys(store: RedisStore, found: Mapping[str, str]) -> list[KeyRecord]:
-    return sorted((store._key_from(i, text) for i, text in found.items()), key=lambda k: k.id)
+def _parsed(found: Mapping[str, str]) -> dict[int, dict[str, Any]]:
+    """The `keys` hash: key id -> its stored fields."""
+    return {int(i): json.loads(text) for i, text in found.items()}
+
+
+def _sorted_keys(store: RedisStore, found: Mapping[int, Mapping[str, Any]]) -> list[KeyRecord]:
+    return sorted((store._key_from(i, data) for i, data in found.items()), key=lambda k: k.id)
 
 
 def _settings(meta: Mapping[str, str]) -> PoolSettings:
