@@ -341,14 +341,12 @@ class RedisStore(Store):
     # -- files and proxies ---------------------------------------------------------------------
 
     def remember_file(self, file_id: str, key_id: int, group: Group, now: float) -> None:
-        self._quick(lambda c: c.hset(self._k("files"), file_id, json.dumps([key_id, group[0].value, group[1], now])))
+        self._quick(lambda c: c.hset(self._k("files"), file_id, _file_text(FileRecord(key_id, group, now))))
 
     def file_owner(self, file_id: str) -> tuple[int, Group] | None:
         text = self._quick(lambda c: c.hget(self._k("files"), file_id))
-        if text is None:
-            return None
-        key_id, surface, account, _ = json.loads(text)
-        return int(key_id), (Surface(surface), str(account))
+        found = _file_from(text) if text is not None else None
+        return (found.key_id, found.group) if found is not None else None
 
     def heartbeat(
         self, proxy_id: str, pid: int, started: float, now: float, ttl: float,
@@ -662,12 +660,8 @@ class RedisRows(Rows):
         return out
 
     def files(self) -> dict[str, FileRecord]:
-        out = {}
-        for file_id, text in self.reader.hgetall(self._k("files")).items():
-            key_id, surface, account, at = json.loads(text)
-            with contextlib.suppress(ValueError):  # a surface this version does not know
-                out[file_id] = FileRecord(int(key_id), (Surface(surface), str(account)), float(at))
-        return out
+        found = {file_id: _file_from(text) for file_id, text in self.reader.hgetall(self._k("files")).items()}
+        return {file_id: f for file_id, f in found.items() if f is not None}
 
     def next_key_id(self) -> int:
         return int(self._read_meta().get("next_key_id", 1))
@@ -688,9 +682,7 @@ class RedisRows(Rows):
 
     def put_files(self, files: Mapping[str, FileRecord]) -> None:
         if files:
-            self._op("hset", self._k("files"), mapping={
-                file_id: json.dumps([f.key_id, f.group[0].value, f.group[1], f.uploaded_at])
-                for file_id, f in files.items()})
+            self._op("hset", self._k("files"), mapping={file_id: _file_text(f) for file_id, f in files.items()})
 
     def put_settings(self, settings: PoolSettings, rev: int, next_key_id: int) -> None:
         self.save_settings(settings, bump=False)
@@ -724,6 +716,19 @@ def _sealed_with(token: str) -> str:
     """The id of the secret a sealed value needs (see secret_box)."""
     parts = token.split(".")
     return parts[1] if len(parts) == 3 else ""
+
+
+def _file_text(owner: FileRecord) -> str:
+    return json.dumps([owner.key_id, owner.group[0].value, owner.group[1], owner.uploaded_at])
+
+
+def _file_from(text: str) -> FileRecord | None:
+    """None for an owner on a surface this version does not know."""
+    key_id, surface, account, at = json.loads(text)
+    try:
+        return FileRecord(int(key_id), (Surface(surface), str(account)), float(at))
+    except ValueError:
+        return None
 
 
 def _parsed(found: Mapping[str, str]) -> dict[int, dict[str, Any]]:
