@@ -21,7 +21,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TypeVar, overload
+from typing import overload
 
 from . import activity, caps, engine, events
 from .accounts_db import PROXY_TTL
@@ -42,7 +42,6 @@ from .roster import Roster
 from .store import BUSY_TIMEOUT, Attempt, Snapshot, Store, StoreBusy, StoreError, StoreLost
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 POLL_SECONDS = 0.2  # how soon other proxies' outcomes are seen
 FLUSH_WAIT = 0.05  # seconds the writer waits for the store's write lock before trying again next pass
@@ -472,7 +471,7 @@ class LivePool:
         """The store lost everything (Redis restarted without persistence): write this proxy's view back, unless
         another proxy did first; then the outcomes the store lacks are sent again (from the queue and the written
         ones kept), so none is lost and none is counted twice."""
-        view = self._on_loop(self._view)
+        view = self._view_from_loop()
         if view is None:
             self._report(lost)
             return
@@ -501,21 +500,16 @@ class LivePool:
                         accounts=dict(self.accounts), writers=dict(self._writers))
         return view, self._seq
 
-    def _on_loop(self, call: Callable[[], _T]) -> _T | None:
-        """Run `call` on the event loop and wait for it (None if the loop does not run it within 5 s)."""
+    def _view_from_loop(self) -> tuple[Snapshot, int] | None:
+        """_view(), taken on the event loop for the store thread (None if the loop does not run it within 5 s)."""
         if self._loop is None:
-            return call()
-        done: concurrent.futures.Future[_T] = concurrent.futures.Future()
+            return self._view()
 
-        def run() -> None:
-            try:
-                done.set_result(call())
-            except BaseException as e:
-                done.set_exception(e)
+        async def view() -> tuple[Snapshot, int]:
+            return self._view()
 
-        self._loop.call_soon_threadsafe(run)
         try:
-            return done.result(timeout=5.0)
+            return asyncio.run_coroutine_threadsafe(view(), self._loop).result(timeout=5.0)
         except (concurrent.futures.TimeoutError, RuntimeError):
             return None
 
