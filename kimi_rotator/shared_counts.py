@@ -218,7 +218,7 @@ class SharedCounts:
         self.start()
         spares = self._spares.get(group)
         if spares:
-            if caps[1] is None and caps[0] is not None:  # a slot this proxy holds already: no round trip
+            if _spares_kept(caps):  # a slot this proxy holds already: no round trip
                 lease_id, _ = spares.popitem()
                 self._held[lease_id].started = time.monotonic()
                 return Acquired(lease_id, True)
@@ -250,8 +250,7 @@ class SharedCounts:
         if held is None or lease_id in self._spares.get(held.group, ()):
             return
         now = time.monotonic()
-        if not refund and not self._closing and held.caps[1] is None and held.caps[0] is not None \
-                and self._contended.get(held.group, 0.0) <= now:
+        if not refund and not self._closing and _spares_kept(held.caps) and self._contended.get(held.group, 0.0) <= now:
             if not self._spares:
                 self._kick.set()  # the writer now wakes every SPARE_IDLE / 2 to give back idle spares
             self._spares.setdefault(held.group, {})[lease_id] = now  # kept, still counted: see the module's doc
@@ -427,6 +426,12 @@ class SharedCounts:
     def _keys(self, group: Group) -> list[str]:
         account = f"{group[0].value}:{group[1]}"
         return [f"{self.prefix}flying:{account}", f"{self.prefix}starts:{account}"]
+
+
+def _spares_kept(caps: Caps) -> bool:
+    """An account whose leases may stay a proxy's spares: a concurrency cap and no rpm cap (every request of an
+    account with an rpm cap must be counted in Redis as it starts)."""
+    return caps[1] is None and caps[0] is not None
 
 
 def _ms(seconds: float) -> int:
