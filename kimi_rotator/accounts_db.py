@@ -209,6 +209,11 @@ class ProxyRow:
     seen: float
     usage: dict[Group, tuple[int, int]]
 
+    @property
+    def who(self) -> tuple[str, int, float]:
+        """(id, pid, started), as Store.heartbeat and live_proxies give it."""
+        return self.id, self.pid, self.started
+
 
 def heartbeat(db: sqlite3.Connection, proxy_id: str, pid: int, started: float, now: float,
               usage: Mapping[Group, tuple[int, int]] | None = None) -> None:
@@ -221,7 +226,8 @@ def heartbeat(db: sqlite3.Connection, proxy_id: str, pid: int, started: float, n
 
 
 def proxy_rows(db: sqlite3.Connection, now: float, ttl: float) -> list[ProxyRow]:
-    """The proxies seen within `ttl` seconds, oldest first, with their counts (entries this version cannot read are
+    """The proxies seen within `ttl` seconds, oldest first (ties by id: every proxy reads the same order, which is what
+    splitting an account's caps between them needs), with their counts (entries this version cannot read are
     skipped)."""
     rows = db.execute("SELECT id, pid, started, seen, usage FROM proxies WHERE seen >= ? ORDER BY started, id",
                       (now - ttl,))
@@ -245,12 +251,6 @@ def decode_usage(text: str | None) -> dict[Group, tuple[int, int]]:
             continue
     return found
 
-
-def live_proxies(db: sqlite3.Connection, now: float, ttl: float) -> list[tuple[str, int, float]]:
-    """(id, pid, started) of the proxies seen within `ttl` seconds, oldest first (ties by id): every proxy
-    reads the same order, which is what splitting an account's caps between them needs."""
-    rows = db.execute("SELECT id, pid, started FROM proxies WHERE seen >= ? ORDER BY started, id", (now - ttl,))
-    return [(str(i), int(p), float(s)) for i, p, s in rows]
 
 
 def leave(db: sqlite3.Connection, proxy_id: str, now: float, ttl: float) -> None:

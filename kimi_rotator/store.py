@@ -419,7 +419,7 @@ class Store(ABC):
             return rows.counters(since, per_hour)
 
     def live_proxies(self, now: float, ttl: float) -> list[tuple[str, int, float]]:
-        return [(r.id, r.pid, r.started) for r in self.proxy_rows(now, ttl)]
+        return [row.who for row in self.proxy_rows(now, ttl)]
 
     def resolve(self, ref: str) -> KeyRecord:
         """A key by its list index (as `list-keys` shows it) or its exact name."""

@@ -457,7 +457,7 @@ class SqliteStore(Store):
         live proxies, oldest first (this one included)."""
         with self._writing(wait=0.05, mark=0) as db:
             accounts_db.heartbeat(db, proxy_id, pid, started, now, usage)
-            return accounts_db.live_proxies(db, now, ttl)
+            return [row.who for row in accounts_db.proxy_rows(db, now, ttl)]
 
     def proxy_rows(self, now: float, ttl: float) -> list[accounts_db.ProxyRow]:
         """The running proxies with their last counts (`status`)."""
