@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from .errors import UserError
-from .store import SECRET_ENV, STORE_ENV, Store, StoreImage, open_store, store_home
+from .store import SECRET_ENV, STORE_ENV, StoreImage, open_store, store_home
 from .symbols import symbols
 
 
@@ -27,15 +26,6 @@ class StoreCommandError(UserError):
 
 
 HELP = "Move the pool to another store (Redis, or back to the local file); rotate a Redis store's secret."
-
-
-@contextlib.contextmanager
-def _opened(spec: str | None, home: Path | None = None, readonly: bool = False) -> Iterator[Store]:
-    store = open_store(spec, home, readonly=readonly)
-    try:
-        yield store
-    finally:
-        store.close()
 
 
 def _target(to: str) -> tuple[str | None, Path | None]:
@@ -80,12 +70,12 @@ def migrate(
     from .cli import STORE_CHOICE
 
     spec, folder = _target(to)
-    with _opened(STORE_CHOICE[0], readonly=True) as source:
+    with contextlib.closing(open_store(STORE_CHOICE[0], readonly=True)) as source:
         image = source.image()
         if not image.keys:
             raise StoreCommandError(f"the store {source.where} holds no key; nothing to copy (is --store or "
                                     f"{STORE_ENV} right?)")
-        with _opened(spec, folder) as target:
+        with contextlib.closing(open_store(spec, folder)) as target:
             if target.where == source.where:
                 raise StoreCommandError(f"{target.where} is the store being copied; give another --to")
             _confirm(f"Copy {_summary(image)} from {source.where} into {target.where}?", yes)
@@ -128,7 +118,7 @@ def rotate_secret(
     if add and finish:
         raise StoreCommandError("--add and --finish are two steps: copy the secret file to every machine between "
                                 "them")
-    with _opened(STORE_CHOICE[0]) as store:
+    with contextlib.closing(open_store(STORE_CHOICE[0])) as store:
         if not isinstance(store, RedisStore):
             raise StoreCommandError(f"the store {store.where} is the local file, whose keys are not sealed; give "
                                     f"the Redis store with --store or {STORE_ENV}")
